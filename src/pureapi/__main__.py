@@ -1,0 +1,5 @@
+"""`python -m pureapi`."""
+
+from .cli import main
+
+raise SystemExit(main())

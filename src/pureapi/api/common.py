@@ -1,0 +1,145 @@
+"""What both API surfaces share: strict JSON bodies, field definitions, SSE framing, streaming."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, TypeVar
+
+from flask import Response, current_app, request
+from pydantic import BaseModel, Field, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from ..chat.sessions import SessionService
+from ..engines.base import Chunk
+from ..errors import BadRequest, Cancelled, PureAPIError, UnsupportedMediaType
+
+# Field definitions written once for both surfaces.
+Temperature = Annotated[
+    StrictFloat | StrictInt,
+    Field(ge=0, le=2, allow_inf_nan=False, description="Sampling temperature, 0 to 2; 0 is greedy."),
+]
+TopP = Annotated[StrictFloat | StrictInt, Field(gt=0, le=1, description="Nucleus sampling mass, (0, 1].")]
+MaxTokens = Annotated[StrictInt, Field(ge=1, le=1_000_000, description="Most tokens to generate.")]
+Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1, description="Seed for reproducible sampling.")]
+SessionId = Annotated[
+    StrictStr,
+    Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.:@-]+$",
+        description="Conversation id (letters, digits, _ . : @ -); omitted means the default session.",
+    ),
+]
+MAX_STOP = 16
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def sessions() -> SessionService:
+    """The app's session service."""
+    return current_app.extensions["pureapi"].sessions  # type: ignore[no-any-return]
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def json_body(*, allow_empty: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object: strict UTF-8, no NaN/Infinity, JSON content type."""
+    raw = request.get_data(cache=True)
+    if not raw.strip() and allow_empty:
+        return {}
+    mimetype = request.mimetype
+    if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise UnsupportedMediaType(f"Content-Type must be application/json, not {mimetype}")
+    if not raw.strip():
+        raise BadRequest("request body is empty; send a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"request body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"request body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def validate(model: type[M], data: dict[str, Any]) -> M:
+    """Validate with pydantic; the first problem becomes a 400 naming the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in err["loc"]) or None
+        msg = err["msg"]
+        if err["type"] == "missing":
+            msg = "field required"
+        raise BadRequest(f"{field}: {msg}" if field else msg, param=field) from None
+
+
+def first_chunk(chunks: Iterator[Chunk]) -> tuple[Chunk, Iterator[Chunk]]:
+    """Pull the first chunk before answering, so early failures are still proper HTTP errors."""
+    try:
+        first = next(chunks)
+    except StopIteration:
+        return Chunk("", "stop"), iter(())
+    except BaseException:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+        raise
+    return first, chunks
+
+
+def chain(first: Chunk, rest: Iterator[Chunk]) -> Iterator[Chunk]:
+    """Put a pulled first chunk back in front of the rest; closing it closes the rest."""
+    try:
+        yield first
+        yield from rest
+    finally:
+        close = getattr(rest, "close", None)
+        if close is not None:
+            close()
+
+
+def drain(chunks: Iterator[Chunk]) -> tuple[str, Chunk]:
+    """Collect a whole reply; stops (and so cancels) if the client disconnects meanwhile."""
+    gone: Callable[[], bool] = request.environ.get("waitress.client_disconnected", lambda: False)
+    parts: list[str] = []
+    last = Chunk("")
+    try:
+        for chunk in chunks:
+            parts.append(chunk.text)
+            last = chunk
+            if gone():
+                raise Cancelled("client disconnected")
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    return "".join(parts), last
+
+
+def sse(data: Any) -> str:
+    """One server-sent event."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n"
+
+
+def sse_response(events: Iterator[str]) -> Response:
+    """A streaming text/event-stream response that proxies must not buffer."""
+    return Response(
+        events,
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def error_text(exc: BaseException) -> str:
+    """A message safe to send to a client for a failure in the middle of a stream."""
+    if isinstance(exc, PureAPIError):
+        return exc.message
+    return "internal error while generating"

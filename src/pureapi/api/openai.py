@@ -1,0 +1,183 @@
+"""The OpenAI-compatible API: /v1/chat/completions (stateless, SSE streaming) and /v1/models."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from flask import Blueprint, Response, jsonify
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+
+from ..chat.sessions import fit_window
+from ..engines.base import Chunk, GenerationRequest, Message, SamplingParams, with_stops
+from ..errors import BadRequest
+from .common import (
+    MAX_STOP,
+    MaxTokens,
+    Seed,
+    Temperature,
+    TopP,
+    chain,
+    drain,
+    error_text,
+    first_chunk,
+    json_body,
+    sessions,
+    sse,
+    sse_response,
+    validate,
+)
+
+log = logging.getLogger(__name__)
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+
+
+class TextPart(BaseModel):
+    """A text content part; other part types are not supported by a text model."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    """One message of the conversation sent by the client."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart] | None = None
+
+    def text(self) -> str:
+        """The content as plain text."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    """Stream options; include_usage adds a final usage chunk."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: StrictBool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """Body of POST /v1/chat/completions. Unknown fields are ignored (SDKs send extras)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = Field(None, description="Ignored beyond echoing: one process serves one model.")
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    stop: StrictStr | list[StrictStr] | None = Field(None, description=f"Up to {MAX_STOP} stop strings.")
+    seed: Seed | None = None
+    n: StrictInt = Field(1, ge=1, le=1, description="Only 1 is supported.")
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        return value
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+@bp.post("/chat/completions")
+def chat_completions() -> Response:
+    body = validate(ChatCompletionRequest, json_body())
+    service = sessions()
+    engine = service.engine()
+    messages = [Message("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
+    if messages[-1].role == "assistant":
+        raise BadRequest("messages: the last message must not be from the assistant", param="messages")
+    requested = body.max_completion_tokens or body.max_tokens
+    prompt = fit_window(engine.encode_chat, engine.context_length, [], messages, requested or 1)
+    max_tokens = requested or engine.context_length - len(prompt)
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=float(body.temperature),
+        top_p=float(body.top_p),
+        seed=body.seed,
+        stop=_stops(body.stop),
+    )
+    chunks = with_stops(engine.generate(GenerationRequest(prompt, params)), params.stop)
+    first, rest = first_chunk(chunks)
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse_response(_stream(meta, first, rest, include_usage))
+    text, last = drain(chain(first, rest))
+    return jsonify(
+        {
+            **meta,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": last.finish_reason or "stop",
+                }
+            ],
+            "usage": _usage(last),
+        }
+    )
+
+
+def _usage(last: Chunk) -> dict[str, int]:
+    return {
+        "prompt_tokens": last.prompt_tokens,
+        "completion_tokens": last.completion_tokens,
+        "total_tokens": last.prompt_tokens + last.completion_tokens,
+    }
+
+
+def _stream(meta: dict[str, Any], first: Chunk, rest: Iterator[Chunk], include_usage: bool) -> Iterator[str]:
+    base = {**meta, "object": "chat.completion.chunk"}
+
+    def event(delta: dict[str, Any], finish: str | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return sse({**base, "choices": [choice], **({"usage": None} if include_usage else {})})
+
+    yield event({"role": "assistant", "content": ""})
+    try:
+        for chunk in chain(first, rest):
+            if chunk.text:
+                yield event({"content": chunk.text})
+            if chunk.finish_reason is not None:
+                yield event({}, chunk.finish_reason)
+                if include_usage:
+                    yield sse({**base, "choices": [], "usage": _usage(chunk)})
+    except Exception as exc:
+        log.warning("stream failed: %s", exc)
+        yield sse({"error": {"message": error_text(exc), "type": "server_error", "param": None, "code": None}})
+    yield sse("[DONE]")
+
+
+@bp.get("/models")
+def models() -> Response:
+    engine = sessions().engine()
+    return jsonify(
+        {
+            "object": "list",
+            "data": [{"id": engine.model_name, "object": "model", "created": 0, "owned_by": "pureapi"}],
+        }
+    )

@@ -1,0 +1,135 @@
+"""The seed API: POST /chat, POST /reset, GET /status, GET /health; errors are {"error": "..."}."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
+
+from ..chat.sessions import DEFAULT_SESSION
+from ..engines.base import Chunk, SamplingParams
+from .common import (
+    MaxTokens,
+    SessionId,
+    Temperature,
+    chain,
+    drain,
+    error_text,
+    first_chunk,
+    json_body,
+    sessions,
+    sse,
+    sse_response,
+    validate,
+)
+
+log = logging.getLogger(__name__)
+bp = Blueprint("seed", __name__)
+
+
+class ChatRequest(BaseModel):
+    """Body of POST /chat. Unknown fields are ignored, as on /v1."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    message: StrictStr = Field(description="The user's message.")
+    max_tokens: MaxTokens = 512
+    temperature: Temperature = 0.7
+    session_id: SessionId | None = None
+    stream: StrictBool = Field(False, description="Stream the reply as server-sent events.")
+
+    @field_validator("message")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class ChatResponse(BaseModel):
+    """Body of a successful POST /chat."""
+
+    message: str
+    response: str
+    status: str = "success"
+
+
+class ResetRequest(BaseModel):
+    """Body of POST /reset (optional)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    session_id: SessionId | None = None
+
+
+class StatusQuery(BaseModel):
+    """Query of GET /status."""
+
+    session_id: SessionId | None = None
+
+
+class StatusResponse(BaseModel):
+    """Body of GET /status."""
+
+    model_name: str
+    device: str
+    conversation_length: int
+    memory_allocated: int
+
+
+@bp.post("/chat")
+def chat() -> Response:
+    body = validate(ChatRequest, json_body())
+    params = SamplingParams(max_tokens=body.max_tokens, temperature=float(body.temperature))
+    chunks = sessions().chat(body.session_id or DEFAULT_SESSION, body.message, params)
+    first, rest = first_chunk(chunks)
+    if not body.stream:
+        text, _ = drain(chain(first, rest))
+        return jsonify(ChatResponse(message=body.message, response=text).model_dump())
+    return sse_response(_stream(body.message, first, rest))
+
+
+def _stream(message: str, first: Chunk, rest: Iterator[Chunk]) -> Iterator[str]:
+    parts: list[str] = []
+    try:
+        for chunk in chain(first, rest):
+            if chunk.text:
+                parts.append(chunk.text)
+                yield sse({"delta": chunk.text})
+        yield sse(ChatResponse(message=message, response="".join(parts)).model_dump())
+    except Exception as exc:
+        log.warning("stream failed: %s", exc)
+        yield sse({"error": error_text(exc)})
+
+
+@bp.post("/reset")
+def reset() -> Response:
+    body = validate(ResetRequest, json_body(allow_empty=True))
+    sessions().reset(body.session_id or DEFAULT_SESSION)
+    return jsonify({"status": "success", "message": "conversation history cleared"})
+
+
+@bp.get("/status")
+def status() -> Response:
+    query = validate(StatusQuery, request.args.to_dict())
+    service = sessions()
+    engine = service.engine()
+    return jsonify(
+        StatusResponse(
+            model_name=engine.model_name,
+            device=engine.device,
+            conversation_length=len(service.history(query.session_id or DEFAULT_SESSION)),
+            memory_allocated=engine.memory_allocated(),
+        ).model_dump()
+    )
+
+
+@bp.get("/health")
+def health() -> tuple[Response, int]:
+    state = current_app.extensions["pureapi"]
+    engine = state.engine
+    if engine is not None and engine.ready():
+        return jsonify({"status": "healthy", "model": engine.model_name}), 200
+    return jsonify({"status": "loading", "error": "the model is not loaded yet"}), 503

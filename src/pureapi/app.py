@@ -1,0 +1,95 @@
+"""The application factory: `create_app(settings, engine=None, store=None)`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .chat.sessions import SessionService
+from .chat.store import SessionStore, SQLiteStore
+from .engines.base import Engine
+from .errors import PureAPIError
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AppState:
+    """What the routes reach through current_app.extensions['pureapi']."""
+
+    settings: Settings
+    store: SessionStore
+    engine: Engine | None = None
+    sessions: SessionService = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sessions = SessionService(self.store, lambda: self.engine, self.settings.max_rounds)
+
+
+def create_app(
+    settings: Settings | None = None, engine: Engine | None = None, store: SessionStore | None = None
+) -> Flask:
+    """Build the Flask app; the engine may be attached later (state.engine) once it has loaded."""
+    settings = settings or Settings()
+    app = Flask("pureapi")
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the documented key order
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    state = AppState(settings=settings, store=store or SQLiteStore(settings.db_path()), engine=engine)
+    app.extensions["pureapi"] = state
+
+    from .api import openai, seed
+
+    app.register_blueprint(seed.bp)
+    app.register_blueprint(openai.bp)
+
+    app.register_error_handler(PureAPIError, _pureapi_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+    return app
+
+
+def error_response(
+    status: int, message: str, type_: str, param: str | None = None, code: str | None = None
+) -> Response:
+    """The error envelope of the surface the request came to: OpenAI's under /v1, the seed's elsewhere."""
+    body: dict[str, Any]
+    if request.path.startswith("/v1/") or request.path == "/v1":
+        body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    else:
+        body = {"error": message}
+    response = jsonify(body)
+    response.status_code = status
+    if status in (429, 503):
+        response.headers["Retry-After"] = "1"
+    return response
+
+
+def _pureapi_error(exc: PureAPIError) -> Response:
+    if exc.status >= 500:
+        log.warning("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
+    return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+
+def _http_error(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    messages = {
+        404: f"no route {request.method} {request.path}",
+        405: f"method {request.method} is not allowed on {request.path}",
+        413: "request body is too large",
+    }
+    message = messages.get(status) or exc.description or exc.name
+    type_ = "not_found_error" if status == 404 else "invalid_request_error" if status < 500 else "server_error"
+    response = error_response(status, message, type_)
+    if status == 405 and exc.get_response().headers.get("Allow"):
+        response.headers["Allow"] = exc.get_response().headers["Allow"]
+    return response
+
+
+def _unexpected_error(exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return error_response(500, f"internal server error ({type(exc).__name__})", "server_error")

@@ -1,0 +1,141 @@
+"""SessionService: per-session ordering, the history window, and the commit of completed rounds."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+
+from ..engines.base import Chunk, Engine, GenerationRequest, Message, SamplingParams, with_stops
+from ..errors import ContextOverflow, NotReady, Overloaded
+from .store import SessionStore
+
+DEFAULT_SESSION = "default"
+TURN_WAIT_SECONDS = 600.0
+
+
+class _SessionLocks:
+    """One lock per active session so that concurrent turns on it run one after another."""
+
+    def __init__(self) -> None:
+        # Guards the table itself; entries are dropped when no thread holds or waits for them.
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def hold(self, session_id: str, timeout: float) -> Iterator[None]:
+        with self._guard:
+            lock, users = self._locks.get(session_id, (threading.Lock(), 0))
+            self._locks[session_id] = (lock, users + 1)
+        try:
+            if not lock.acquire(timeout=timeout):
+                raise Overloaded(f"session '{session_id}' is busy with an earlier turn, retry later")
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            with self._guard:
+                lock, users = self._locks[session_id]
+                if users == 1:
+                    del self._locks[session_id]
+                else:
+                    self._locks[session_id] = (lock, users - 1)
+
+
+def rounds_of(history: Sequence[Message]) -> list[tuple[Message, Message]]:
+    """Pair a stored history into (user, assistant) rounds."""
+    return [(history[i], history[i + 1]) for i in range(0, len(history) - 1, 2)]
+
+
+def fit_window(
+    encode: Callable[[Sequence[Message]], list[int]],
+    context_length: int,
+    rounds: Sequence[tuple[Message, Message]],
+    tail: Sequence[Message],
+    max_tokens: int,
+) -> list[int]:
+    """Tokenize the newest rounds that fit the context with max_tokens left for the reply."""
+    for start in range(len(rounds) + 1):
+        messages = [m for pair in rounds[start:] for m in pair] + list(tail)
+        ids = encode(messages)
+        if len(ids) + max_tokens <= context_length:
+            return ids
+    if len(ids) >= context_length:
+        raise ContextOverflow(
+            f"the prompt is {len(ids)} tokens but the model's context is {context_length} tokens", param="message"
+        )
+    raise ContextOverflow(
+        f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's context "
+        f"({context_length} tokens); lower max_tokens to at most {context_length - len(ids)}",
+        param="max_tokens",
+    )
+
+
+class SessionService:
+    """Conversations kept on the server: history window in, completed round out."""
+
+    def __init__(self, store: SessionStore, engine: Callable[[], Engine | None], max_rounds: int = 20):
+        self.store = store
+        self._engine = engine
+        self.max_rounds = max_rounds
+        self._locks = _SessionLocks()
+
+    def engine(self) -> Engine:
+        """The loaded engine, or NotReady while it loads."""
+        engine = self._engine()
+        if engine is None or not engine.ready():
+            raise NotReady("the model is still loading, retry shortly")
+        return engine
+
+    def history(self, session_id: str = DEFAULT_SESSION) -> list[Message]:
+        """The stored messages of a session, oldest first."""
+        return self.store.history(session_id)[0]
+
+    def reset(self, session_id: str = DEFAULT_SESSION) -> None:
+        """Forget a session; a reply still being generated for it will not land afterwards."""
+        self.store.reset(session_id)
+
+    def chat(self, session_id: str, message: str, params: SamplingParams) -> Iterator[Chunk]:
+        """Run one turn; the round is stored only if the reply completes. Early errors raise here."""
+        engine = self.engine()
+        # The lock is held until the turn's stream is closed, so the next turn sees this one.
+        hold = ExitStack()
+        hold.enter_context(self._locks.hold(session_id, TURN_WAIT_SECONDS))
+        try:
+            history, epoch = self.store.history(session_id)
+            rounds = rounds_of(history)[-self.max_rounds :]
+            prompt = fit_window(
+                engine.encode_chat, engine.context_length, rounds, [Message("user", message)], params.max_tokens
+            )
+            stream = with_stops(engine.generate(GenerationRequest(prompt, params, session_id=session_id)), params.stop)
+        except BaseException:
+            hold.close()
+            raise
+        return self._turn(stream, hold, session_id, message, epoch)
+
+    def _turn(
+        self, stream: Iterator[Chunk], hold: ExitStack, session_id: str, message: str, epoch: int
+    ) -> Iterator[Chunk]:
+        parts: list[str] = []
+        try:
+            for chunk in stream:
+                parts.append(chunk.text)
+                if chunk.finish_reason is not None:
+                    self.store.append_round(session_id, message, "".join(parts), epoch, self.max_rounds)
+                yield chunk
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+            hold.close()
+
+
+def complete(chunks: Iterator[Chunk]) -> tuple[str, Chunk]:
+    """Drain a stream into its full text and its last chunk."""
+    parts: list[str] = []
+    last = Chunk("")
+    for chunk in chunks:
+        parts.append(chunk.text)
+        last = chunk
+    return "".join(parts), last

@@ -1,0 +1,84 @@
+"""A scripted engine for fast tests (simonw/llm's MockModel idea): replies are queued by the test."""
+
+from __future__ import annotations
+
+import collections
+import re
+import threading
+import time
+from collections.abc import Sequence
+
+from ..errors import EngineError
+from .base import Message, QueuedEngine, _Job
+
+_WORD = re.compile(r"\S+\s*|\s+")
+
+
+class FakeEngine(QueuedEngine):
+    """Replies with queued texts, word by word; with none queued it echoes the last user message.
+
+    One "token" is one word, so counts and context limits are easy to reason about in tests.
+    """
+
+    name = "fake"
+
+    def __init__(self, context_length: int = 4096, token_delay: float = 0.0, max_queue: int = 64):
+        super().__init__(max_queue=max_queue)
+        self.model_name = "fake-model"
+        self.device = "cpu"
+        self.context_length = context_length
+        self.token_delay = token_delay
+        # Guards the script, which tests fill from their own thread while the worker consumes it.
+        self._script_lock = threading.Lock()
+        self._script: collections.deque[str | BaseException] = collections.deque()
+        self.prompts: list[list[Message]] = []
+        self._vocab: dict[str, int] = {}
+        self._words: dict[int, str] = {}
+        self.start()
+
+    def enqueue(self, *replies: str | BaseException) -> None:
+        """Queue replies (or an exception to raise mid-reply) for the next generations."""
+        with self._script_lock:
+            self._script.extend(replies)
+
+    def _id(self, word: str) -> int:
+        if word not in self._vocab:
+            self._vocab[word] = len(self._vocab) + 1
+            self._words[self._vocab[word]] = word
+        return self._vocab[word]
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        ids: list[int] = []
+        for m in messages:
+            ids.append(self._id(f"<{m.role}>"))
+            ids.extend(self._id(w) for w in _WORD.findall(m.content))
+        ids.append(self._id("<assistant>"))
+        self.prompts.append(list(messages))
+        return ids
+
+    def memory_allocated(self) -> int:
+        return 0
+
+    def _run(self, job: _Job) -> None:
+        with self._script_lock:
+            item = self._script.popleft() if self._script else None
+        if item is None:
+            words = [self._words.get(i, "") for i in job.request.prompt_ids]
+            last_user = max((k for k, w in enumerate(words) if w == "<user>"), default=-1)
+            item = "You said: " + "".join(w for w in words[last_user + 1 : -1] if not w.startswith("<"))
+        failure = item if isinstance(item, BaseException) else None
+        text = "partial reply " if failure else str(item)
+        count = 0
+        for word in _WORD.findall(text):
+            if job.request.cancel.is_set():
+                return
+            if count >= job.request.params.max_tokens:
+                job.finish("length", count)
+                return
+            if self.token_delay:
+                time.sleep(self.token_delay)
+            count += 1
+            job.emit(word, count)
+        if failure is not None:
+            raise EngineError(f"scripted failure: {failure}")
+        job.finish("stop", count)

@@ -1,0 +1,50 @@
+"""Engine registry: name -> loader, and the `auto` choice, instead of an if/elif ladder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..models.resolve import ResolvedModel, resolve_model
+from ..settings import Settings
+from .base import Engine
+
+
+def _transformers(settings: Settings, model: ResolvedModel) -> Engine:
+    from .transformers import TransformersEngine
+
+    return TransformersEngine.load(
+        model,
+        device=settings.device,
+        ctx_size=settings.ctx_size,
+        max_queue=settings.max_queue,
+        cache_dir=settings.weights_cache_dir(),
+    )
+
+
+def _fake(settings: Settings, model: ResolvedModel) -> Engine:
+    from .fake import FakeEngine
+
+    return FakeEngine(context_length=settings.ctx_size or 4096, max_queue=settings.max_queue)
+
+
+ENGINES: dict[str, Callable[[Settings, ResolvedModel], Engine]] = {
+    "transformers": _transformers,
+    "fake": _fake,
+}
+
+
+def choose_engine(settings: Settings, model: ResolvedModel) -> str:
+    """The engine `--engine auto` picks for this model and device."""
+    return "transformers" if settings.engine == "auto" else settings.engine
+
+
+def resolve(settings: Settings) -> ResolvedModel:
+    """Resolve --model to local files (fast checks and downloads happen here, before serving)."""
+    if settings.engine == "fake":
+        return ResolvedModel(name="fake-model", path=settings.weights_cache_dir())
+    return resolve_model(settings.model)
+
+
+def load_engine(settings: Settings, model: ResolvedModel) -> Engine:
+    """Load the engine chosen for the model."""
+    return ENGINES[choose_engine(settings, model)](settings, model)

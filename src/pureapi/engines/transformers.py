@@ -1,0 +1,240 @@
+"""The transformers engine: HF weights or a GGUF file, on CUDA (accelerate device maps) or CPU."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelLoadError
+from ..models.resolve import ResolvedModel
+from .base import GenerationRequest, Message, QueuedEngine, _Job, render_segments
+
+log = logging.getLogger(__name__)
+
+# Tokens that end an assistant turn in the Qwen (ChatML) and Llama 3 families, besides the EOS.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>")
+CPU_CONTEXT_CAP = 8192
+
+
+def pick_device(device: str) -> str:
+    """Resolve --device: auto means CUDA when torch sees one, else CPU."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device}: torch sees no CUDA device")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ModelLoadError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def _cache_key(path: Path) -> str:
+    import transformers
+
+    st = path.stat()
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    return f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+
+
+class TransformersEngine(QueuedEngine):
+    """Runs a transformers causal LM on one worker thread."""
+
+    name = "transformers"
+
+    def __init__(self, model: Any, tokenizer: Any, model_name: str, device: str, context_length: int, max_queue: int):
+        super().__init__(max_queue=max_queue)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.device = device
+        self.context_length = context_length
+        # Fast tokenizers toggle shared state for split_special_tokens; encode one caller at a time.
+        self._tok_lock = threading.Lock()
+        vocab = tokenizer.get_vocab()
+        ends = {tokenizer.eos_token_id} | {vocab[t] for t in END_OF_TURN if t in vocab}
+        gen_eos = model.generation_config.eos_token_id
+        ends |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        self.end_ids = sorted(i for i in ends if i is not None)
+        self.start()
+
+    @classmethod
+    def load(
+        cls,
+        resolved: ResolvedModel,
+        device: str = "auto",
+        ctx_size: int | None = None,
+        max_queue: int = 64,
+        cache_dir: Path | None = None,
+    ) -> TransformersEngine:
+        """Load weights (converting a GGUF once into a cached safetensors folder) onto the device."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = pick_device(device)
+        folder, gguf_file = resolved.path, None
+        if resolved.is_gguf:
+            folder, gguf_file = resolved.path.parent, resolved.path.name
+            if cache_dir is not None:
+                cached = cache_dir / _cache_key(resolved.path)
+                if not (cached / "config.json").is_file():
+                    _convert_gguf(resolved.path, cached)
+                folder, gguf_file = cached, None
+        if device == "cpu":
+            dtype, device_map = torch.float32, None
+        else:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            device_map = "auto" if device == "cuda" else {"": device}
+        started = time.monotonic()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=gguf_file, dtype=dtype, device_map=device_map
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"model {resolved.path}: cannot load it ({str(exc).splitlines()[0]})") from None
+        model.eval()  # type: ignore[no-untyped-call]
+        log.info("loaded %s on %s in %.1fs", resolved.name, device, time.monotonic() - started)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ModelLoadError(f"model {resolved.path}: its tokenizer has no chat template")
+        limit = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        if ctx_size is not None:
+            limit = min(limit, ctx_size)
+        elif device == "cpu":
+            limit = min(limit, CPU_CONTEXT_CAP)
+        return cls(model, tokenizer, resolved.name, device, limit, max_queue)
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        def render(msgs: list[dict[str, str]]) -> str:
+            return str(self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+
+        ids: list[int] = []
+        with self._tok_lock:
+            for is_user_text, text in render_segments(render, messages):
+                enc = self.tokenizer(text, add_special_tokens=False, split_special_tokens=is_user_text)
+                ids.extend(enc["input_ids"])
+        return ids
+
+    def memory_allocated(self) -> int:
+        import torch
+
+        if self.device.startswith("cuda"):
+            return int(sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())))
+        return int(self.model.get_memory_footprint())
+
+    def _run(self, job: _Job) -> None:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        req: GenerationRequest = job.request
+        p = req.params
+        input_ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.model.device)
+        streamer = _Streamer(self.tokenizer, job, set(self.end_ids))
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                return torch.full((input_ids.shape[0],), req.cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        sampling: dict[str, Any] = {"do_sample": False}
+        if p.temperature > 0:
+            sampling = {"do_sample": True, "temperature": p.temperature, "top_p": p.top_p}
+        if p.seed is not None:
+            torch.manual_seed(p.seed)
+        with torch.inference_mode():
+            self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=p.max_tokens,
+                eos_token_id=self.end_ids,
+                pad_token_id=self.end_ids[0],
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([_Cancelled()]),
+                **sampling,
+            )
+        if req.cancel.is_set():
+            return
+        streamer.flush()
+        job.finish("stop" if streamer.ended else "length", streamer.count)
+
+
+class _Streamer:
+    """Receives token ids from `generate` and emits text deltas as soon as they are whole characters."""
+
+    def __init__(self, tokenizer: Any, job: _Job, end_ids: set[int]):
+        self.tokenizer = tokenizer
+        self.job = job
+        self.end_ids = end_ids
+        self.ids: list[int] = []
+        self.prefix = 0  # decoding restarts here, so each step decodes a short window
+        self.read = 0  # ids up to here have been emitted
+        self.count = 0
+        self.ended = False
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # generate first hands us the prompt
+            self._prompt_seen = True
+            return
+        for tok in value.reshape(-1).tolist():
+            if self.ended:
+                return
+            if tok in self.end_ids:
+                self.ended = True
+                return
+            self.count += 1
+            self.ids.append(tok)
+            self._emit_ready()
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _emit_ready(self) -> None:
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.job.emit(after[len(before) :], self.count)
+            self.prefix, self.read = self.read, len(self.ids)
+
+    def flush(self) -> None:
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        if len(after) > len(before):
+            self.job.emit(after[len(before) :], self.count)
+        self.read = len(self.ids)
+
+    def end(self) -> None:
+        """Called by generate when it stops."""
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF once and save it as safetensors, so later starts take a second, not a minute."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s for transformers (once; cached in %s)", gguf.name, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model file {gguf}: transformers cannot load it ({str(exc).splitlines()[0]})") from None
+    # The weights are plain float tensors now; drop the GGUF quantizer marker so they can be saved.
+    model.hf_quantizer = None  # type: ignore[assignment]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a half-written cache is never picked up
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise

@@ -1,0 +1,90 @@
+"""One exception hierarchy; the API blueprints map it onto their wire formats."""
+
+from __future__ import annotations
+
+
+class PureAPIError(Exception):
+    """Base of every error pureapi raises on purpose; carries its HTTP status."""
+
+    status = 500
+    type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class BadRequest(PureAPIError):
+    """The request is malformed or a field is invalid."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextOverflow(BadRequest):
+    """The prompt (plus the requested reply) does not fit the model's context."""
+
+    def __init__(self, message: str, *, param: str | None = "messages"):
+        super().__init__(message, param=param, code="context_length_exceeded")
+
+
+class NotFound(PureAPIError):
+    """Unknown route or resource."""
+
+    status = 404
+    type = "not_found_error"
+
+
+class MethodNotAllowed(PureAPIError):
+    """The route exists but not with this method."""
+
+    status = 405
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(PureAPIError):
+    """The body is over the configured limit."""
+
+    status = 413
+    type = "invalid_request_error"
+
+
+class UnsupportedMediaType(PureAPIError):
+    """The body is not JSON."""
+
+    status = 415
+    type = "invalid_request_error"
+
+
+class Overloaded(PureAPIError):
+    """The work queue is full; the client should retry later."""
+
+    status = 503
+    type = "server_overloaded"
+
+
+class NotReady(PureAPIError):
+    """The model is not loaded (yet)."""
+
+    status = 503
+    type = "server_error"
+
+
+class EngineError(PureAPIError):
+    """The engine failed while generating."""
+
+    status = 500
+    type = "server_error"
+
+
+class Cancelled(PureAPIError):
+    """The generation was cancelled (client went away, reset, shutdown)."""
+
+    status = 499
+    type = "cancelled"
+
+
+class ModelLoadError(Exception):
+    """The model could not be found or loaded; the message is one line naming it."""

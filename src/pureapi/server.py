@@ -1,0 +1,90 @@
+"""Serving: a waitress WSGI server (one process, threads) with the model loaded in the background."""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+
+from .app import AppState, create_app
+from .chat.store import SQLiteStore, StoreError
+from .engines.base import GenerationRequest, Message, SamplingParams
+from .engines.registry import load_engine, resolve
+from .errors import ModelLoadError
+from .models.resolve import ResolvedModel
+from .settings import Settings
+
+log = logging.getLogger("pureapi")
+
+
+def _load(state: AppState, model: ResolvedModel, failed: list[str]) -> None:
+    """Load the engine, answer one token to prove it works, then attach it (health turns 200)."""
+    settings = state.settings
+    started = time.monotonic()
+    try:
+        engine = load_engine(settings, model)
+        prompt = engine.encode_chat([Message("user", "Hi")])
+        for _ in engine.generate(GenerationRequest(prompt, SamplingParams(max_tokens=1, temperature=0))):
+            pass
+    except ModelLoadError as exc:
+        failed.append(str(exc))
+    except Exception as exc:  # any load failure must end the process, not leave it half-alive
+        log.debug("model load failed", exc_info=True)
+        failed.append(f"model {settings.model}: failed to load ({type(exc).__name__}: {exc})".splitlines()[0])
+    else:
+        state.engine = engine
+        log.info(
+            "ready: %s on %s (%s engine, context %d) in %.1fs",
+            engine.model_name,
+            engine.device,
+            engine.name,
+            engine.context_length,
+            time.monotonic() - started,
+        )
+        return
+    _thread.interrupt_main()  # wake the server loop in the main thread so the process exits
+
+
+def serve(settings: Settings) -> int:
+    """Run the server until SIGINT/SIGTERM; returns the process exit code."""
+    from waitress.server import create_server
+
+    try:
+        model = resolve(settings)  # a missing or damaged model file fails here, before binding the port
+        store = SQLiteStore(settings.db_path())
+    except (ModelLoadError, StoreError) as exc:
+        print(f"pureapi: {exc}", file=sys.stderr)
+        return 1
+    app = create_app(settings, store=store)
+    state: AppState = app.extensions["pureapi"]
+    try:
+        server = create_server(app, host=settings.host, port=settings.port, threads=settings.threads, ident="pureapi")
+    except OSError as exc:
+        print(f"pureapi: cannot listen on {settings.host}:{settings.port} ({exc.strerror})", file=sys.stderr)
+        return 1
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    failed: list[str] = []
+    threading.Thread(target=_load, args=(state, model, failed), name="model-loader", daemon=True).start()
+    log.info("listening on http://%s:%d (model %s loading)", settings.host, settings.port, settings.model)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        log.info("shutting down")
+        server.close()
+        if state.engine is not None:
+            state.engine.close()
+        store.close()
+    if failed:
+        print(f"pureapi: {failed[0]}", file=sys.stderr)
+        return 1
+    return 0

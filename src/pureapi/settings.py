@@ -1,0 +1,88 @@
+"""Settings in one typed object: the CLI flags, `--help` and the PUREAPI_* env vars come from it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, Field
+
+ENV_PREFIX = "PUREAPI_"
+
+
+def default_data_dir() -> Path:
+    """The per-user data directory (sessions database, converted-weights cache)."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("pureapi", appauthor=False))
+
+
+class Settings(BaseModel):
+    """Everything `pureapi serve` can be told; each field is a flag and an env var."""
+
+    model: str = Field(
+        "smollm2",
+        description="Model: an alias (smollm2, qwen, llama, ...), a Hugging Face id, "
+        "a local HF model folder or a .gguf file. Default: the embedded SmolLM2-135M-Instruct.",
+    )
+    engine: Literal["auto", "transformers", "fake"] = Field(
+        "auto", description="Inference engine; auto picks the best one for the model and device."
+    )
+    device: str = Field("auto", description="auto (CUDA if available, else CPU), cpu, cuda or cuda:N.")
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(5000, ge=0, le=65535, description="Port to bind.")
+    db: Path | None = Field(
+        None, description="SQLite file for sessions. Default: sessions.db in the user data directory."
+    )
+    threads: int = Field(8, ge=1, le=256, description="WSGI worker threads (one process; the model lives once).")
+    max_rounds: int = Field(20, ge=1, le=10_000, description="Rounds (user message + reply) kept per session.")
+    ctx_size: int | None = Field(
+        None, ge=64, description="Context window in tokens. Default: the model's own, capped at 8192 on CPU."
+    )
+    max_queue: int = Field(64, ge=1, description="Generations allowed to wait for the model; more get 503.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
+    cache_dir: Path | None = Field(
+        None, description="Where converted GGUF weights are cached. Default: the user cache directory."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    def db_path(self) -> Path:
+        """The sessions database path, defaulted."""
+        return self.db if self.db is not None else default_data_dir() / "sessions.db"
+
+    def weights_cache_dir(self) -> Path:
+        """Folder for converted weights, defaulted."""
+        if self.cache_dir is not None:
+            return self.cache_dir
+        import platformdirs
+
+        return Path(platformdirs.user_cache_dir("pureapi", appauthor=False)) / "converted"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per Settings field; env vars PUREAPI_<FIELD> override the built-in default."""
+    for name, field in Settings.model_fields.items():
+        annotation = field.annotation
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+        default = os.environ.get(ENV_PREFIX + name.upper(), field.default)
+        help_text = f"{field.description} (default: {default}; env {ENV_PREFIX}{name.upper()})"
+        if get_origin(annotation) is Literal:
+            kwargs["choices"] = list(get_args(annotation))
+        parser.add_argument(_flag(name), help=help_text, **kwargs)
+
+
+def settings_from_args(ns: argparse.Namespace) -> Settings:
+    """Build validated Settings from env vars, then parsed flags (flags win)."""
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        env = os.environ.get(ENV_PREFIX + name.upper())
+        if env is not None and env != "":
+            values[name] = env
+    values.update({k: v for k, v in vars(ns).items() if k in Settings.model_fields})
+    return Settings.model_validate(values)
