@@ -62,7 +62,16 @@ def serve(settings: Settings) -> int:
     app = create_app(settings, store=store)
     state: AppState = app.extensions["pureapi"]
     try:
-        server = create_server(app, host=settings.host, port=settings.port, threads=settings.threads, ident="pureapi")
+        server = create_server(
+            app,
+            host=settings.host,
+            port=settings.port,
+            threads=settings.threads,
+            ident="pureapi",
+            # Lets waitress notice a client that hung up while its non-streaming reply is being
+            # generated (environ["waitress.client_disconnected"]), so the generation is cancelled.
+            channel_request_lookahead=1,
+        )
     except OSError as exc:
         print(f"pureapi: cannot listen on {settings.host}:{settings.port} ({exc.strerror})", file=sys.stderr)
         return 1

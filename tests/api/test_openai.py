@@ -1,0 +1,141 @@
+"""The OpenAI-compatible surface through Flask's test client on the scripted engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pureapi.engines.base import Message
+
+from ..conftest import FakeApp
+
+
+def completion(fake: FakeApp, **body: object):  # type: ignore[no-untyped-def]
+    body.setdefault("messages", [{"role": "user", "content": "hi"}])
+    return fake.client.post("/v1/chat/completions", json=body)
+
+
+def events(response) -> list[str]:  # type: ignore[no-untyped-def]
+    return [line[6:] for line in response.get_data(as_text=True).splitlines() if line.startswith("data: ")]
+
+
+def test_completion_shape_and_usage(fake: FakeApp) -> None:
+    fake.engine.enqueue("Hello to you")
+    r = completion(fake, model="anything", max_tokens=50)
+    assert r.status_code == 200
+    body = r.get_json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["model"] == "fake-model"
+    assert body["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello to you"},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ]
+    assert body["usage"]["completion_tokens"] == 3
+    assert body["usage"]["prompt_tokens"] == len(fake.engine.encode_chat([Message("user", "hi")]))
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 3
+
+
+def test_it_is_stateless(fake: FakeApp) -> None:
+    completion(fake, messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "one"}])
+    completion(fake, messages=[{"role": "user", "content": "two"}])
+    assert fake.engine.prompts[-1] == [Message("user", "two")]
+    assert fake.store.history("default")[0] == []
+
+
+def test_length_finish_reason(fake: FakeApp) -> None:
+    fake.engine.enqueue("a b c d e f")
+    body = completion(fake, max_tokens=2).get_json()
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["choices"][0]["message"]["content"] == "a b "
+
+
+def test_stop_strings_cut_the_reply(fake: FakeApp) -> None:
+    fake.engine.enqueue("one two STOP three four")
+    body = completion(fake, stop=["STOP"]).get_json()
+    assert body["choices"][0]["message"]["content"] == "one two "
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_stop_string_split_across_chunks(fake: FakeApp) -> None:
+    fake.engine.enqueue("alpha be ta gamma")
+    body = completion(fake, stop="beta").get_json()
+    assert body["choices"][0]["message"]["content"] == "alpha be ta gamma"
+    fake.engine.enqueue("alpha be ta gamma")
+    body = completion(fake, stop="be ta").get_json()
+    assert body["choices"][0]["message"]["content"] == "alpha "
+
+
+def test_content_parts_are_joined(fake: FakeApp) -> None:
+    completion(
+        fake, messages=[{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    )
+    assert fake.engine.prompts[-1] == [Message("user", "ab")]
+
+
+def test_streaming_chunks_end_with_done(fake: FakeApp) -> None:
+    fake.engine.enqueue("x y")
+    r = completion(fake, stream=True, stream_options={"include_usage": True})
+    assert r.status_code == 200 and r.mimetype == "text/event-stream"
+    data = events(r)
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "x y"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+
+
+def test_mid_stream_failure_is_an_error_event_then_done(fake: FakeApp) -> None:
+    fake.engine.enqueue(RuntimeError("boom"))
+    data = events(completion(fake, stream=True))
+    assert data[-1] == "[DONE]"
+    assert "error" in json.loads(data[-2])
+
+
+def test_models(fake: FakeApp) -> None:
+    body = fake.client.get("/v1/models").get_json()
+    assert body["object"] == "list" and body["data"][0]["id"] == "fake-model"
+
+
+def test_unknown_fields_are_ignored(fake: FakeApp) -> None:
+    assert completion(fake, frequency_penalty=0.5, user="me", logit_bias={}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages.0.content"),
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 1.5}, "max_tokens"),
+        ({"n": 2}, "n"),
+        ({"stop": ["s"] * 17}, "stop"),
+        ({"seed": "x"}, "seed"),
+        ({"stream": 1}, "stream"),
+        ({"max_tokens": 100_000}, "max_tokens"),
+    ],
+)
+def test_bad_requests_use_the_openai_envelope(fake: FakeApp, body: dict[str, object], param: str) -> None:
+    r = completion(fake, **body)
+    assert r.status_code == 400, r.get_data(as_text=True)
+    error = r.get_json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] is not None and error["param"].startswith(param.split(".")[0])
+
+
+def test_unknown_v1_route_is_404_in_the_openai_envelope(fake: FakeApp) -> None:
+    r = fake.client.post("/v1/embeddings", json={})
+    assert r.status_code == 404
+    assert r.get_json()["error"]["type"] == "not_found_error"

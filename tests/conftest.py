@@ -1,0 +1,115 @@
+"""Shared fixtures: fake-engine apps for fast tests, real weights and real servers for the rest."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from flask import Flask
+from flask.testing import FlaskClient
+
+from pureapi.app import create_app
+from pureapi.chat.store import SQLiteStore
+from pureapi.engines.fake import FakeEngine
+from pureapi.settings import Settings
+
+from . import models
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class FakeApp:
+    """A Flask test client over a scripted engine and a throwaway store."""
+
+    app: Flask
+    client: FlaskClient
+    engine: FakeEngine
+    store: SQLiteStore
+
+
+def make_fake_app(tmp_path: Path, **engine_kwargs: object) -> FakeApp:
+    """Build an app over a FakeEngine and a fresh SQLite file."""
+    engine = FakeEngine(**engine_kwargs)  # type: ignore[arg-type]
+    store = SQLiteStore(tmp_path / "sessions.db")
+    app = create_app(Settings(engine="fake", db=tmp_path / "sessions.db"), engine=engine, store=store)
+    return FakeApp(app, app.test_client(), engine, store)
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[FakeApp]:
+    """A fast app over the scripted engine."""
+    built = make_fake_app(tmp_path)
+    yield built
+    built.engine.close()
+    built.store.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The embedded SmolLM2-135M-Instruct (Llama architecture) GGUF."""
+    return models.smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def qwen_gguf() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture), assembled from its PyPI packages and verified."""
+    return models.qwen_gguf()
+
+
+def free_port() -> int:
+    """A port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """A real `python pure_model_api.py` process."""
+
+    url: str
+    proc: subprocess.Popen[str]
+    db: Path
+    log: Path
+
+    def stop(self, sig: str = "term") -> int:
+        """Stop the process (SIGTERM or SIGKILL) and return its exit code."""
+        if self.proc.poll() is None:
+            self.proc.terminate() if sig == "term" else self.proc.kill()
+        return self.proc.wait(timeout=60)
+
+
+def start_server(
+    args: list[str], db: Path, log: Path, timeout: float = 600, script: str = "pure_model_api.py"
+) -> Server:
+    """Start the seed entry point and wait until /health says 200."""
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / script), "--port", str(port), "--db", str(db), *args]
+    if script.endswith(".sh"):
+        cmd = ["bash", str(ROOT / script), "--port", str(port), "--db", str(db), *args]
+        env["PYTHON"] = sys.executable
+    out = log.open("w")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url + "/health", timeout=2).status_code == 200:
+                return Server(url, proc, db, log)
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise RuntimeError(f"server not healthy after {timeout}s:\n{log.read_text()[-3000:]}")

@@ -1,0 +1,241 @@
+"""Real servers: `python pure_model_api.py` subprocesses serving real weights over HTTP."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from ..conftest import ROOT, Server, start_server
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The default command, `python pure_model_api.py` (embedded SmolLM2), on a free port."""
+    tmp = tmp_path_factory.mktemp("smol")
+    server = start_server([], tmp / "sessions.db", tmp / "server.log")
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory: pytest.TempPathFactory, qwen_gguf: Path) -> Iterator[Server]:
+    """The same entry point serving the Qwen2.5-Coder GGUF."""
+    tmp = tmp_path_factory.mktemp("qwen")
+    server = start_server(["--model", str(qwen_gguf)], tmp / "sessions.db", tmp / "server.log")
+    yield server
+    assert server.stop() == 0
+
+
+def readme_curls() -> list[str]:
+    """Every curl command in the README, as written."""
+    text = (ROOT / "README.md").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip().startswith("curl ")]
+
+
+def run_curl(command: str, url: str) -> str:
+    command = command.replace("http://localhost:5000", url).replace("http://127.0.0.1:5000", url)
+    result = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=300, check=True)
+    return result.stdout
+
+
+def test_the_readme_curl_commands_work_as_written(smol: Server) -> None:
+    commands = readme_curls()
+    assert len(commands) >= 8
+    seen = set()
+    for command in commands:
+        out = run_curl(command, smol.url)
+        path = re.search(r"localhost:5000(/[a-z0-9/]*)", command).group(1)  # type: ignore[union-attr]
+        seen.add(path)
+        if '"stream": true' in command:
+            events = [json.loads(line[6:]) for line in out.splitlines() if line.startswith("data: ")]
+            assert events[-1]["status"] == "success" and events[-1]["response"]
+            assert "".join(e["delta"] for e in events[:-1]) == events[-1]["response"]
+            continue
+        body = json.loads(out)
+        if path == "/chat":
+            assert set(body) == {"message", "response", "status"} and body["status"] == "success"
+            assert body["response"].strip()
+        elif path == "/status":
+            assert set(body) == {"model_name", "device", "conversation_length", "memory_allocated"}
+            assert body["model_name"] == "SmolLM2-135M-Instruct.Q4_1" and body["device"] == "cpu"
+            assert body["memory_allocated"] > 100_000_000
+        elif path == "/reset":
+            assert body["status"] == "success"
+        elif path == "/health":
+            assert body["status"] == "healthy"
+        elif path == "/v1/chat/completions":
+            assert body["choices"][0]["message"]["content"]
+        elif path == "/v1/models":
+            assert body["data"][0]["id"] == "SmolLM2-135M-Instruct.Q4_1"
+    assert {"/chat", "/status", "/reset", "/health", "/v1/chat/completions", "/v1/models"} <= seen
+
+
+def test_greedy_chat_answers_and_keeps_history(smol: Server) -> None:
+    session = {"session_id": "geo"}
+    r = requests.post(
+        smol.url + "/chat", json={"message": "What is the capital of France?", "temperature": 0, **session}
+    )
+    assert r.status_code == 200 and "Paris" in r.json()["response"]
+    for marker in ("<|im_end|>", "<|im_start|>"):
+        assert marker not in r.json()["response"]
+    requests.post(smol.url + "/chat", json={"message": "Thanks!", "temperature": 0, "max_tokens": 8, **session})
+    assert requests.get(smol.url + "/status", params=session).json()["conversation_length"] == 4
+
+
+def test_history_is_capped_at_20_rounds(smol: Server) -> None:
+    for i in range(22):
+        body = {"message": f"Number {i}", "max_tokens": 1, "temperature": 0, "session_id": "cap"}
+        assert requests.post(smol.url + "/chat", json=body).status_code == 200
+    assert requests.get(smol.url + "/status?session_id=cap").json()["conversation_length"] == 40
+
+
+def test_bad_requests_on_the_real_server(smol: Server) -> None:
+    r = requests.post(smol.url + "/chat", data="{oops", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]
+    r = requests.post(smol.url + "/chat", json={"message": "x", "max_tokens": 100_000})
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]
+    r = requests.get(smol.url + "/missing")
+    assert r.status_code == 404 and r.headers["Content-Type"] == "application/json"
+
+
+def test_the_openai_client(smol: Server) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=smol.url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=24)  # type: ignore[arg-type]
+    text = reply.choices[0].message.content or ""
+    assert "Paris" in text and reply.usage is not None and reply.usage.completion_tokens > 0
+    stream = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=24, stream=True)  # type: ignore[arg-type]
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert streamed == text
+    assert [m.id for m in client.models.list()] == ["SmolLM2-135M-Instruct.Q4_1"]
+
+
+def test_the_interactive_client_through_stdin(smol: Server) -> None:
+    requests.post(smol.url + "/reset", json={"session_id": "cli"})
+    script = "What is the capital of France?\nstatus\nreset\nstatus\nquit\n"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "api_client_example.py"),
+            "--url",
+            smol.url,
+            "--session",
+            "cli",
+            "--temperature",
+            "0",
+        ],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Assistant: " in out and "Paris" in out
+    assert "conversation: 2 messages" in out
+    assert "(conversation cleared)" in out and "conversation: 0 messages" in out
+    assert "model:        SmolLM2-135M-Instruct.Q4_1" in out
+    assert out.rstrip().endswith("bye")
+
+
+def test_the_client_ends_cleanly_on_eof_and_reports_an_unreachable_server() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "api_client_example.py"), "--url", "http://127.0.0.1:9"],
+        input="hello\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0
+    assert "cannot reach the pureapi server at http://127.0.0.1:9" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout.rstrip().endswith("bye")
+
+
+def test_history_survives_a_restart(tmp_path: Path) -> None:
+    db = tmp_path / "sessions.db"
+    first = start_server([], db, tmp_path / "first.log")
+    r = requests.post(first.url + "/chat", json={"message": "My name is Ada.", "temperature": 0, "max_tokens": 16})
+    assert r.status_code == 200
+    assert first.stop("term") == 0
+    second = start_server([], db, tmp_path / "second.log")
+    try:
+        assert requests.get(second.url + "/status").json()["conversation_length"] == 2
+        r = requests.post(
+            second.url + "/chat", json={"message": "What is my name?", "temperature": 0, "max_tokens": 16}
+        )
+        assert r.status_code == 200
+        assert requests.get(second.url + "/status").json()["conversation_length"] == 4
+    finally:
+        assert second.stop() == 0
+
+
+def test_start_api_sh_serves_and_passes_flags(tmp_path: Path) -> None:
+    server = start_server(["--max-rounds", "1"], tmp_path / "s.db", tmp_path / "s.log", script="start_api.sh")
+    try:
+        for message in ("one", "two"):
+            requests.post(server.url + "/chat", json={"message": message, "max_tokens": 1})
+        assert requests.get(server.url + "/status").json()["conversation_length"] == 2
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "model"), [("--qwen", "Qwen/Qwen2.5-7B-Instruct"), ("--llama", "meta-llama/Llama-3.1-8B-Instruct")]
+)
+def test_start_api_sh_aliases_fail_offline_with_one_line(tmp_path: Path, flag: str, model: str) -> None:
+    result = subprocess.run(
+        ["bash", str(ROOT / "start_api.sh"), flag, "--db", str(tmp_path / "s.db")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PYTHON": sys.executable},
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0
+    assert model in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_damaged_model_file_exits_with_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a model at all")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "pure_model_api.py"), "--model", str(bad), "--db", str(tmp_path / "s.db")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"pureapi: model file {bad}: not a GGUF file (it does not start with 'GGUF')"
+
+
+def test_qwen_serves_the_seed_api_and_the_openai_client(qwen: Server) -> None:
+    r = requests.post(
+        qwen.url + "/chat", json={"message": "What is the capital of France?", "temperature": 0, "max_tokens": 32}
+    )
+    assert r.status_code == 200 and "Paris" in r.json()["response"]
+    status = requests.get(qwen.url + "/status").json()
+    assert status["model_name"] == "Qwen2.5-Coder-0.5B-Instruct" and status["conversation_length"] == 2
+    from openai import OpenAI
+
+    client = OpenAI(base_url=qwen.url + "/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model="x",
+        messages=[{"role": "user", "content": "Write a Python function that adds two numbers."}],
+        max_tokens=60,
+        temperature=0,
+        stream=True,
+    )
+    assert "def " in "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
