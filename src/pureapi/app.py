@@ -28,7 +28,9 @@ class AppState:
     sessions: SessionService = field(init=False)
 
     def __post_init__(self) -> None:
-        self.sessions = SessionService(self.store, lambda: self.engine, self.settings.max_rounds)
+        self.sessions = SessionService(
+            self.store, lambda: self.engine, self.settings.max_rounds, self.settings.max_queue
+        )
 
 
 def create_app(
@@ -42,10 +44,14 @@ def create_app(
     state = AppState(settings=settings, store=store or SQLiteStore(settings.db_path()), engine=engine)
     app.extensions["pureapi"] = state
 
-    from .api import openai, seed
+    from . import security
+    from .api import openai, openapi, seed
+
+    security.install(app, settings)
 
     app.register_blueprint(seed.bp)
     app.register_blueprint(openai.bp)
+    app.register_blueprint(openapi.bp)
 
     app.register_error_handler(PureAPIError, _pureapi_error)
     app.register_error_handler(HTTPException, _http_error)
@@ -66,6 +72,8 @@ def error_response(
     response.status_code = status
     if status in (429, 503):
         response.headers["Retry-After"] = "1"
+    if status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
     return response
 
 

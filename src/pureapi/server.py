@@ -66,7 +66,8 @@ def serve(settings: Settings) -> int:
             app,
             host=settings.host,
             port=settings.port,
-            threads=settings.threads,
+            # Enough threads that admitted generations never starve /health or the 503 answers.
+            threads=max(settings.threads, settings.max_queue + 16),
             ident="pureapi",
             # Lets waitress notice a client that hung up while its non-streaming reply is being
             # generated (environ["waitress.client_disconnected"]), so the generation is cancelled.

@@ -36,15 +36,33 @@ class Settings(BaseModel):
     db: Path | None = Field(
         None, description="SQLite file for sessions. Default: sessions.db in the user data directory."
     )
-    threads: int = Field(8, ge=1, le=256, description="WSGI worker threads (one process; the model lives once).")
+    threads: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="WSGI worker threads (one process; the model lives once); raised to max_queue + 8 if lower.",
+    )
     max_rounds: int = Field(20, ge=1, le=10_000, description="Rounds (user message + reply) kept per session.")
     ctx_size: int | None = Field(
         None, ge=64, description="Context window in tokens. Default: the model's own, capped at 8192 on CPU."
     )
-    max_queue: int = Field(64, ge=1, description="Generations allowed to wait for the model; more get 503.")
+    max_queue: int = Field(16, ge=1, le=1000, description="Generations allowed to wait for the model; more get 503.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
     cache_dir: Path | None = Field(
         None, description="Where converted GGUF weights are cached. Default: the user cache directory."
+    )
+    api_key: list[str] = Field(
+        default_factory=list,
+        description="Require 'Authorization: Bearer KEY' on every route but /health; repeat the flag "
+        "(or comma-separate in the env var) for several keys.",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed to call the API from a browser (CORS); none by default."
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Extra Host header names accepted; when bound to loopback only localhost names are by default "
+        "(a DNS-rebinding defence).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
@@ -70,10 +88,13 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         annotation = field.annotation
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
-        default = os.environ.get(ENV_PREFIX + name.upper(), field.default)
-        help_text = f"{field.description} (default: {default}; env {ENV_PREFIX}{name.upper()})"
+        default = os.environ.get(ENV_PREFIX + name.upper(), field.get_default(call_default_factory=True))
+        shown = "******" if name == "api_key" and default else default
+        help_text = f"{field.description} (default: {shown}; env {ENV_PREFIX}{name.upper()})"
         if get_origin(annotation) is Literal:
             kwargs["choices"] = list(get_args(annotation))
+        if get_origin(annotation) is list:
+            kwargs["action"] = "append"
         parser.add_argument(_flag(name), help=help_text, **kwargs)
 
 
@@ -83,6 +104,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     for name in Settings.model_fields:
         env = os.environ.get(ENV_PREFIX + name.upper())
         if env is not None and env != "":
-            values[name] = env
+            is_list = get_origin(Settings.model_fields[name].annotation) is list
+            values[name] = [v.strip() for v in env.split(",") if v.strip()] if is_list else env
     values.update({k: v for k, v in vars(ns).items() if k in Settings.model_fields})
     return Settings.model_validate(values)

@@ -11,8 +11,7 @@ from typing import Any, Literal
 from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
-from ..chat.sessions import fit_window
-from ..engines.base import Chunk, GenerationRequest, Message, SamplingParams, with_stops
+from ..engines.base import Chunk, Message, SamplingParams
 from ..errors import BadRequest
 from .common import (
     MAX_STOP,
@@ -103,23 +102,20 @@ def _stops(stop: str | list[str] | None) -> list[str]:
 @bp.post("/chat/completions")
 def chat_completions() -> Response:
     body = validate(ChatCompletionRequest, json_body())
-    service = sessions()
-    engine = service.engine()
     messages = [Message("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
     if messages[-1].role == "assistant":
         raise BadRequest("messages: the last message must not be from the assistant", param="messages")
     requested = body.max_completion_tokens or body.max_tokens
-    prompt = fit_window(engine.encode_chat, engine.context_length, [], messages, requested or 1)
-    max_tokens = requested or engine.context_length - len(prompt)
     params = SamplingParams(
-        max_tokens=max_tokens,
+        max_tokens=requested or 1,
         temperature=float(body.temperature),
         top_p=float(body.top_p),
         seed=body.seed,
         stop=_stops(body.stop),
     )
-    chunks = with_stops(engine.generate(GenerationRequest(prompt, params)), params.stop)
-    first, rest = first_chunk(chunks)
+    service = sessions()
+    engine = service.engine()
+    first, rest = first_chunk(service.stateless(messages, params, fill=requested is None))
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

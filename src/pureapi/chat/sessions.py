@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 
 from ..engines.base import Chunk, Engine, GenerationRequest, Message, SamplingParams, with_stops
 from ..errors import ContextOverflow, NotReady, Overloaded
@@ -72,14 +73,49 @@ def fit_window(
     )
 
 
+class _Admission:
+    """Caps the generation requests in flight (running or waiting), so overload is a quick 503.
+
+    Without it, waiting requests would pile up on WSGI threads (behind a session lock or the
+    engine's queue) until none is left for /health or for the 503 answers themselves.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        # Guards the counter; held only for the check-and-increment.
+        self._lock = threading.Lock()
+        self._in_flight = 0
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        with self._lock:
+            if self._in_flight >= self.limit:
+                raise Overloaded(f"server busy: {self._in_flight} generations in flight, retry later")
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+
 class SessionService:
     """Conversations kept on the server: history window in, completed round out."""
 
-    def __init__(self, store: SessionStore, engine: Callable[[], Engine | None], max_rounds: int = 20):
+    def __init__(
+        self, store: SessionStore, engine: Callable[[], Engine | None], max_rounds: int = 20, max_queue: int = 16
+    ):
         self.store = store
         self._engine = engine
         self.max_rounds = max_rounds
+        self.max_queue = max_queue
         self._locks = _SessionLocks()
+        self._admission: _Admission | None = None
+
+    def _admit(self, engine: Engine) -> _Admission:
+        if self._admission is None:
+            self._admission = _Admission(self.max_queue + engine.slots)
+        return self._admission
 
     def engine(self) -> Engine:
         """The loaded engine, or NotReady while it loads."""
@@ -99,10 +135,12 @@ class SessionService:
     def chat(self, session_id: str, message: str, params: SamplingParams) -> Iterator[Chunk]:
         """Run one turn; the round is stored only if the reply completes. Early errors raise here."""
         engine = self.engine()
-        # The lock is held until the turn's stream is closed, so the next turn sees this one.
+        # Admission and the session lock are held until the turn's stream is closed,
+        # so the next turn on this session sees this one.
         hold = ExitStack()
-        hold.enter_context(self._locks.hold(session_id, TURN_WAIT_SECONDS))
+        hold.enter_context(self._admit(engine).slot())
         try:
+            hold.enter_context(self._locks.hold(session_id, TURN_WAIT_SECONDS))
             history, epoch = self.store.history(session_id)
             rounds = rounds_of(history)[-self.max_rounds :]
             prompt = fit_window(
@@ -113,6 +151,35 @@ class SessionService:
             hold.close()
             raise
         return self._turn(stream, hold, session_id, message, epoch)
+
+    def stateless(self, messages: Sequence[Message], params: SamplingParams, fill: bool = False) -> Iterator[Chunk]:
+        """Generate for a whole conversation sent by the client (the OpenAI API); nothing is stored.
+
+        With fill, max_tokens is ignored and the reply may use the rest of the context.
+        """
+        engine = self.engine()
+        hold = ExitStack()
+        hold.enter_context(self._admit(engine).slot())
+        try:
+            budget = 1 if fill else params.max_tokens
+            prompt = fit_window(engine.encode_chat, engine.context_length, [], messages, budget)
+            if fill:
+                params = replace(params, max_tokens=engine.context_length - len(prompt))
+            stream = with_stops(engine.generate(GenerationRequest(prompt, params)), params.stop)
+        except BaseException:
+            hold.close()
+            raise
+        return self._released(stream, hold)
+
+    @staticmethod
+    def _released(stream: Iterator[Chunk], hold: ExitStack) -> Iterator[Chunk]:
+        try:
+            yield from stream
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+            hold.close()
 
     def _turn(
         self, stream: Iterator[Chunk], hold: ExitStack, session_id: str, message: str, epoch: int

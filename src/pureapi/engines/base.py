@@ -69,6 +69,7 @@ class Engine(ABC):
     model_name: str = ""
     device: str = "cpu"
     context_length: int = 2048
+    slots: int = 1  # generations that run at the same time
 
     @abstractmethod
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:

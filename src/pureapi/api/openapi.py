@@ -1,0 +1,135 @@
+"""An OpenAPI 3.1 description of both API surfaces, generated from their pydantic schemas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+from pydantic import BaseModel
+
+from .. import __version__
+from . import openai, seed
+
+bp = Blueprint("openapi", __name__)
+
+
+class _Spec:
+    def __init__(self) -> None:
+        self.components: dict[str, Any] = {}
+
+    def ref(self, model: type[BaseModel]) -> dict[str, str]:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, sub in schema.pop("$defs", {}).items():
+            self.components[name] = sub
+        self.components[model.__name__] = schema
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+SEED_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}},
+}
+OPENAI_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _errors(error: dict[str, Any], *codes: int) -> dict[str, Any]:
+    texts = {400: "Bad request", 401: "Missing or wrong API key", 413: "Body too large", 415: "Not JSON"}
+    texts |= {503: "Model loading or server busy"}
+    return {str(c): {"description": texts[c], "content": _json(error)} for c in codes}
+
+
+def build_spec() -> dict[str, Any]:
+    """The OpenAPI document."""
+    spec = _Spec()
+    body_errors = (400, 401, 413, 415, 503)
+    sse = {"text/event-stream": {"schema": {"type": "string"}}}
+    chat_ok = {"description": "The reply", "content": {**_json(spec.ref(seed.ChatResponse)), **sse}}
+    paths: dict[str, Any] = {
+        "/chat": {
+            "post": {
+                "summary": "Chat in a server-side session",
+                "requestBody": {"required": True, "content": _json(spec.ref(seed.ChatRequest))},
+                "responses": {"200": chat_ok, **_errors(SEED_ERROR, *body_errors)},
+            }
+        },
+        "/reset": {
+            "post": {
+                "summary": "Clear a session's history",
+                "requestBody": {"required": False, "content": _json(spec.ref(seed.ResetRequest))},
+                "responses": {"200": {"description": "Cleared"}, **_errors(SEED_ERROR, *body_errors)},
+            }
+        },
+        "/status": {
+            "get": {
+                "summary": "Model and session status",
+                "parameters": [
+                    {
+                        "name": "session_id",
+                        "in": "query",
+                        "required": False,
+                        "schema": seed.StatusQuery.model_json_schema()["properties"]["session_id"],
+                    }
+                ],
+                "responses": {
+                    "200": {"description": "Status", "content": _json(spec.ref(seed.StatusResponse))},
+                    **_errors(SEED_ERROR, 400, 401, 503),
+                },
+            }
+        },
+        "/health": {
+            "get": {
+                "summary": "200 once the model answers, 503 before",
+                "responses": {"200": {"description": "Healthy"}, "503": {"description": "Loading"}},
+            }
+        },
+        "/v1/chat/completions": {
+            "post": {
+                "summary": "OpenAI-compatible chat completion (stateless)",
+                "requestBody": {"required": True, "content": _json(spec.ref(openai.ChatCompletionRequest))},
+                "responses": {
+                    "200": {"description": "A completion, or SSE chunks ending in [DONE]", "content": sse},
+                    **_errors(OPENAI_ERROR, *body_errors),
+                },
+            }
+        },
+        "/v1/models": {
+            "get": {
+                "summary": "The served model",
+                "responses": {"200": {"description": "Model list"}, **_errors(OPENAI_ERROR, 401, 503)},
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "pureapi", "version": __version__},
+        "paths": paths,
+        "components": {
+            "schemas": spec.components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> Response:
+    return jsonify(build_spec())

@@ -1,0 +1,77 @@
+"""Access control: API keys, the Host-header check against DNS rebinding, and opt-in CORS."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+from flask import Flask, request
+
+from .errors import PureAPIError
+from .settings import Settings
+
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+OPEN_PATHS = {"/health"}
+
+
+class Unauthorized(PureAPIError):
+    """Missing or wrong API key."""
+
+    status = 401
+    type = "authentication_error"
+
+
+class ForbiddenHost(PureAPIError):
+    """The Host header names a host this server does not answer for."""
+
+    status = 403
+    type = "permission_error"
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost names and loopback addresses (127.0.0.0/8, ::1)."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(header: str) -> str:
+    """The host part of a Host header: 'example.com:5000' -> 'example.com', '[::1]:80' -> '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def install(app: Flask, settings: Settings) -> None:
+    """Register the checks that run before every request."""
+    keys = [k.encode() for k in settings.api_key if k]
+    allowed = {h.lower() for h in settings.allowed_hosts}
+    check_host = is_loopback(settings.host) or bool(allowed)
+
+    @app.before_request
+    def _guard() -> None:
+        if check_host:
+            name = host_name(request.host)
+            if not (name in allowed or "*" in allowed or (is_loopback(settings.host) and is_loopback(name))):
+                raise ForbiddenHost(f"host '{name}' is not allowed (see --allowed-hosts)")
+        if not keys or request.path in OPEN_PATHS or request.method == "OPTIONS":
+            return
+        auth = request.headers.get("Authorization", "")
+        scheme, _, token = auth.partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        # Compare against every key, always, in constant time: no early exit leaks which matched.
+        matched = False
+        for key in keys:
+            matched |= hmac.compare_digest(given, key)
+        if not matched:
+            raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+
+    if settings.cors_origins:
+        from flask_cors import CORS
+
+        # Only the listed origins are echoed back; an arbitrary Origin is never reflected.
+        CORS(app, origins=list(settings.cors_origins), allow_headers=["Authorization", "Content-Type"], max_age=600)
