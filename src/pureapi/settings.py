@@ -27,7 +27,7 @@ class Settings(BaseModel):
         description="Model: an alias (smollm2, qwen, llama, ...), a Hugging Face id, "
         "a local HF model folder or a .gguf file. Default: the embedded SmolLM2-135M-Instruct.",
     )
-    engine: Literal["auto", "transformers", "fake"] = Field(
+    engine: Literal["auto", "transformers", "llamacpp", "fake"] = Field(
         "auto", description="Inference engine; auto picks the best one for the model and device."
     )
     device: str = Field("auto", description="auto (CUDA if available, else CPU), cpu, cuda or cuda:N.")
@@ -47,6 +47,16 @@ class Settings(BaseModel):
         None, ge=64, description="Context window in tokens. Default: the model's own, capped at 8192 on CPU."
     )
     max_queue: int = Field(16, ge=1, le=1000, description="Generations allowed to wait for the model; more get 503.")
+    parallel: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="llama.cpp engine: generations decoded together in one batch (slots), each with its own "
+        "--ctx-size window of KV cache. Default: min(4, --threads).",
+    )
+    cpu_threads: int | None = Field(
+        None, ge=1, le=1024, description="llama.cpp engine: CPU threads that compute. Default: the number of cores."
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
     cache_dir: Path | None = Field(
         None, description="Where converted GGUF weights are cached. Default: the user cache directory."

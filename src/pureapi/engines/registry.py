@@ -21,6 +21,20 @@ def _transformers(settings: Settings, model: ResolvedModel) -> Engine:
     )
 
 
+def _llamacpp(settings: Settings, model: ResolvedModel) -> Engine:
+    from .llamacpp import LlamaCppEngine
+
+    parallel = settings.parallel or min(4, settings.threads)
+    return LlamaCppEngine.load(
+        model,
+        n_threads=settings.cpu_threads,
+        # --ctx-size is one conversation's window; llama.cpp's n_ctx is the total over all slots.
+        n_ctx=settings.ctx_size * parallel if settings.ctx_size else None,
+        n_parallel=parallel,
+        max_queue=settings.max_queue,
+    )
+
+
 def _fake(settings: Settings, model: ResolvedModel) -> Engine:
     from .fake import FakeEngine
 
@@ -29,6 +43,7 @@ def _fake(settings: Settings, model: ResolvedModel) -> Engine:
 
 ENGINES: dict[str, Callable[[Settings, ResolvedModel], Engine]] = {
     "transformers": _transformers,
+    "llamacpp": _llamacpp,
     "fake": _fake,
 }
 

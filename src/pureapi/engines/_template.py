@@ -1,0 +1,65 @@
+"""Chat templates from GGUF metadata, rendered in a Jinja2 sandbox the way transformers renders them.
+
+A GGUF's `tokenizer.chat_template` is code from whoever made the file, so it runs in an
+ImmutableSandboxedEnvironment with the same options, helpers and filters as transformers'
+`apply_chat_template` (and llama-cpp-python's Jinja2ChatFormatter): identical prompts, identical tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """Accepts HF's `{% generation %}...{% endgeneration %}` (assistant-mask markers) as a no-op."""
+
+    tags = {"generation"}  # noqa: RUF012 (jinja reads this class attribute)
+
+    def parse(self, parser: Any) -> Any:
+        parser.stream.skip(1)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    # Jinja's own tojson escapes HTML characters; chat templates expect plain JSON.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class ChatTemplate:
+    """A compiled chat template; `render(messages)` returns the prompt text with the generation prompt."""
+
+    def __init__(self, source: str, bos_token: str, eos_token: str):
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+        )
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = _strftime_now
+        self._template = env.from_string(source)
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """Render the conversation and the assistant's generation prompt."""
+        return self._template.render(
+            messages=messages,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            add_generation_prompt=True,
+        )

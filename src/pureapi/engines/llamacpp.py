@@ -1,0 +1,397 @@
+"""The llama.cpp engine: GGUF models on CPU through llama-cpp-python's C API, with slots,
+continuous batching and prefix reuse (the design of llama.cpp's own server, in Python).
+
+One llama context holds `n_parallel` KV sequences ("slots"); the total context is split so that
+each slot owns `n_ctx / n_parallel` cells and one conversation can never crowd out another.
+One scheduler thread owns the context, the batch and the samplers. Each step it admits waiting
+jobs into free slots, builds one batch (a decode token per generating slot, then prompt chunks
+for slots still prefilling), calls `llama_decode` once, and samples every slot that has logits
+with that request's own sampler chain.
+
+Scheduler invariants:
+1. Only the scheduler thread calls into the context, the batch and the samplers; request threads
+   only tokenize (the vocabulary is read-only) and put jobs on the bounded waiting queue.
+2. `slot.cached` lists exactly the tokens whose KV sequence `slot.id` stores, at positions
+   0..len-1; every decode or `llama_memory_seq_rm` updates it in the same step. After a failed
+   decode the slot's sequence is wiped and `cached` emptied.
+3. A job is in exactly one place: the waiting queue, one slot, or done; it gets exactly one
+   terminal `finish` or `fail` (none if it was cancelled: its reader is gone).
+4. A generating slot's `next_token` has been sampled and emitted but is not yet in the KV; the
+   next step decodes it at position `len(cached)`. A prefilling slot has `pending` prompt tokens
+   and no `next_token`; logits are requested only for the last prompt token and decode tokens,
+   so each slot has at most one output per step.
+5. Prompt chunks are taken in admission order, at most `n_batch` tokens per step in all, so a
+   long prompt is spread over several steps while the other slots keep generating.
+6. A cancelled job is dropped at the start of the next step; the KV it built stays in its slot
+   as cache for a later prompt with the same prefix.
+
+Batching and prefix reuse change only how the same tokens are grouped into llama_decode calls.
+Whether that leaves greedy output bit-identical depends on llama.cpp's CPU kernels for the
+model's tensor types: measured with flash attention, SmolLM2 (Q4_1) gives identical logits for
+any grouping, while Qwen2.5-Coder (Q5_0/Q4_K/Q6_K/Q8_0 go through repacked and tiled GEMM
+kernels) moves logits by up to ~0.5 with the number of rows per matmul, which flips near-tie
+tokens now and then.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import itertools
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import BadRequest, Cancelled, ContextOverflow, EngineError, ModelLoadError, NotReady, Overloaded
+from ..models.resolve import ResolvedModel, check_gguf
+from ._llama_model import LlamaModel
+from .base import Chunk, Engine, GenerationRequest, Message, QueuedEngine, SamplingParams, _Job
+
+log = logging.getLogger(__name__)
+
+CPU_CONTEXT_CAP = 8192  # per-slot default cap, as the transformers engine caps CPU contexts
+
+
+def _cpu_count() -> int:
+    """Cores this process may run on (the affinity mask, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class _Slot:
+    """One KV sequence and the job (if any) that is using it."""
+
+    id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds
+    session_id: str | None = None  # the session last served, for affinity
+    last_used: int = 0  # scheduler tick of the last admission or release (LRU)
+    job: _Job | None = None
+    admitted: int = 0  # admission order, for fair prefill
+    pending: list[int] = field(default_factory=list)  # prompt tokens still to prefill
+    next_token: int | None = None  # sampled, emitted, not yet decoded
+    generated: int = 0
+    sampler: Any = None
+    decoder: Any = None  # incremental UTF-8 decoder: holds back an incomplete character
+
+
+class LlamaCppEngine(Engine):
+    """Serves a GGUF model with llama.cpp: n_parallel slots, continuous batching, prefix reuse."""
+
+    name = "llamacpp"
+
+    def __init__(self, model: LlamaModel, ctx: Any, model_name: str, file_size: int, n_batch: int, max_queue: int):
+        llc = self._llc = model.llc
+        self.model = model
+        self._ctx = ctx
+        self.model_name = model_name
+        self.device = "cpu"
+        self._mem = llc.llama_get_memory(ctx)
+        self.n_ctx = int(llc.llama_n_ctx(ctx))
+        self.context_length = int(llc.llama_n_ctx_seq(ctx))
+        self._memory = file_size + self.n_ctx * model.kv_bytes_per_token()
+        self._n_batch = n_batch
+        self._batch = llc.llama_batch_init(n_batch, 0, 1)
+        self._slots = [_Slot(i) for i in range(int(llc.llama_n_seq_max(ctx)))]
+        self._ticks = itertools.count(1)
+        # Counters for tests and /status; written only by the scheduler thread.
+        self.stats: dict[str, int] = {"prefilled_tokens": 0, "reused_tokens": 0, "generated_tokens": 0, "steps": 0}
+        # Bounded so that overload is answered with 503 at once instead of an ever-growing wait.
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
+        # Set once by close(): generate() refuses new work and the scheduler winds down.
+        self._closed = threading.Event()
+        # Orders generate()'s enqueue against close(), so no job slips in after close's final drain.
+        self._submit_lock = threading.Lock()
+        # The scheduler: the only thread that touches the context, the batch and the samplers.
+        self._thread = threading.Thread(target=self._loop, name="llamacpp-scheduler", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def load(
+        cls,
+        resolved: ResolvedModel,
+        n_threads: int | None = None,
+        n_ctx: int | None = None,
+        n_parallel: int = 4,
+        max_queue: int = 64,
+        n_batch: int = 512,
+        flash_attn: bool = True,
+    ) -> LlamaCppEngine:
+        """Load a GGUF file; n_ctx is the total context, split evenly over the n_parallel slots.
+
+        Flash attention (llama.cpp's default on CPU) is about 25% faster on SmolLM2 and, measured
+        there, makes a sequence's logits independent of what else shares its batch; without it the
+        attention kernels round differently for different batch shapes.
+        """
+        path = resolved.path
+        if not resolved.is_gguf:
+            raise ModelLoadError(f"model {path}: the llamacpp engine needs a .gguf file")
+        check_gguf(path)
+        model = LlamaModel(path)
+        llc = model.llc
+        if n_ctx is None:
+            n_ctx = min(model.n_ctx_train() or 2048, CPU_CONTEXT_CAP) * n_parallel
+        params = llc.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_seq_max = n_parallel
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_threads = params.n_threads_batch = n_threads or _cpu_count()
+        params.flash_attn_type = llc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.kv_unified = False  # one KV stream per slot: each slot owns n_ctx / n_parallel cells
+        ctx = llc.llama_init_from_model(model.ptr, params)
+        if not ctx:
+            model.free()
+            raise ModelLoadError(f"model file {path}: llama.cpp cannot create a {n_ctx}-token context")
+        engine = cls(model, ctx, resolved.name, path.stat().st_size, n_batch, max_queue)
+        log.info("loaded %s: %d slots of %d tokens", resolved.name, n_parallel, engine.context_length)
+        return engine
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        return self.model.encode_chat(messages)
+
+    def memory_allocated(self) -> int:
+        """The model file's size plus the KV cache."""
+        return self._memory
+
+    def ready(self) -> bool:
+        return self._thread.is_alive() and not self._closed.is_set()
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "parallel": len(self._slots)}
+
+    def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
+        if not request.prompt_ids:
+            raise BadRequest("the prompt is empty", param="messages")
+        if len(request.prompt_ids) >= self.context_length:
+            raise ContextOverflow(
+                f"the prompt is {len(request.prompt_ids)} tokens but the context is {self.context_length} tokens"
+            )
+        job = _Job(request)
+        with self._submit_lock:
+            if not self.ready():
+                raise NotReady("the model is not loaded")
+            try:
+                self._jobs.put_nowait(job)
+            except queue.Full:
+                raise Overloaded("server busy: the generation queue is full, retry later") from None
+        return QueuedEngine._read(job)
+
+    def close(self) -> None:
+        with self._submit_lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+        self._fail_waiting()
+        with contextlib.suppress(queue.Full):
+            self._jobs.put_nowait(None)  # wake the scheduler if it waits for work
+        self._thread.join(timeout=30)
+        if self._thread.is_alive():  # still inside llama_decode: freeing now would crash it
+            log.warning("llama.cpp scheduler did not stop; leaving its memory allocated")
+            return
+        self._fail_waiting()
+        for slot in self._slots:
+            self._release(slot)
+        self._llc.llama_batch_free(self._batch)
+        self._llc.llama_free(self._ctx)
+        self.model.free()
+
+    def _fail_waiting(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.fail(Cancelled("server shutting down"))
+
+    # --- the scheduler thread ---
+
+    def _loop(self) -> None:
+        while not self._closed.is_set():
+            if not self._admit():
+                break
+            for slot in self._active():
+                if slot.job is not None and slot.job.request.cancel.is_set():
+                    self._release(slot)
+            if not self._active():
+                continue
+            try:
+                self._step()
+            except Exception as exc:  # the scheduler must survive a failed step
+                log.exception("llama.cpp step failed")
+                err = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}")
+                for slot in self._active():
+                    self._wipe(slot)
+                    if slot.job is not None:
+                        slot.job.fail(err)
+                    self._release(slot)
+        for slot in self._active():
+            if slot.job is not None:
+                slot.job.fail(Cancelled("server shutting down"))
+            self._release(slot)
+
+    def _active(self) -> list[_Slot]:
+        return [s for s in self._slots if s.job is not None]
+
+    def _admit(self) -> bool:
+        """Move waiting jobs into free slots; block only when nothing is running. False: shut down."""
+        while True:
+            free = [s for s in self._slots if s.job is None]
+            if not free:
+                return True
+            try:
+                job = self._jobs.get_nowait() if self._active() else self._jobs.get()
+            except queue.Empty:
+                return True
+            if job is None or self._closed.is_set():
+                if job is not None:
+                    job.fail(Cancelled("server shutting down"))
+                return False
+            if job.request.cancel.is_set():
+                job.fail(Cancelled("cancelled before it started"))
+                continue
+            slot = self._pick(free, job.request)
+            try:
+                self._start(slot, job)
+            except Exception as exc:  # one bad admission must not stop the scheduler
+                log.exception("llama.cpp admission failed")
+                job.fail(EngineError(f"generation failed: {exc}"))
+                self._wipe(slot)
+                self._release(slot)
+
+    def _pick(self, free: list[_Slot], request: GenerationRequest) -> _Slot:
+        """Choose a free slot for a prompt, keeping as much useful KV cache as possible.
+
+        The slot that last served this session wins. Else the slot with the longest common
+        prefix, if reusing it saves more prefill than it throws away (so a new conversation that
+        shares only the system prompt does not evict another one's history). Else an empty slot,
+        else the least recently used one.
+        """
+        if request.session_id is not None:
+            for slot in free:
+                if slot.session_id == request.session_id:
+                    return slot
+
+        def gain(slot: _Slot) -> int:
+            common = _common_prefix(slot.cached, request.prompt_ids)
+            return common - (len(slot.cached) - common)
+
+        best = max(free, key=lambda s: (gain(s), -s.last_used))
+        if gain(best) > 0:
+            return best
+        return min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
+
+    def _start(self, slot: _Slot, job: _Job) -> None:
+        llc, prompt = self._llc, job.request.prompt_ids
+        # Keep the KV of the common prefix, but always re-decode the last prompt token for its logits.
+        keep = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
+        if keep < len(slot.cached) and not llc.llama_memory_seq_rm(self._mem, slot.id, keep, -1):
+            self._wipe(slot)  # a partial removal can fail (recurrent models); a whole one cannot
+            keep = 0
+        del slot.cached[keep:]
+        self.stats["reused_tokens"] += keep
+        slot.job, slot.session_id = job, job.request.session_id
+        slot.admitted = slot.last_used = next(self._ticks)
+        slot.pending = list(prompt[keep:])
+        slot.next_token, slot.generated = None, 0
+        slot.sampler = self._make_sampler(job.request.params)
+        slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def _make_sampler(self, p: SamplingParams) -> Any:
+        llc = self._llc
+        chain = llc.llama_sampler_chain_init(llc.llama_sampler_chain_default_params())
+        if p.temperature <= 0:
+            llc.llama_sampler_chain_add(chain, llc.llama_sampler_init_greedy())
+            return chain
+        if p.top_p < 1.0:
+            llc.llama_sampler_chain_add(chain, llc.llama_sampler_init_top_p(p.top_p, 1))
+        llc.llama_sampler_chain_add(chain, llc.llama_sampler_init_temp(p.temperature))
+        seed = llc.LLAMA_DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF
+        llc.llama_sampler_chain_add(chain, llc.llama_sampler_init_dist(seed))
+        return chain
+
+    def _step(self) -> None:
+        """One llama_decode: a token per generating slot, then prompt chunks; then sample."""
+        llc, batch = self._llc, self._batch
+        plan: list[tuple[_Slot, list[int], bool, int]] = []  # (slot, tokens, prefill?, output index or -1)
+        n = 0
+
+        def add(slot: _Slot, tokens: list[int], prefill: bool, logits_last: bool) -> None:
+            nonlocal n
+            base = len(slot.cached)
+            for j, tok in enumerate(tokens):
+                batch.token[n] = tok
+                batch.pos[n] = base + j
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = slot.id
+                batch.logits[n] = logits_last and j == len(tokens) - 1
+                n += 1
+            plan.append((slot, tokens, prefill, n - 1 if logits_last else -1))
+
+        active = self._active()
+        for slot in active:
+            if slot.next_token is not None:
+                add(slot, [slot.next_token], False, True)
+        for slot in sorted((s for s in active if s.pending), key=lambda s: s.admitted):
+            if n >= self._n_batch:
+                break
+            chunk = slot.pending[: self._n_batch - n]
+            add(slot, chunk, True, len(chunk) == len(slot.pending))
+        batch.n_tokens = n
+        rc = llc.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise EngineError(f"llama_decode failed (code {rc})")
+        self.stats["steps"] += 1
+        for slot, tokens, prefill, out in plan:
+            slot.cached.extend(tokens)
+            if prefill:
+                del slot.pending[: len(tokens)]
+                self.stats["prefilled_tokens"] += len(tokens)
+            if out >= 0:
+                self._accept(slot, int(llc.llama_sampler_sample(slot.sampler, self._ctx, out)))
+
+    def _accept(self, slot: _Slot, token: int) -> None:
+        """Handle a sampled token: stop on end-of-generation, else emit its text and queue its decode."""
+        job = slot.job
+        assert job is not None  # only active slots are sampled
+        slot.next_token = None
+        if self.model.is_eog(token):
+            return self._finish(slot, "stop")
+        slot.generated += 1
+        self.stats["generated_tokens"] += 1
+        job.emit(slot.decoder.decode(self.model.piece(token)), slot.generated)
+        if slot.generated >= job.request.params.max_tokens or len(slot.cached) >= self.context_length:
+            return self._finish(slot, "length")
+        slot.next_token = token
+
+    def _finish(self, slot: _Slot, reason: str) -> None:
+        job = slot.job
+        assert job is not None
+        job.emit(slot.decoder.decode(b"", final=True), slot.generated)
+        job.finish(reason, slot.generated)
+        self._release(slot)
+
+    def _release(self, slot: _Slot) -> None:
+        if slot.sampler is not None:
+            self._llc.llama_sampler_free(slot.sampler)
+        slot.job, slot.sampler, slot.decoder, slot.next_token = None, None, None, None
+        slot.pending = []
+        slot.last_used = next(self._ticks)
+
+    def _wipe(self, slot: _Slot) -> None:
+        self._llc.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
+        slot.cached.clear()
