@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 
 from flask import Flask, request
 
@@ -73,5 +74,20 @@ def install(app: Flask, settings: Settings) -> None:
     if settings.cors_origins:
         from flask_cors import CORS
 
-        # Only the listed origins are echoed back; an arbitrary Origin is never reflected.
-        CORS(app, origins=list(settings.cors_origins), allow_headers=["Authorization", "Content-Type"], max_age=600)
+        # Only the listed origins are echoed back; an arbitrary Origin is never reflected. Each is
+        # matched literally and whole: flask-cors would take one with [ or ( (an IPv6 origin) for a
+        # regex, which need only match a prefix. "*" answers "*" itself rather than echoing the Origin.
+        wildcard = "*" in settings.cors_origins
+        origins: list[str | re.Pattern[str]] = (
+            ["*"]
+            if wildcard
+            else [re.compile(re.escape(o.rstrip("/")) + r"\Z", re.IGNORECASE) for o in settings.cors_origins]
+        )
+        CORS(
+            app,
+            origins=origins,
+            send_wildcard=wildcard,
+            always_send=False,
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )

@@ -78,9 +78,13 @@ def serve(settings: Settings) -> int:
         return 1
 
     def stop(signum: int, frame: FrameType | None) -> None:
+        # Stop the generations in flight first: waitress then waits (5 s at most) for its threads,
+        # and the engine's close waits for its worker, so neither sits out a long reply.
+        state.sessions.cancel_all()
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     failed: list[str] = []
     threading.Thread(target=_load, args=(state, model, failed), name="model-loader", daemon=True).start()
     log.info("listening on http://%s:%d (model %s loading)", settings.host, settings.port, settings.model)

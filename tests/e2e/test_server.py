@@ -83,7 +83,8 @@ def test_the_readme_curl_commands_work_as_written(smol: Server) -> None:
 def test_greedy_chat_answers_and_keeps_history(smol: Server) -> None:
     session = {"session_id": "geo"}
     r = requests.post(
-        smol.url + "/chat", json={"message": "What is the capital of France?", "temperature": 0, **session}
+        smol.url + "/chat",
+        json={"message": "What is the capital of France? Answer in one sentence.", "temperature": 0, **session},
     )
     assert r.status_code == 200 and "Paris" in r.json()["response"]
     for marker in ("<|im_end|>", "<|im_start|>"):
@@ -112,7 +113,7 @@ def test_the_openai_client(smol: Server) -> None:
     from openai import OpenAI
 
     client = OpenAI(base_url=smol.url + "/v1", api_key="unused", max_retries=0)
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
     reply = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=24)  # type: ignore[arg-type]
     text = reply.choices[0].message.content or ""
     assert "Paris" in text and reply.usage is not None and reply.usage.completion_tokens > 0
@@ -124,7 +125,7 @@ def test_the_openai_client(smol: Server) -> None:
 
 def test_the_interactive_client_through_stdin(smol: Server) -> None:
     requests.post(smol.url + "/reset", json={"session_id": "cli"})
-    script = "What is the capital of France?\nstatus\nreset\nstatus\nquit\n"
+    script = "What is the capital of France? Answer in one sentence.\nstatus\nreset\nstatus\nquit\n"
     result = subprocess.run(
         [
             sys.executable,
@@ -223,7 +224,8 @@ def test_a_damaged_model_file_exits_with_one_line(tmp_path: Path) -> None:
 
 def test_qwen_serves_the_seed_api_and_the_openai_client(qwen: Server) -> None:
     r = requests.post(
-        qwen.url + "/chat", json={"message": "What is the capital of France?", "temperature": 0, "max_tokens": 32}
+        qwen.url + "/chat",
+        json={"message": "What is the capital of France? Answer in one sentence.", "temperature": 0, "max_tokens": 32},
     )
     assert r.status_code == 200 and "Paris" in r.json()["response"]
     status = requests.get(qwen.url + "/status").json()
@@ -239,3 +241,24 @@ def test_qwen_serves_the_seed_api_and_the_openai_client(qwen: Server) -> None:
         stream=True,
     )
     assert "def " in "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+
+def test_the_transformers_engine_serves_the_same_api(tmp_path: Path) -> None:
+    """`--engine transformers` (the engine for CUDA and HF models) behind the real server, on the GGUF default."""
+    server = start_server(["--engine", "transformers", "--device", "cpu"], tmp_path / "s.db", tmp_path / "s.log")
+    try:
+        r = requests.post(
+            server.url + "/chat",
+            json={"message": "What is the capital of France? Answer in one sentence.", "temperature": 0},
+        )
+        assert r.status_code == 200 and "Paris" in r.json()["response"]
+        status = requests.get(server.url + "/status").json()
+        assert status["conversation_length"] == 2 and status["device"] == "cpu"
+        from openai import OpenAI
+
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "List three colors."}]
+        stream = client.chat.completions.create(model="x", messages=messages, max_tokens=16, temperature=0, stream=True)  # type: ignore[arg-type]
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip()
+    finally:
+        assert server.stop() == 0

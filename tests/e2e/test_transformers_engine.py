@@ -111,3 +111,25 @@ def test_closing_the_stream_cancels_and_the_next_request_runs(engine: Transforme
 
 def test_memory_is_the_model_size(engine: TransformersEngine) -> None:
     assert engine.memory_allocated() > 100_000_000
+
+
+def test_a_local_hugging_face_folder_loads(smollm2_gguf: Path) -> None:
+    """The converted cache is a plain HF model folder (config.json, safetensors, tokenizer): serve it."""
+    from pureapi.models.resolve import resolve_model
+
+    gguf_engine = TransformersEngine.load(
+        ResolvedModel(smollm2_gguf.stem, smollm2_gguf), device="cpu", cache_dir=Settings().weights_cache_dir()
+    )
+    gguf_engine.close()
+    folder = next(
+        p
+        for p in Settings().weights_cache_dir().iterdir()
+        if p.name.startswith(smollm2_gguf.stem + "-") and (p / "config.json").is_file()
+    )
+    resolved = resolve_model(str(folder))
+    assert not resolved.is_gguf and resolved.name == folder.name
+    engine = TransformersEngine.load(resolved, device="cpu")
+    try:
+        assert "Paris" in greedy(engine, [Message("user", "What is the capital of France?")])
+    finally:
+        engine.close()

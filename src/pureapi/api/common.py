@@ -62,9 +62,39 @@ def json_body(*, allow_empty: bool = False) -> dict[str, Any]:
         body = json.loads(text, parse_constant=_reject_constant)
     except ValueError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, not {type(body).__name__}")
+    if "\\u" in text:
+        _reject_surrogates(body)
     return body
+
+
+def _reject_surrogates(body: Any) -> None:
+    """A `\\ud800`-style escape can smuggle in a lone surrogate, which no tokenizer, database or
+    response encoder accepts: reject it as a bad request rather than fail later with a 500."""
+    pending = [body]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise BadRequest(
+                    f"request body contains an unpaired surrogate (\\u{ord(item[exc.start]):04x}); "
+                    "JSON strings must be valid Unicode"
+                ) from None
+
+
+def _is_union_tag(part: int | str) -> bool:
+    """Pydantic names a union member in an error location ('float', 'list[str]'); no field is so named."""
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or "[" in part)
 
 
 def validate(model: type[M], data: dict[str, Any]) -> M:
@@ -72,8 +102,11 @@ def validate(model: type[M], data: dict[str, Any]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in err["loc"]) or None
+        errors = exc.errors(include_url=False)
+        # A value that fits no member of a union (str | list[str]) yields one error per member; report
+        # the one that got deepest into the value, on the field the first error is about.
+        err = max((e for e in errors if e["loc"][:1] == errors[0]["loc"][:1]), key=lambda e: len(e["loc"]))
+        field = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p)) or None
         msg = err["msg"]
         if err["type"] == "missing":
             msg = "field required"
@@ -123,9 +156,17 @@ def drain(chunks: Iterator[Chunk]) -> tuple[str, Chunk]:
     return "".join(parts), last
 
 
+# Characters JSON leaves unescaped that str.splitlines() (and so requests' iter_lines) treats as
+# line breaks; escaped, an event stays on one line for every client.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(data: Any) -> str:
     """One server-sent event."""
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    if isinstance(data, str):
+        payload = data
+    else:
+        payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
     return f"data: {payload}\n\n"
 
 

@@ -48,6 +48,25 @@ OPENAI_ERROR = {
 }
 
 
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+}
+COMPLETION = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices", "usage"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "chat.completion"},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {"type": "array"},
+        "usage": {"type": "object"},
+    },
+}
+
+
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"application/json": {"schema": schema}}
 
@@ -62,7 +81,8 @@ def build_spec() -> dict[str, Any]:
     """The OpenAPI document."""
     spec = _Spec()
     body_errors = (400, 401, 413, 415, 503)
-    sse = {"text/event-stream": {"schema": {"type": "string"}}}
+    # Each server-sent event: a `data:` line holding JSON ("[DONE]" ends an OpenAI stream).
+    sse = {"text/event-stream": {"schema": SSE_EVENT}}
     chat_ok = {"description": "The reply", "content": {**_json(spec.ref(seed.ChatResponse)), **sse}}
     paths: dict[str, Any] = {
         "/chat": {
@@ -107,7 +127,10 @@ def build_spec() -> dict[str, Any]:
                 "summary": "OpenAI-compatible chat completion (stateless)",
                 "requestBody": {"required": True, "content": _json(spec.ref(openai.ChatCompletionRequest))},
                 "responses": {
-                    "200": {"description": "A completion, or SSE chunks ending in [DONE]", "content": sse},
+                    "200": {
+                        "description": "A completion, or SSE chunks ending in [DONE]",
+                        "content": {**_json(COMPLETION), **sse},
+                    },
                     **_errors(OPENAI_ERROR, *body_errors),
                 },
             }

@@ -34,7 +34,10 @@ class ChatRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    message: StrictStr = Field(description="The user's message.")
+    message: StrictStr = Field(
+        description="The user's message (not empty or only whitespace).",
+        json_schema_extra={"minLength": 1, "pattern": r"\S"},
+    )
     max_tokens: MaxTokens = 512
     temperature: Temperature = 0.7
     session_id: SessionId | None = None

@@ -55,8 +55,12 @@ def fit_window(
     rounds: Sequence[tuple[Message, Message]],
     tail: Sequence[Message],
     max_tokens: int,
+    prompt_param: str = "message",
 ) -> list[int]:
-    """Tokenize the newest rounds that fit the context with max_tokens left for the reply."""
+    """Tokenize the newest rounds that fit the context with max_tokens left for the reply.
+
+    prompt_param names the request field that holds the prompt, for the error of a prompt too long.
+    """
     for start in range(len(rounds) + 1):
         messages = [m for pair in rounds[start:] for m in pair] + list(tail)
         ids = encode(messages)
@@ -64,7 +68,7 @@ def fit_window(
             return ids
     if len(ids) >= context_length:
         raise ContextOverflow(
-            f"the prompt is {len(ids)} tokens but the model's context is {context_length} tokens", param="message"
+            f"the prompt is {len(ids)} tokens but the model's context is {context_length} tokens", param=prompt_param
         )
     raise ContextOverflow(
         f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's context "
@@ -111,11 +115,35 @@ class SessionService:
         self.max_queue = max_queue
         self._locks = _SessionLocks()
         self._admission: _Admission | None = None
+        # The cancel events of the generations in flight, so that shutdown can stop them all.
+        self._running_lock = threading.Lock()
+        self._running: set[threading.Event] = set()
+        self._closing = False
 
     def _admit(self, engine: Engine) -> _Admission:
         if self._admission is None:
             self._admission = _Admission(self.max_queue + engine.slots)
         return self._admission
+
+    @contextmanager
+    def _tracked(self, request: GenerationRequest) -> Iterator[None]:
+        with self._running_lock:
+            if self._closing:
+                raise NotReady("the server is shutting down")
+            self._running.add(request.cancel)
+        try:
+            yield
+        finally:
+            with self._running_lock:
+                self._running.discard(request.cancel)
+
+    def cancel_all(self) -> None:
+        """Shutdown: cancel every generation in flight (each stops at its next token) and start no more."""
+        with self._running_lock:
+            self._closing = True
+            running = list(self._running)
+        for cancel in running:
+            cancel.set()
 
     def engine(self) -> Engine:
         """The loaded engine, or NotReady while it loads."""
@@ -146,7 +174,9 @@ class SessionService:
             prompt = fit_window(
                 engine.encode_chat, engine.context_length, rounds, [Message("user", message)], params.max_tokens
             )
-            stream = with_stops(engine.generate(GenerationRequest(prompt, params, session_id=session_id)), params.stop)
+            request = GenerationRequest(prompt, params, session_id=session_id)
+            hold.enter_context(self._tracked(request))
+            stream = with_stops(engine.generate(request), params.stop)
         except BaseException:
             hold.close()
             raise
@@ -162,10 +192,12 @@ class SessionService:
         hold.enter_context(self._admit(engine).slot())
         try:
             budget = 1 if fill else params.max_tokens
-            prompt = fit_window(engine.encode_chat, engine.context_length, [], messages, budget)
+            prompt = fit_window(engine.encode_chat, engine.context_length, [], messages, budget, "messages")
             if fill:
                 params = replace(params, max_tokens=engine.context_length - len(prompt))
-            stream = with_stops(engine.generate(GenerationRequest(prompt, params)), params.stop)
+            request = GenerationRequest(prompt, params)
+            hold.enter_context(self._tracked(request))
+            stream = with_stops(engine.generate(request), params.stop)
         except BaseException:
             hold.close()
             raise

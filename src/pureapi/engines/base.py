@@ -173,6 +173,9 @@ class QueuedEngine(Engine):
                 continue
             try:
                 self._run(job)
+                if job.request.cancel.is_set():
+                    # Cancelled by someone other than its reader (shutdown, reset): end its stream.
+                    job.fail(Cancelled("generation cancelled"))
             except PureAPIError as exc:
                 job.fail(exc)
             except Exception as exc:  # the worker must survive any one bad generation

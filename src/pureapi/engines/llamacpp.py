@@ -15,7 +15,7 @@ Scheduler invariants:
    0..len-1; every decode or `llama_memory_seq_rm` updates it in the same step. After a failed
    decode the slot's sequence is wiped and `cached` emptied.
 3. A job is in exactly one place: the waiting queue, one slot, or done; it gets exactly one
-   terminal `finish` or `fail` (none if it was cancelled: its reader is gone).
+   terminal `finish` or `fail` (a cancelled one gets `fail(Cancelled)`, which nobody may read).
 4. A generating slot's `next_token` has been sampled and emitted but is not yet in the KV; the
    next step decodes it at position `len(cached)`. A prefilling slot has `pending` prompt tokens
    and no `next_token`; logits are requested only for the last prompt token and decode tokens,
@@ -204,6 +204,8 @@ class LlamaCppEngine(Engine):
             return
         self._fail_waiting()
         for slot in self._slots:
+            if slot.job is not None:
+                slot.job.fail(Cancelled("server shutting down"))
             self._release(slot)
         self._llc.llama_batch_free(self._batch)
         self._llc.llama_free(self._ctx)
@@ -226,6 +228,8 @@ class LlamaCppEngine(Engine):
                 break
             for slot in self._active():
                 if slot.job is not None and slot.job.request.cancel.is_set():
+                    # Its reader may still wait (a shutdown or reset cancelled it): end its stream.
+                    slot.job.fail(Cancelled("generation cancelled"))
                     self._release(slot)
             if not self._active():
                 continue

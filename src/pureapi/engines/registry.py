@@ -49,8 +49,26 @@ ENGINES: dict[str, Callable[[Settings, ResolvedModel], Engine]] = {
 
 
 def choose_engine(settings: Settings, model: ResolvedModel) -> str:
-    """The engine `--engine auto` picks for this model and device."""
-    return "transformers" if settings.engine == "auto" else settings.engine
+    """The engine `--engine auto` picks: llama.cpp for a GGUF file unless CUDA is in play, else transformers.
+
+    On a CPU, llama.cpp runs the quantized weights several times faster than transformers runs
+    them dequantized to float32, and starts in a fraction of a second instead of converting.
+    """
+    if settings.engine != "auto":
+        return settings.engine
+    if model.is_gguf and not _cuda_in_play(settings.device):
+        return "llamacpp"
+    return "transformers"
+
+
+def _cuda_in_play(device: str) -> bool:
+    if device == "cpu":
+        return False
+    if device.startswith("cuda"):
+        return True
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def resolve(settings: Settings) -> ResolvedModel:

@@ -1,0 +1,267 @@
+"""A hypothesis state machine over the fake app: stored histories always match a simple model.
+
+The model is what the README promises: a session's history is its completed rounds, the newest
+`max_rounds` of them, oldest dropped first; a reset empties it; a bad request, an engine failure,
+an abandoned stream, a reset during a generation and any /v1 call leave it as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from pureapi.app import create_app
+from pureapi.chat.store import SQLiteStore
+from pureapi.engines.base import Message
+from pureapi.engines.fake import FakeEngine
+from pureapi.settings import Settings
+
+MAX_ROUNDS = 3
+SESSIONS = ["default", "a", "b.c", "user@host:1"]
+WORD = re.compile(r"\S+\s*|\s+")  # the fake engine's "tokens"
+
+messages = st.text(st.characters(codec="utf-8"), min_size=1, max_size=24).filter(lambda s: s.strip() != "")
+replies = st.text(st.sampled_from("ab xy\n<|>é中"), min_size=0, max_size=40)
+
+BAD_BODIES: list[Any] = [
+    {},
+    {"message": ""},
+    {"message": " \n\t "},
+    {"message": 7},
+    {"message": None},
+    {"message": ["hi"]},
+    {"message": "hi", "max_tokens": 0},
+    {"message": "hi", "max_tokens": -3},
+    {"message": "hi", "max_tokens": 1.5},
+    {"message": "hi", "max_tokens": True},
+    {"message": "hi", "max_tokens": 5000},  # beyond the 4096-token context
+    {"message": "hi", "temperature": 2.01},
+    {"message": "hi", "temperature": -1},
+    {"message": "hi", "temperature": False},
+    {"message": "hi", "stream": "true"},
+    {"message": "hi", "session_id": "no spaces"},
+    {"message": "hi", "session_id": "x" * 129},
+    "[1, 2, 3]",
+    "{broken",
+    '{"message": NaN}',
+    '{"message": "\\ud800"}',
+    "[" * 5000,
+    b'{"message": "\xc3\x28"}',
+]
+
+
+def events(response: Any) -> list[Any]:
+    text = response.get_data(as_text=True)
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+
+
+class SessionHistory(RuleBasedStateMachine):
+    """Chat, reset, fail and abandon requests on a few sessions; compare with the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="pureapi-sm-"))
+        self.engine = FakeEngine(context_length=4096)
+        self.store = SQLiteStore(self.tmp / "sessions.db")
+        app = create_app(Settings(engine="fake", max_rounds=MAX_ROUNDS), engine=self.engine, store=self.store)
+        self.client = app.test_client()
+        self.model: dict[str, list[tuple[str, str]]] = {s: [] for s in SESSIONS}
+
+    def teardown(self) -> None:
+        self.engine.close()
+        self.store.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def expected(self, session: str) -> list[Message]:
+        return [m for user, reply in self.model[session] for m in (Message("user", user), Message("assistant", reply))]
+
+    def body(self, session: str, message: str, **extra: Any) -> dict[str, Any]:
+        """A /chat body; the default session is addressed by leaving session_id out."""
+        body: dict[str, Any] = {"message": message, **extra}
+        if session != "default":
+            body["session_id"] = session
+        return body
+
+    def commit(self, session: str, message: str, reply: str) -> None:
+        self.model[session] = [*self.model[session], (message, reply)][-MAX_ROUNDS:]
+
+    # --- rules ---------------------------------------------------------------------------
+
+    @rule(session=st.sampled_from(SESSIONS), message=messages, reply=replies, stream=st.booleans())
+    def chat(self, session: str, message: str, reply: str, stream: bool) -> None:
+        self.engine.enqueue(reply)
+        before = self.expected(session)
+        r = self.client.post("/chat", json=self.body(session, message, stream=stream, temperature=0))
+        assert r.status_code == 200, r.get_data(as_text=True)
+        if stream:
+            got = events(r)
+            assert "".join(e["delta"] for e in got[:-1]) == reply
+            final = got[-1]
+        else:
+            final = r.get_json()
+        assert final == {"message": message, "response": reply, "status": "success"}
+        # The model saw the stored rounds (all fit the context here) and then the new message.
+        assert self.engine.prompts[-1] == [*before, Message("user", message)]
+        self.commit(session, message, reply)
+
+    @rule(session=st.sampled_from(SESSIONS), message=messages, words=st.integers(2, 12), limit=st.integers(1, 12))
+    def chat_with_max_tokens(self, session: str, message: str, words: int, limit: int) -> None:
+        reply = " ".join(f"w{i}" for i in range(words))
+        self.engine.enqueue(reply)
+        r = self.client.post("/chat", json=self.body(session, message, max_tokens=limit))
+        assert r.status_code == 200, r.get_data(as_text=True)
+        cut = "".join(WORD.findall(reply)[:limit])
+        assert r.get_json()["response"] == cut
+        self.commit(session, message, cut)  # a reply cut by max_tokens is still a completed round
+
+    @rule(session=st.sampled_from(SESSIONS), explicit=st.booleans())
+    def reset(self, session: str, explicit: bool) -> None:
+        if session == "default" and not explicit:
+            r = self.client.post("/reset")
+        else:
+            r = self.client.post("/reset", json={"session_id": session})
+        assert r.status_code == 200 and r.get_json()["status"] == "success"
+        self.model[session] = []
+
+    @rule(session=st.sampled_from(SESSIONS), bad=st.sampled_from(BAD_BODIES))
+    def bad_request(self, session: str, bad: Any) -> None:
+        if isinstance(bad, dict):
+            r = self.client.post("/chat", json={**bad, "session_id": session} if "session_id" not in bad else bad)
+        else:
+            r = self.client.post("/chat", data=bad, content_type="application/json")
+        assert r.status_code == 400, r.get_data(as_text=True)
+        assert set(r.get_json()) == {"error"} and isinstance(r.get_json()["error"], str)
+
+    @rule(session=st.sampled_from(SESSIONS), message=messages)
+    def wrong_content_type(self, session: str, message: str) -> None:
+        r = self.client.post("/chat", data=f"message={message}", content_type="application/x-www-form-urlencoded")
+        assert r.status_code == 415
+
+    @rule(session=st.sampled_from(SESSIONS), message=messages, stream=st.booleans())
+    def engine_failure(self, session: str, message: str, stream: bool) -> None:
+        self.engine.enqueue(RuntimeError("scripted"))
+        r = self.client.post("/chat", json=self.body(session, message, stream=stream))
+        if stream:
+            # The status line went out with the first chunk; the failure is the last event.
+            assert r.status_code == 200
+            got = events(r)
+            assert set(got[-1]) == {"error"} and "scripted" in got[-1]["error"]
+            assert all("delta" in e for e in got[:-1])
+        else:
+            assert r.status_code == 500
+            assert set(r.get_json()) == {"error"}
+
+    @rule(message=messages, stream=st.booleans())
+    def openai_failure_mid_stream(self, message: str, stream: bool) -> None:
+        self.engine.enqueue(RuntimeError("scripted"))
+        body = {"messages": [{"role": "user", "content": message}], "stream": stream}
+        r = self.client.post("/v1/chat/completions", json=body)
+        if stream:
+            text = r.get_data(as_text=True)
+            data = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+            assert data[-1] == "[DONE]"
+            error = json.loads(data[-2])["error"]
+            assert set(error) == {"message", "type", "param", "code"} and "scripted" in error["message"]
+        else:
+            assert r.status_code == 500
+            assert set(r.get_json()["error"]) == {"message", "type", "param", "code"}
+
+    @rule(session=st.sampled_from(SESSIONS), message=messages, reply=replies)
+    def abandoned_stream(self, session: str, message: str, reply: str) -> None:
+        """The client reads one event and goes away: the round is not stored, nothing stays locked."""
+        self.engine.enqueue(reply + " and more words after that")
+        r = self.client.post("/chat", json=self.body(session, message, stream=True), buffered=False)
+        assert r.status_code == 200
+        next(iter(r.response))
+        r.close()
+
+    @rule(session=st.sampled_from(SESSIONS), message=messages, reply=replies)
+    def reset_during_generation(self, session: str, message: str, reply: str) -> None:
+        """A reply that completes after a reset does not land in the fresh history."""
+        self.engine.enqueue("first " + reply)
+        r = self.client.post("/chat", json=self.body(session, message, stream=True), buffered=False)
+        chunks = iter(r.response)
+        assert b"first" in next(chunks)
+        reset = self.client.post("/reset", json={"session_id": session})
+        assert reset.status_code == 200
+        rest = b"".join(chunks).decode()
+        r.close()
+        assert '"status":"success"' in rest  # the client still got its whole reply
+        self.model[session] = []
+
+    @rule(message=messages, reply=replies, stream=st.booleans())
+    def openai_is_stateless(self, message: str, reply: str, stream: bool) -> None:
+        self.engine.enqueue(reply)
+        body = {"messages": [{"role": "user", "content": message}], "stream": stream, "max_tokens": 64}
+        r = self.client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200
+        if not stream:
+            assert r.get_json()["choices"][0]["message"]["content"] == reply
+        assert self.engine.prompts[-1] == [Message("user", message)]
+
+    @precondition(lambda self: any(self.model.values()))
+    @rule(session=st.sampled_from(SESSIONS))
+    def status(self, session: str) -> None:
+        query = "" if session == "default" else f"?session_id={session}"
+        r = self.client.get("/status" + query)
+        assert r.status_code == 200
+        assert r.get_json()["conversation_length"] == 2 * len(self.model[session])
+
+    # --- invariants ----------------------------------------------------------------------
+
+    @invariant()
+    def histories_match_the_model(self) -> None:
+        for session in SESSIONS:
+            assert self.store.history(session)[0] == self.expected(session), session
+
+    @invariant()
+    def histories_alternate_and_are_capped(self) -> None:
+        for session in SESSIONS:
+            history = self.store.history(session)[0]
+            assert len(history) <= 2 * MAX_ROUNDS
+            assert [m.role for m in history] == ["user", "assistant"] * (len(history) // 2)
+
+    @invariant()
+    def no_scripted_reply_is_left_over(self) -> None:
+        # Every rule consumes what it scripted; a leftover would mean a generation never ran.
+        assert not self.engine._script
+
+
+SessionHistory.TestCase.settings = settings(
+    max_examples=50,
+    stateful_step_count=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestSessionHistory = SessionHistory.TestCase
+
+
+def test_sse_events_survive_naive_line_splitting(tmp_path: Path) -> None:
+    """Text with U+2028, U+0085 and friends still gives one event per line to str.splitlines()."""
+    engine = FakeEngine()
+    store = SQLiteStore(tmp_path / "s.db")
+    client = create_app(Settings(engine="fake"), engine=engine, store=store).test_client()
+    tricky = "a\u2028b \x85c \u2029d \x1ce \x0bf \r\ng"
+    try:
+        engine.enqueue(tricky)
+        got = events(client.post("/chat", json={"message": tricky, "stream": True}))
+        assert got[-1] == {"message": tricky, "response": tricky, "status": "success"}
+        engine.enqueue(tricky)
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "stream": True})
+        data = [line[6:] for line in r.get_data(as_text=True).splitlines() if line.startswith("data: ")]
+        assert data[-1] == "[DONE]"
+        text = "".join(json.loads(d)["choices"][0]["delta"].get("content", "") for d in data[:-1])
+        assert text == tricky
+    finally:
+        engine.close()
+        store.close()
