@@ -30,25 +30,18 @@ class ContextOverflow(BadRequest):
         super().__init__(message, param=param, code="context_length_exceeded")
 
 
-class NotFound(PureAPIError):
-    """Unknown route or resource."""
+class Unauthorized(PureAPIError):
+    """Missing or wrong API key."""
 
-    status = 404
-    type = "not_found_error"
-
-
-class MethodNotAllowed(PureAPIError):
-    """The route exists but not with this method."""
-
-    status = 405
-    type = "invalid_request_error"
+    status = 401
+    type = "authentication_error"
 
 
-class PayloadTooLarge(PureAPIError):
-    """The body is over the configured limit."""
+class ForbiddenHost(PureAPIError):
+    """The Host header names a host this server does not answer for."""
 
-    status = 413
-    type = "invalid_request_error"
+    status = 403
+    type = "permission_error"
 
 
 class UnsupportedMediaType(PureAPIError):

@@ -8,25 +8,11 @@ import re
 
 from flask import Flask, request
 
-from .errors import PureAPIError
+from .errors import ForbiddenHost, Unauthorized
 from .settings import Settings
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 OPEN_PATHS = {"/health"}
-
-
-class Unauthorized(PureAPIError):
-    """Missing or wrong API key."""
-
-    status = 401
-    type = "authentication_error"
-
-
-class ForbiddenHost(PureAPIError):
-    """The Host header names a host this server does not answer for."""
-
-    status = 403
-    type = "permission_error"
 
 
 def is_loopback(host: str) -> bool:

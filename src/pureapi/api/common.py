@@ -10,7 +10,7 @@ from flask import Response, current_app, request
 from pydantic import BaseModel, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from ..chat.sessions import SessionService
-from ..engines.base import Chunk
+from ..engines.base import Chunk, close_stream
 from ..errors import BadRequest, Cancelled, PureAPIError, UnsupportedMediaType
 
 # Field definitions written once for both surfaces.
@@ -120,9 +120,7 @@ def first_chunk(chunks: Iterator[Chunk]) -> tuple[Chunk, Iterator[Chunk]]:
     except StopIteration:
         return Chunk("", "stop"), iter(())
     except BaseException:
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            close()
+        close_stream(chunks)
         raise
     return first, chunks
 
@@ -133,9 +131,7 @@ def chain(first: Chunk, rest: Iterator[Chunk]) -> Iterator[Chunk]:
         yield first
         yield from rest
     finally:
-        close = getattr(rest, "close", None)
-        if close is not None:
-            close()
+        close_stream(rest)
 
 
 def drain(chunks: Iterator[Chunk]) -> tuple[str, Chunk]:
@@ -150,9 +146,7 @@ def drain(chunks: Iterator[Chunk]) -> tuple[str, Chunk]:
             if gone():
                 raise Cancelled("client disconnected")
     finally:
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            close()
+        close_stream(chunks)
     return "".join(parts), last
 
 

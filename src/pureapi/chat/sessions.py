@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import replace
 
-from ..engines.base import Chunk, Engine, GenerationRequest, Message, SamplingParams, with_stops
+from ..engines.base import Chunk, Engine, GenerationRequest, Message, SamplingParams, close_stream, with_stops
 from ..errors import ContextOverflow, NotReady, Overloaded
 from .store import SessionStore
 
@@ -174,9 +174,7 @@ class SessionService:
             prompt = fit_window(
                 engine.encode_chat, engine.context_length, rounds, [Message("user", message)], params.max_tokens
             )
-            request = GenerationRequest(prompt, params, session_id=session_id)
-            hold.enter_context(self._tracked(request))
-            stream = with_stops(engine.generate(request), params.stop)
+            stream = self._generate(engine, hold, GenerationRequest(prompt, params, session_id=session_id))
         except BaseException:
             hold.close()
             raise
@@ -195,46 +193,32 @@ class SessionService:
             prompt = fit_window(engine.encode_chat, engine.context_length, [], messages, budget, "messages")
             if fill:
                 params = replace(params, max_tokens=engine.context_length - len(prompt))
-            request = GenerationRequest(prompt, params)
-            hold.enter_context(self._tracked(request))
-            stream = with_stops(engine.generate(request), params.stop)
+            stream = self._generate(engine, hold, GenerationRequest(prompt, params))
         except BaseException:
             hold.close()
             raise
         return self._released(stream, hold)
 
+    def _generate(self, engine: Engine, hold: ExitStack, request: GenerationRequest) -> Iterator[Chunk]:
+        """Start a tracked generation (shutdown can cancel it) with the request's stop strings applied."""
+        hold.enter_context(self._tracked(request))
+        return with_stops(engine.generate(request), request.params.stop)
+
     @staticmethod
-    def _released(stream: Iterator[Chunk], hold: ExitStack) -> Iterator[Chunk]:
+    def _released(stream: Iterator[Chunk], hold: ExitStack) -> Generator[Chunk, None, None]:
         try:
             yield from stream
         finally:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()
+            close_stream(stream)
             hold.close()
 
     def _turn(
         self, stream: Iterator[Chunk], hold: ExitStack, session_id: str, message: str, epoch: int
     ) -> Iterator[Chunk]:
         parts: list[str] = []
-        try:
-            for chunk in stream:
+        with closing(self._released(stream, hold)) as chunks:
+            for chunk in chunks:
                 parts.append(chunk.text)
                 if chunk.finish_reason is not None:
                     self.store.append_round(session_id, message, "".join(parts), epoch, self.max_rounds)
                 yield chunk
-        finally:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()
-            hold.close()
-
-
-def complete(chunks: Iterator[Chunk]) -> tuple[str, Chunk]:
-    """Drain a stream into its full text and its last chunk."""
-    parts: list[str] = []
-    last = Chunk("")
-    for chunk in chunks:
-        parts.append(chunk.text)
-        last = chunk
-    return "".join(parts), last

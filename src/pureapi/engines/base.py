@@ -264,6 +264,13 @@ class StopMatcher:
         return held
 
 
+def close_stream(stream: object) -> None:
+    """Close a generator-like stream (ending its generation) if it can be closed."""
+    close = getattr(stream, "close", None)
+    if close is not None:
+        close()
+
+
 def with_stops(chunks: Iterator[Chunk], stops: Sequence[str]) -> Iterator[Chunk]:
     """Apply stop strings to an engine stream; closing early cancels the generation."""
     matcher = StopMatcher(stops)
@@ -279,6 +286,4 @@ def with_stops(chunks: Iterator[Chunk], stops: Sequence[str]) -> Iterator[Chunk]
             if text:
                 yield Chunk(text, None, chunk.prompt_tokens, chunk.completion_tokens)
     finally:
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            close()
+        close_stream(chunks)

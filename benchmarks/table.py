@@ -1,0 +1,47 @@
+"""Print the README's benchmark table from benchmarks/results/*.json: `python -m benchmarks.table`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def rows(report: dict) -> list[str]:  # type: ignore[type-arg]
+    out = []
+    raw = report.get("llama_bench", {}).get("decode_tps")
+    for name, r in report["servers"].items():
+        conc = {c["clients"]: c for c in r["concurrency"]}
+        conv = r["conversations"]["ttft_per_turn"]
+        decode = r["single_stream"]["decode_tps"]
+        ratio = f" ({decode / raw:.2f}×)" if raw else ""
+        fails = sum(c["failures"] for c in r["concurrency"])
+        out.append(
+            f"| {report['model']} | {name} | {r['time_to_ready_s']:.2f} | {decode:.1f}{ratio} "
+            f"| {r['single_stream']['ttft'] * 1000:.0f} "
+            f"| {conc[1]['aggregate_tps']:.0f} / {conc[4]['aggregate_tps']:.0f} / {conc[8]['aggregate_tps']:.0f} "
+            f"| {conc[8]['p50_latency']:.2f} / {conc[8]['p95_latency']:.2f} "
+            f"| {conv[0] * 1000:.0f} → {conv[-1] * 1000:.0f} ({conv[-1] / conv[0]:.2f}×) "
+            f"| {r['peak_rss_mb']:.0f} | {fails} |"
+        )
+    return out
+
+
+def main() -> None:
+    print(
+        "| model | server | ready (s) | decode tok/s (× llama-bench) | TTFT (ms) | aggregate tok/s at 1 / 4 / 8 "
+        "| latency p50 / p95 at 8 (s) | conversation TTFT turn 1 → 10 (ms) | peak RSS (MB) | failed requests |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for path in sorted(RESULTS.glob("*.json")):
+        report = json.loads(path.read_text())
+        for line in rows(report):
+            print(line)
+        if "llama_bench" in report:
+            lb = report["llama_bench"]
+            print(f"| {report['model']} | llama-bench (raw) | | {lb['decode_tps']:.1f} | | | | | | |")
+
+
+if __name__ == "__main__":
+    main()
