@@ -113,20 +113,22 @@ def validate(model: type[M], data: dict[str, Any]) -> M:
         raise BadRequest(f"{field}: {msg}" if field else msg, param=field) from None
 
 
-def first_chunk(chunks: Iterator[Chunk]) -> tuple[Chunk, Iterator[Chunk]]:
-    """Pull the first chunk before answering, so early failures are still proper HTTP errors."""
+def primed(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    """Pull the first chunk now, before answering, so early failures are still proper HTTP errors.
+
+    Returns an iterator over the whole stream, the first chunk included; closing it closes the stream.
+    """
     try:
         first = next(chunks)
     except StopIteration:
-        return Chunk("", "stop"), iter(())
+        return iter([Chunk("", "stop")])
     except BaseException:
         close_stream(chunks)
         raise
-    return first, chunks
+    return _chain(first, chunks)
 
 
-def chain(first: Chunk, rest: Iterator[Chunk]) -> Iterator[Chunk]:
-    """Put a pulled first chunk back in front of the rest; closing it closes the rest."""
+def _chain(first: Chunk, rest: Iterator[Chunk]) -> Iterator[Chunk]:
     try:
         yield first
         yield from rest

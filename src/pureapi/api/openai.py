@@ -19,11 +19,10 @@ from .common import (
     Seed,
     Temperature,
     TopP,
-    chain,
     drain,
     error_text,
-    first_chunk,
     json_body,
+    primed,
     sessions,
     sse,
     sse_response,
@@ -115,12 +114,12 @@ def chat_completions() -> Response:
     )
     service = sessions()
     engine = service.engine()
-    first, rest = first_chunk(service.stateless(messages, params, fill=requested is None))
+    stream = primed(service.stateless(messages, params, fill=requested is None))
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(_stream(meta, first, rest, include_usage))
-    text, last = drain(chain(first, rest))
+        return sse_response(_stream(meta, stream, include_usage))
+    text, last = drain(stream)
     return jsonify(
         {
             **meta,
@@ -146,7 +145,7 @@ def _usage(last: Chunk) -> dict[str, int]:
     }
 
 
-def _stream(meta: dict[str, Any], first: Chunk, rest: Iterator[Chunk], include_usage: bool) -> Iterator[str]:
+def _stream(meta: dict[str, Any], chunks: Iterator[Chunk], include_usage: bool) -> Iterator[str]:
     base = {**meta, "object": "chat.completion.chunk"}
 
     def event(delta: dict[str, Any], finish: str | None = None) -> str:
@@ -155,7 +154,7 @@ def _stream(meta: dict[str, Any], first: Chunk, rest: Iterator[Chunk], include_u
 
     yield event({"role": "assistant", "content": ""})
     try:
-        for chunk in chain(first, rest):
+        for chunk in chunks:
             if chunk.text:
                 yield event({"content": chunk.text})
             if chunk.finish_reason is not None:

@@ -14,11 +14,10 @@ from .common import (
     MaxTokens,
     SessionId,
     Temperature,
-    chain,
     drain,
     error_text,
-    first_chunk,
     json_body,
+    primed,
     sessions,
     sse,
     sse_response,
@@ -87,17 +86,17 @@ def chat() -> Response:
     body = validate(ChatRequest, json_body())
     params = SamplingParams(max_tokens=body.max_tokens, temperature=float(body.temperature))
     chunks = sessions().chat(body.session_id or DEFAULT_SESSION, body.message, params)
-    first, rest = first_chunk(chunks)
+    stream = primed(chunks)
     if not body.stream:
-        text, _ = drain(chain(first, rest))
+        text, _ = drain(stream)
         return jsonify(ChatResponse(message=body.message, response=text).model_dump())
-    return sse_response(_stream(body.message, first, rest))
+    return sse_response(_stream(body.message, stream))
 
 
-def _stream(message: str, first: Chunk, rest: Iterator[Chunk]) -> Iterator[str]:
+def _stream(message: str, chunks: Iterator[Chunk]) -> Iterator[str]:
     parts: list[str] = []
     try:
-        for chunk in chain(first, rest):
+        for chunk in chunks:
             if chunk.text:
                 parts.append(chunk.text)
                 yield sse({"delta": chunk.text})
