@@ -262,3 +262,23 @@ def test_the_transformers_engine_serves_the_same_api(tmp_path: Path) -> None:
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip()
     finally:
         assert server.stop() == 0
+
+
+def test_frequency_penalty_breaks_a_greedy_loop(smol: Server) -> None:
+    """A real effect of the penalties on the llama.cpp engine: greedy SmolLM2 repeats 'hello' forever without them."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=smol.url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Repeat the word hello forever: hello hello hello"}]
+
+    def hellos(**extra: float) -> int:
+        r = client.chat.completions.create(
+            model="x", messages=messages, max_tokens=40, temperature=0, extra_body=extra or None
+        )  # type: ignore[arg-type]
+        return (r.choices[0].message.content or "").lower().count("hello")
+
+    plain = hellos()
+    assert plain >= 10
+    assert hellos(frequency_penalty=2.0) < plain / 2
+    assert hellos(presence_penalty=2.0) < plain
+    assert hellos(repeat_penalty=1.5) < plain  # a llama.cpp extension, sent as an extra field

@@ -133,3 +133,16 @@ def test_a_local_hugging_face_folder_loads(smollm2_gguf: Path) -> None:
         assert "Paris" in greedy(engine, [Message("user", "What is the capital of France?")])
     finally:
         engine.close()
+
+
+def test_penalties_break_a_greedy_loop(engine: TransformersEngine) -> None:
+    ids = engine.encode_chat([Message("user", "Repeat the word hello forever: hello hello hello")])
+
+    def run(**penalties: float) -> str:
+        params = SamplingParams(max_tokens=40, temperature=0.0, **penalties)  # type: ignore[arg-type]
+        return "".join(c.text for c in engine.generate(GenerationRequest(ids, params)))
+
+    plain = run().lower().count("hello")
+    assert plain >= 10
+    assert run(frequency_penalty=2.0).lower().count("hello") < plain / 2
+    assert run(repeat_penalty=1.5).lower().count("hello") < plain

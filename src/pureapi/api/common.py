@@ -19,6 +19,10 @@ Temperature = Annotated[
     Field(ge=0, le=2, allow_inf_nan=False, description="Sampling temperature, 0 to 2; 0 is greedy."),
 ]
 TopP = Annotated[StrictFloat | StrictInt, Field(gt=0, le=1, description="Nucleus sampling mass, (0, 1].")]
+Penalty = Annotated[
+    StrictFloat | StrictInt,
+    Field(ge=-2, le=2, allow_inf_nan=False, description="OpenAI's presence/frequency penalty, -2 to 2."),
+]
 MaxTokens = Annotated[StrictInt, Field(ge=1, le=1_000_000, description="Most tokens to generate.")]
 Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1, description="Seed for reproducible sampling.")]
 SessionId = Annotated[

@@ -9,13 +9,14 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 from flask import Blueprint, Response, jsonify
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
 from ..engines.base import Chunk, Message, SamplingParams
 from ..errors import BadRequest
 from .common import (
     MAX_STOP,
     MaxTokens,
+    Penalty,
     Seed,
     Temperature,
     TopP,
@@ -80,6 +81,17 @@ class ChatCompletionRequest(BaseModel):
     top_p: TopP = 1.0
     stop: StrictStr | list[StrictStr] | None = Field(None, description=f"Up to {MAX_STOP} stop strings.")
     seed: Seed | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    top_k: StrictInt = Field(
+        0, ge=0, le=1_000_000, description="llama.cpp extension: keep the k likeliest tokens; 0 is off."
+    )
+    min_p: StrictFloat | StrictInt = Field(
+        0.0, ge=0, le=1, description="llama.cpp extension: drop tokens below min_p × the top probability."
+    )
+    repeat_penalty: StrictFloat | StrictInt = Field(
+        1.0, ge=0.5, le=2, allow_inf_nan=False, description="llama.cpp extension: 1 is off."
+    )
     n: StrictInt = Field(1, ge=1, le=1, description="Only 1 is supported.")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -109,6 +121,11 @@ def chat_completions() -> Response:
         max_tokens=requested or 1,
         temperature=float(body.temperature),
         top_p=float(body.top_p),
+        top_k=body.top_k,
+        min_p=float(body.min_p),
+        repeat_penalty=float(body.repeat_penalty),
+        presence_penalty=float(body.presence_penalty),
+        frequency_penalty=float(body.frequency_penalty),
         seed=body.seed,
         stop=_stops(body.stop),
     )

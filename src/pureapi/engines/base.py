@@ -38,6 +38,11 @@ class SamplingParams:
     max_tokens: int = 512
     temperature: float = 0.7
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
+    repeat_penalty: float = 1.0  # 1: off; divides the logits of tokens already in the reply
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence
     seed: int | None = None
     stop: Sequence[str] = ()
 

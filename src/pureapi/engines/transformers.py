@@ -132,7 +132,7 @@ class TransformersEngine(QueuedEngine):
 
     def _run(self, job: _Job) -> None:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
         req: GenerationRequest = job.request
         p = req.params
@@ -145,7 +145,15 @@ class TransformersEngine(QueuedEngine):
 
         sampling: dict[str, Any] = {"do_sample": False}
         if p.temperature > 0:
-            sampling = {"do_sample": True, "temperature": p.temperature, "top_p": p.top_p}
+            sampling = {"do_sample": True, "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k}
+            if p.min_p > 0:
+                sampling["min_p"] = p.min_p
+        if p.repeat_penalty != 1.0:
+            sampling["repetition_penalty"] = p.repeat_penalty
+        if p.presence_penalty or p.frequency_penalty:
+            sampling["logits_processor"] = LogitsProcessorList(
+                [_OpenAIPenalties(len(req.prompt_ids), p.presence_penalty, p.frequency_penalty)]
+            )
         if p.seed is not None:
             torch.manual_seed(p.seed)
         with torch.inference_mode():
@@ -163,6 +171,22 @@ class TransformersEngine(QueuedEngine):
             return
         streamer.flush()
         job.finish("stop" if streamer.ended else "length", streamer.count)
+
+
+class _OpenAIPenalties:
+    """OpenAI's presence and frequency penalties over the tokens generated so far."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float):
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        generated = input_ids[:, self.prompt_len :]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
 
 
 class _Streamer:
