@@ -57,6 +57,13 @@ class Settings(BaseModel):
     cpu_threads: int | None = Field(
         None, ge=1, le=1024, description="llama.cpp engine: CPU threads that compute. Default: the number of cores."
     )
+    kv_cache_mb: int = Field(
+        256,
+        ge=0,
+        le=1_000_000,
+        description="llama.cpp engine: MiB of RAM for the KV state of sessions whose slot was taken by another "
+        "conversation, so their next turn is restored instead of prefilled again (oldest dropped first); 0 disables.",
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
     cache_dir: Path | None = Field(
         None, description="Where converted GGUF weights are cached. Default: the user cache directory."

@@ -46,13 +46,14 @@ def gguf(request: pytest.FixtureRequest, model_name: str) -> Path:
     return path
 
 
-def load(path: Path, n_parallel: int = SLOTS, max_queue: int = 16) -> LlamaCppEngine:
+def load(path: Path, n_parallel: int = SLOTS, max_queue: int = 16, kv_cache_mb: int = 0) -> LlamaCppEngine:
     return LlamaCppEngine.load(
         ResolvedModel(path.stem, path),
         n_threads=2,
         n_ctx=SLOT_CTX * n_parallel,
         n_parallel=n_parallel,
         max_queue=max_queue,
+        kv_cache_mb=kv_cache_mb,
     )
 
 
@@ -223,6 +224,68 @@ def test_stateless_client_reuses_the_longest_prefix(
     before = engine.stats["reused_tokens"]
     assert_same_greedy(model_name, engine, reference, ids, reply(engine, ids, 24), first)
     assert engine.stats["reused_tokens"] - before == len(ids) - 1  # the last token is re-decoded for logits
+
+
+def evicted_session_turn(engine: LlamaCppEngine) -> tuple[list[int], str, dict[str, int]]:
+    """Session A's first turn, session B's (which takes A's only slot), then A's second turn.
+
+    Returns A's second prompt, its greedy reply and the stats deltas of that second turn.
+    """
+    first = [Message("user", "Write a long story about a dragon.")]
+    ids1 = engine.encode_chat(first)
+    answer = reply(engine, ids1, 40, session_id="A")
+    reply(engine, engine.encode_chat([Message("user", "Describe the city of Rome in detail.")]), 40, session_id="B")
+    ids2 = engine.encode_chat([*first, Message("assistant", answer), Message("user", "Make it shorter.")])
+    assert ids2[: len(ids1)] == ids1
+    before = dict(engine.stats)
+    second = reply(engine, ids2, 40, session_id="A")
+    return ids2, second, {k: engine.stats[k] - before[k] for k in before}
+
+
+def test_evicted_session_is_restored_from_ram(
+    model_name: str, gguf: Path, fresh: LlamaCppEngine, reference: TransformersEngine
+) -> None:
+    single = load(gguf, n_parallel=1, kv_cache_mb=64)
+    try:
+        ids2, second, delta = evicted_session_turn(single)
+        assert single.stats["saved_states"] >= 2  # A when B took the slot, then B when A took it back
+        assert single.saved_state_bytes > 0  # B's state waits; A's left the cache when restored
+    finally:
+        single.close()
+    assert delta["restored_tokens"] > 0
+    assert delta["reused_tokens"] + delta["prefilled_tokens"] == len(ids2)
+    assert delta["prefilled_tokens"] < 30  # only the new user turn, not the whole history
+    # The restored KV gives the same greedy reply as a cold engine prefilling the whole prompt.
+    assert_same_greedy(model_name, fresh, reference, ids2, second, reply(fresh, ids2, 40))
+
+
+def test_evicted_session_is_prefilled_again_without_the_ram_cache(gguf: Path) -> None:
+    single = load(gguf, n_parallel=1, kv_cache_mb=0)
+    try:
+        ids2, _, delta = evicted_session_turn(single)
+        assert single.stats["saved_states"] == 0 and single.saved_state_bytes == 0
+    finally:
+        single.close()
+    assert delta["restored_tokens"] == 0
+    assert delta["prefilled_tokens"] > len(ids2) // 2
+
+
+def test_saved_states_stay_within_their_byte_bound(gguf: Path) -> None:
+    bound_mb = 4
+    single = load(gguf, n_parallel=1, kv_cache_mb=bound_mb)
+    topics = ["dragons", "rain", "volcanoes", "the moon", "bread", "chess"]
+    try:
+        for i, topic in enumerate(topics):
+            ids = single.encode_chat([Message("user", f"Write a long story about {topic}.")])
+            reply(single, ids, 80, session_id=f"s{i}")
+            assert 0 <= single.saved_state_bytes <= bound_mb * 1024 * 1024
+        saved = list(single._saved)
+    finally:
+        single.close()
+    # Each session but the last lost the slot and was saved; the oldest were dropped to fit.
+    assert single.stats["saved_states"] == len(topics) - 1
+    assert 0 < len(saved) < len(topics) - 1
+    assert saved == [f"s{i}" for i in range(len(topics) - 1 - len(saved), len(topics) - 1)]
 
 
 def test_cancel_frees_the_slot(gguf: Path) -> None:

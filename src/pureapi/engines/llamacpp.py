@@ -24,6 +24,17 @@ Scheduler invariants:
    long prompt is spread over several steps while the other slots keep generating.
 6. A cancelled job is dropped at the start of the next step; the KV it built stays in its slot
    as cache for a later prompt with the same prefix.
+7. A saved sequence state (below) holds exactly the KV of its `tokens`, copied while invariant 2
+   held; a session's state is in the RAM cache only while no slot has been admitted for it since,
+   and the cache's total bytes never exceed `kv_cache_mb`.
+
+Saved states: a slot that last served a session is taken over by another request when the slots
+run out, and its history would then be prefilled again on that session's next turn. So before a
+slot's KV is trimmed for a different session, `llama_state_seq_get_data` copies its sequence into
+an LRU cache in RAM keyed by session id (bounded by bytes; the oldest states go first). When the
+session comes back and its saved state shares more of the prompt than the slot chosen for it, the
+state is copied back into that slot (`llama_state_seq_set_data`, a memcpy instead of a prefill)
+and the usual trim-and-prefill goes on from there.
 
 Batching and prefix reuse change only how the same tokens are grouped into llama_decode calls.
 Whether that leaves greedy output bit-identical depends on llama.cpp's CPU kernels for the
@@ -37,11 +48,13 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import ctypes
 import itertools
 import logging
 import os
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +68,8 @@ log = logging.getLogger(__name__)
 
 CPU_CONTEXT_CAP = 8192  # per-slot default cap, as the transformers engine caps CPU contexts
 PENALTY_LAST_N = 64  # tokens the repeat/presence/frequency penalties look back over (llama.cpp's default)
+# A slot losing fewer tokens than this is not saved: re-prefilling so few is cheap, the RAM better spent.
+MIN_SAVED_TOKENS = 16
 
 
 def _cpu_count() -> int:
@@ -95,7 +110,16 @@ class LlamaCppEngine(Engine):
 
     name = "llamacpp"
 
-    def __init__(self, model: LlamaModel, ctx: Any, model_name: str, file_size: int, n_batch: int, max_queue: int):
+    def __init__(
+        self,
+        model: LlamaModel,
+        ctx: Any,
+        model_name: str,
+        file_size: int,
+        n_batch: int,
+        max_queue: int,
+        kv_cache_mb: int = 0,
+    ):
         llc = self._llc = model.llc
         self.model = model
         self._ctx = ctx
@@ -110,7 +134,19 @@ class LlamaCppEngine(Engine):
         self._slots = [_Slot(i) for i in range(int(llc.llama_n_seq_max(ctx)))]
         self._ticks = itertools.count(1)
         # Counters for tests and /status; written only by the scheduler thread.
-        self.stats: dict[str, int] = {"prefilled_tokens": 0, "reused_tokens": 0, "generated_tokens": 0, "steps": 0}
+        self.stats: dict[str, int] = {
+            "prefilled_tokens": 0,
+            "reused_tokens": 0,  # kept in a slot's KV, restored ones included
+            "restored_tokens": 0,  # reused from a saved sequence state
+            "saved_states": 0,
+            "generated_tokens": 0,
+            "steps": 0,
+        }
+        # Saved sequence states, oldest first: session id -> (tokens, the state's bytes). Scheduler
+        # thread only (invariant 7); a ctypes array, so that restoring needs no extra copy.
+        self._saved: OrderedDict[str, tuple[list[int], ctypes.Array[ctypes.c_uint8]]] = OrderedDict()
+        self._saved_bytes = 0
+        self._saved_limit = kv_cache_mb * 1024 * 1024
         # Bounded so that overload is answered with 503 at once instead of an ever-growing wait.
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         # Set once by close(): generate() refuses new work and the scheduler winds down.
@@ -131,8 +167,11 @@ class LlamaCppEngine(Engine):
         max_queue: int = 64,
         n_batch: int = 512,
         flash_attn: bool = True,
+        kv_cache_mb: int = 0,
     ) -> LlamaCppEngine:
         """Load a GGUF file; n_ctx is the total context, split evenly over the n_parallel slots.
+
+        kv_cache_mb bounds the RAM that evicted sessions' KV states may take (0: none are kept).
 
         Flash attention (llama.cpp's default on CPU) is about 25% faster on SmolLM2 and, measured
         there, makes a sequence's logits independent of what else shares its batch; without it the
@@ -157,7 +196,7 @@ class LlamaCppEngine(Engine):
         if not ctx:
             model.free()
             raise ModelLoadError(f"model file {path}: llama.cpp cannot create a {n_ctx}-token context")
-        engine = cls(model, ctx, resolved.name, path.stat().st_size, n_batch, max_queue)
+        engine = cls(model, ctx, resolved.name, path.stat().st_size, n_batch, max_queue, kv_cache_mb)
         log.info("loaded %s: %d slots of %d tokens", resolved.name, n_parallel, engine.context_length)
         return engine
 
@@ -167,6 +206,11 @@ class LlamaCppEngine(Engine):
     def memory_allocated(self) -> int:
         """The model file's size plus the KV cache."""
         return self._memory
+
+    @property
+    def saved_state_bytes(self) -> int:
+        """Bytes of sequence states now in the RAM cache (never above kv_cache_mb)."""
+        return self._saved_bytes
 
     def ready(self) -> bool:
         return self._thread.is_alive() and not self._closed.is_set()
@@ -208,6 +252,8 @@ class LlamaCppEngine(Engine):
             if slot.job is not None:
                 slot.job.fail(Cancelled("server shutting down"))
             self._release(slot)
+        self._saved.clear()
+        self._saved_bytes = 0
         self._llc.llama_batch_free(self._batch)
         self._llc.llama_free(self._ctx)
         self.model.free()
@@ -281,40 +327,104 @@ class LlamaCppEngine(Engine):
     def _pick(self, free: list[_Slot], request: GenerationRequest) -> _Slot:
         """Choose a free slot for a prompt, keeping as much useful KV cache as possible.
 
-        The slot that last served this session wins. Else the slot with the longest common
-        prefix, if reusing it saves more prefill than it throws away (so a new conversation that
-        shares only the system prompt does not evict another one's history). Else an empty slot,
-        else the least recently used one.
+        The slot that last served this session wins. Else, when the session's saved state shares
+        more of the prompt than any free slot, the slot whose cache is cheapest to lose (it is
+        overwritten by the restore). Else the slot with the longest common prefix, if reusing it
+        saves more prefill than it throws away (so a new conversation that shares only the system
+        prompt does not evict another one's history). Else an empty slot, else the least recently
+        used one.
         """
+        prompt = request.prompt_ids
+        cheapest = min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
         if request.session_id is not None:
             for slot in free:
                 if slot.session_id == request.session_id:
                     return slot
+            saved = self._saved.get(request.session_id)
+            if saved is not None:
+                restorable = _common_prefix(saved[0], prompt)
+                if all(_common_prefix(s.cached, prompt) < restorable for s in free):
+                    return cheapest
 
         def gain(slot: _Slot) -> int:
-            common = _common_prefix(slot.cached, request.prompt_ids)
+            common = _common_prefix(slot.cached, prompt)
             return common - (len(slot.cached) - common)
 
         best = max(free, key=lambda s: (gain(s), -s.last_used))
         if gain(best) > 0:
             return best
-        return min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
+        return cheapest
 
     def _start(self, slot: _Slot, job: _Job) -> None:
-        llc, prompt = self._llc, job.request.prompt_ids
+        llc, prompt, session = self._llc, job.request.prompt_ids, job.request.session_id
         # Keep the KV of the common prefix, but always re-decode the last prompt token for its logits.
         keep = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
+        if slot.session_id is not None and slot.session_id != session:
+            # The slot's session loses it: keep its history for its next turn (before the trim below).
+            self._save(slot, len(slot.cached) - keep)
+        restored = self._restore(slot, session, prompt, keep)
+        if restored:
+            keep = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
         if keep < len(slot.cached) and not llc.llama_memory_seq_rm(self._mem, slot.id, keep, -1):
             self._wipe(slot)  # a partial removal can fail (recurrent models); a whole one cannot
             keep = 0
         del slot.cached[keep:]
         self.stats["reused_tokens"] += keep
+        if restored:
+            self.stats["restored_tokens"] += keep
         slot.job, slot.session_id = job, job.request.session_id
         slot.admitted = slot.last_used = next(self._ticks)
         slot.pending = list(prompt[keep:])
         slot.next_token, slot.generated = None, 0
         slot.sampler = self._make_sampler(job.request.params)
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def _save(self, slot: _Slot, lost: int) -> None:
+        """Copy the slot's sequence state into the RAM cache under its session, evicting the oldest."""
+        session = slot.session_id
+        if self._saved_limit <= 0 or session is None or lost < MIN_SAVED_TOKENS:
+            return
+        llc = self._llc
+        size = int(llc.llama_state_seq_get_size(self._ctx, slot.id))
+        if size <= 0 or size > self._saved_limit:  # one state larger than the whole cache is not kept
+            return
+        buf = (ctypes.c_uint8 * size)()
+        if llc.llama_state_seq_get_data(self._ctx, buf, size, slot.id) != size:
+            log.warning("llama.cpp could not copy sequence %d's state; not saved", slot.id)
+            return
+        self._drop_saved(session)
+        while self._saved and self._saved_bytes + size > self._saved_limit:
+            self._drop_saved(next(iter(self._saved)))
+        # A copy of cached: the slot's list changes with the next trim and decode.
+        self._saved[session] = (list(slot.cached), buf)
+        self._saved_bytes += size
+        self.stats["saved_states"] += 1
+
+    def _drop_saved(self, session: str) -> tuple[list[int], ctypes.Array[ctypes.c_uint8]] | None:
+        entry = self._saved.pop(session, None)
+        if entry is not None:
+            self._saved_bytes -= len(entry[1])
+        return entry
+
+    def _restore(self, slot: _Slot, session: str | None, prompt: Sequence[int], keep: int) -> bool:
+        """Put the session's saved state into the slot if it covers more of the prompt than `keep`.
+
+        The saved entry is dropped either way: the slot now serves the session, and its KV (restored
+        or newer) supersedes the saved copy.
+        """
+        entry = self._drop_saved(session) if session is not None else None
+        if entry is None:
+            return False
+        tokens, buf = entry
+        if min(_common_prefix(tokens, prompt), len(prompt) - 1) <= keep:
+            return False
+        self._wipe(slot)  # the state is restored into an empty sequence
+        if self._llc.llama_state_seq_set_data(self._ctx, buf, len(buf), slot.id) == 0:
+            log.warning("llama.cpp could not restore a saved state into sequence %d; prefilling", slot.id)
+            self._wipe(slot)  # a failed restore may leave part of the state behind
+            return False
+        slot.cached = tokens  # invariant 2: exactly the tokens whose KV was saved
+        return True
 
     def _make_sampler(self, p: SamplingParams) -> Any:
         llc = self._llc
