@@ -25,17 +25,9 @@ def test_chat_returns_the_documented_shape(fake: FakeApp) -> None:
 
 
 def test_defaults_are_max_tokens_512_and_temperature_07(fake: FakeApp) -> None:
-    seen = []
-    original = fake.engine.generate
-
-    def spy(request):  # type: ignore[no-untyped-def]
-        seen.append(request.params)
-        return original(request)
-
-    fake.engine.generate = spy  # type: ignore[method-assign]
     chat(fake, message="hi")
-    assert seen[0].max_tokens == 512
-    assert seen[0].temperature == pytest.approx(0.7)
+    assert fake.engine.params[0].max_tokens == 512
+    assert fake.engine.params[0].temperature == pytest.approx(0.7)
 
 
 def test_history_is_sent_to_the_model_and_status_counts_it(fake: FakeApp) -> None:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 
 from ..errors import EngineError
-from .base import Message, QueuedEngine, _Job
+from .base import Message, QueuedEngine, SamplingParams, _Job
 
 _WORD = re.compile(r"\S+\s*|\s+")
 
@@ -32,6 +32,7 @@ class FakeEngine(QueuedEngine):
         self._script_lock = threading.Lock()
         self._script: collections.deque[str | BaseException] = collections.deque()
         self.prompts: list[list[Message]] = []
+        self.params: list[SamplingParams] = []  # each generation's sampling parameters, in order
         self._vocab: dict[str, int] = {}
         self._words: dict[int, str] = {}
         self.start()
@@ -60,6 +61,7 @@ class FakeEngine(QueuedEngine):
         return 0
 
     def _run(self, job: _Job) -> None:
+        self.params.append(job.request.params)
         with self._script_lock:
             item = self._script.popleft() if self._script else None
         if item is None:
