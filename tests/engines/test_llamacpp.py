@@ -226,6 +226,17 @@ def test_stateless_client_reuses_the_longest_prefix(
     assert engine.stats["reused_tokens"] - before == len(ids) - 1  # the last token is re-decoded for logits
 
 
+def test_repeated_prompt_reuses_the_slot_despite_a_long_reply(engine: LlamaCppEngine) -> None:
+    """A regenerate: the slot's earlier reply is longer than the prompt, yet it is the one to reuse."""
+    ids = engine.encode_chat([Message("user", "Write a long story about a dragon who learns to sing.")])
+    _, last = collect(engine.generate(GenerationRequest(ids, greedy_params(len(ids) + 16))))
+    assert last.completion_tokens > len(ids)  # more cached after the prompt than in it
+    before = dict(engine.stats)
+    reply(engine, ids, 4)
+    assert engine.stats["reused_tokens"] - before["reused_tokens"] == len(ids) - 1
+    assert engine.stats["prefilled_tokens"] - before["prefilled_tokens"] == 1
+
+
 def evicted_session_turn(engine: LlamaCppEngine) -> tuple[list[int], str, dict[str, int]]:
     """Session A's first turn, session B's (which takes A's only slot), then A's second turn.
 

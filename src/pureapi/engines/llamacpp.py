@@ -331,8 +331,8 @@ class LlamaCppEngine(Engine):
         more of the prompt than any free slot, the slot whose cache is cheapest to lose (it is
         overwritten by the restore). Else the slot with the longest common prefix, if reusing it
         saves more prefill than it throws away (so a new conversation that shares only the system
-        prompt does not evict another one's history). Else an empty slot, else the least recently
-        used one.
+        prompt does not evict another one's history); a slot that holds the whole prompt throws
+        away only an earlier reply to it. Else an empty slot, else the least recently used one.
         """
         prompt = request.prompt_ids
         cheapest = min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
@@ -348,6 +348,10 @@ class LlamaCppEngine(Engine):
 
         def gain(slot: _Slot) -> int:
             common = _common_prefix(slot.cached, prompt)
+            if common >= len(prompt) - 1:
+                # The whole prompt is cached: what follows it is an earlier reply to this very
+                # prompt (a regenerate or a repeat), which the new reply replaces, not a history.
+                return common
             return common - (len(slot.cached) - common)
 
         best = max(free, key=lambda s: (gain(s), -s.last_used))
