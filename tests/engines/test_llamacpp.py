@@ -237,6 +237,33 @@ def test_repeated_prompt_reuses_the_slot_despite_a_long_reply(engine: LlamaCppEn
     assert engine.stats["prefilled_tokens"] - before["prefilled_tokens"] == 1
 
 
+def test_shared_system_prompt_is_copied_from_another_slot(
+    model_name: str, gguf: Path, fresh: LlamaCppEngine, reference: TransformersEngine
+) -> None:
+    system = Message("system", "You are a careful assistant. Answer briefly, in plain words, and never use lists.")
+    pair = load(gguf, n_parallel=2)
+    try:
+        ids_a = pair.encode_chat([system, Message("user", "What is a comet?")])
+        reply(pair, ids_a, 16, session_id="A")
+        ids_b = pair.encode_chat([system, Message("user", "Why do cats purr?")])
+        shared = next(i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=False)) if x != y)
+        before = dict(pair.stats)
+        got = reply(pair, ids_b, 24, session_id="B")
+        delta = {k: pair.stats[k] - before[k] for k in before}
+        # A's slot still holds A's whole prompt: B copied the shared part instead of taking it.
+        again = dict(pair.stats)
+        reply(pair, ids_a, 4, session_id="A")
+        a_reused = pair.stats["reused_tokens"] - again["reused_tokens"]
+    finally:
+        pair.close()
+    assert shared >= 20
+    assert delta["copied_tokens"] == delta["reused_tokens"] == shared
+    assert delta["prefilled_tokens"] == len(ids_b) - shared
+    assert a_reused == len(ids_a) - 1
+    # The copied KV gives the same greedy reply as a cold engine prefilling the whole prompt.
+    assert_same_greedy(model_name, fresh, reference, ids_b, got, reply(fresh, ids_b, 24))
+
+
 def evicted_session_turn(engine: LlamaCppEngine) -> tuple[list[int], str, dict[str, int]]:
     """Session A's first turn, session B's (which takes A's only slot), then A's second turn.
 

@@ -36,6 +36,12 @@ session comes back and its saved state shares more of the prompt than the slot c
 state is copied back into that slot (`llama_state_seq_set_data`, a memcpy instead of a prefill)
 and the usual trim-and-prefill goes on from there.
 
+Shared prefixes: a new conversation usually shares its system prompt (and template header) with
+another slot's. Rather than take that slot over (throwing its history away) or prefill the prefix
+again, `_copy_prefix` copies the other slot's sequence state into the chosen slot and trims it to
+the shared prefix; the source slot is untouched, even if it is mid-generation (between steps its
+`cached` matches its KV, invariant 2).
+
 Batching and prefix reuse change only how the same tokens are grouped into llama_decode calls.
 Whether that leaves greedy output bit-identical depends on llama.cpp's CPU kernels for the
 model's tensor types: measured with flash attention, SmolLM2 (Q4_1) gives identical logits for
@@ -70,6 +76,8 @@ CPU_CONTEXT_CAP = 8192  # per-slot default cap, as the transformers engine caps 
 PENALTY_LAST_N = 64  # tokens the repeat/presence/frequency penalties look back over (llama.cpp's default)
 # A slot losing fewer tokens than this is not saved: re-prefilling so few is cheap, the RAM better spent.
 MIN_SAVED_TOKENS = 16
+# A prefix another slot holds is copied (a memcpy of its KV) when it spares at least this much prefill.
+MIN_COPIED_TOKENS = 16
 
 
 def _cpu_count() -> int:
@@ -138,6 +146,7 @@ class LlamaCppEngine(Engine):
             "prefilled_tokens": 0,
             "reused_tokens": 0,  # kept in a slot's KV, restored ones included
             "restored_tokens": 0,  # reused from a saved sequence state
+            "copied_tokens": 0,  # reused from another slot's KV (a shared prefix)
             "saved_states": 0,
             "generated_tokens": 0,
             "steps": 0,
@@ -330,9 +339,11 @@ class LlamaCppEngine(Engine):
         The slot that last served this session wins. Else, when the session's saved state shares
         more of the prompt than any free slot, the slot whose cache is cheapest to lose (it is
         overwritten by the restore). Else the slot with the longest common prefix, if reusing it
-        saves more prefill than it throws away (so a new conversation that shares only the system
-        prompt does not evict another one's history); a slot that holds the whole prompt throws
-        away only an earlier reply to it. Else an empty slot, else the least recently used one.
+        throws nothing away (it holds the whole prompt, so what follows is only an earlier reply
+        to it, or its cache ends inside the prompt). Else, when some slot shares a prefix worth
+        copying, the cheapest slot (`_start` copies the prefix into it, and the other slot keeps
+        its history). Else the slot that saves more prefill than it throws away, else an empty
+        slot, else the least recently used one.
         """
         prompt = request.prompt_ids
         cheapest = min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
@@ -346,18 +357,23 @@ class LlamaCppEngine(Engine):
                 if all(_common_prefix(s.cached, prompt) < restorable for s in free):
                     return cheapest
 
-        def gain(slot: _Slot) -> int:
-            common = _common_prefix(slot.cached, prompt)
-            if common >= len(prompt) - 1:
+        commons = {s.id: _common_prefix(s.cached, prompt) for s in free}
+
+        def lost(slot: _Slot) -> int:
+            if commons[slot.id] >= len(prompt) - 1:
                 # The whole prompt is cached: what follows it is an earlier reply to this very
                 # prompt (a regenerate or a repeat), which the new reply replaces, not a history.
-                return common
-            return common - (len(slot.cached) - common)
+                return 0
+            return len(slot.cached) - commons[slot.id]
 
-        best = max(free, key=lambda s: (gain(s), -s.last_used))
-        if gain(best) > 0:
-            return best
-        return cheapest
+        keeping = [s for s in free if commons[s.id] > 0 and lost(s) == 0]
+        if keeping:
+            return max(keeping, key=lambda s: (commons[s.id], -s.last_used))
+        shared = max(_common_prefix(s.cached, prompt) for s in self._slots)  # busy slots too
+        if shared - commons[cheapest.id] >= MIN_COPIED_TOKENS:
+            return cheapest  # _start copies the shared prefix into it; the other slot keeps its history
+        best = max(free, key=lambda s: (commons[s.id] - lost(s), -s.last_used))
+        return best if commons[best.id] > lost(best) else cheapest
 
     def _start(self, slot: _Slot, job: _Job) -> None:
         llc, prompt, session = self._llc, job.request.prompt_ids, job.request.session_id
@@ -367,7 +383,8 @@ class LlamaCppEngine(Engine):
             # The slot's session loses it: keep its history for its next turn (before the trim below).
             self._save(slot, len(slot.cached) - keep)
         restored = self._restore(slot, session, prompt, keep)
-        if restored:
+        copied = not restored and self._copy_prefix(slot, prompt, keep)
+        if restored or copied:
             keep = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
         if keep < len(slot.cached) and not llc.llama_memory_seq_rm(self._mem, slot.id, keep, -1):
             self._wipe(slot)  # a partial removal can fail (recurrent models); a whole one cannot
@@ -376,6 +393,8 @@ class LlamaCppEngine(Engine):
         self.stats["reused_tokens"] += keep
         if restored:
             self.stats["restored_tokens"] += keep
+        elif copied:
+            self.stats["copied_tokens"] += keep
         slot.job, slot.session_id = job, job.request.session_id
         slot.admitted = slot.last_used = next(self._ticks)
         slot.pending = list(prompt[keep:])
@@ -428,6 +447,36 @@ class LlamaCppEngine(Engine):
             self._wipe(slot)  # a failed restore may leave part of the state behind
             return False
         slot.cached = tokens  # invariant 2: exactly the tokens whose KV was saved
+        return True
+
+    def _copy_prefix(self, slot: _Slot, prompt: Sequence[int], keep: int) -> bool:
+        """Copy another slot's KV into this one when it shares at least MIN_COPIED_TOKENS more of the prompt.
+
+        The other slot keeps its cache (a conversation sharing only a system prompt evicts nobody),
+        and this one starts from the shared prefix instead of prefilling it. The copy goes through
+        the sequence-state API, which moves only the source's used cells (llama_memory_seq_cp
+        across KV streams would copy the whole stream). The source may be mid-generation: between
+        steps its `cached` matches its KV exactly (invariant 2).
+        """
+        best, common = None, keep
+        for other in self._slots:
+            if other is not slot:
+                c = min(_common_prefix(other.cached, prompt), len(prompt) - 1)
+                if c > common:
+                    best, common = other, c
+        if best is None or common - keep < MIN_COPIED_TOKENS:
+            return False
+        llc = self._llc
+        size = int(llc.llama_state_seq_get_size(self._ctx, best.id))
+        buf = (ctypes.c_uint8 * size)()
+        if size <= 0 or llc.llama_state_seq_get_data(self._ctx, buf, size, best.id) != size:
+            return False
+        self._wipe(slot)
+        if llc.llama_state_seq_set_data(self._ctx, buf, size, slot.id) == 0:
+            log.warning("llama.cpp could not copy sequence %d into %d; prefilling", best.id, slot.id)
+            self._wipe(slot)
+            return False
+        slot.cached = list(best.cached)  # invariant 2; _start trims it to the common prefix
         return True
 
     def _make_sampler(self, p: SamplingParams) -> Any:
