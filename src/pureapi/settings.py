@@ -40,7 +40,7 @@ class Settings(BaseModel):
         32,
         ge=1,
         le=1024,
-        description="WSGI worker threads (one process; the model lives once); raised to max_queue + 8 if lower.",
+        description="WSGI worker threads (one process; the model lives once); raised to max_queue + 16 if lower.",
     )
     max_rounds: int = Field(20, ge=1, le=10_000, description="Rounds (user message + reply) kept per session.")
     ctx_size: int | None = Field(
@@ -64,6 +64,14 @@ class Settings(BaseModel):
         description="llama.cpp engine: MiB of RAM for the KV state of sessions whose slot was taken by another "
         "conversation, so their next turn is restored instead of prefilled again (oldest dropped first); 0 disables.",
     )
+    kv_disk_mb: int = Field(
+        1024,
+        ge=0,
+        le=100_000_000,
+        description="llama.cpp engine: MiB of disk beside the sessions database (<db>.kv/) for sessions' KV "
+        "states: those the RAM cache drops, and all of them at shutdown, so a session's next turn after an "
+        "eviction or a restart is restored instead of prefilled again (oldest dropped first); 0 disables.",
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
     cache_dir: Path | None = Field(
         None, description="Where converted GGUF weights are cached. Default: the user cache directory."
@@ -86,6 +94,11 @@ class Settings(BaseModel):
     def db_path(self) -> Path:
         """The sessions database path, defaulted."""
         return self.db if self.db is not None else default_data_dir() / "sessions.db"
+
+    def kv_state_dir(self) -> Path | None:
+        """Folder for sessions' saved KV states: beside the sessions database (none for an in-memory one)."""
+        db = self.db_path()
+        return None if str(db) == ":memory:" else db.with_suffix(".kv")
 
     def weights_cache_dir(self) -> Path:
         """Folder for converted weights, defaulted."""

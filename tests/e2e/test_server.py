@@ -171,6 +171,8 @@ def test_history_survives_a_restart(tmp_path: Path) -> None:
     r = requests.post(first.url + "/chat", json={"message": "My name is Ada.", "temperature": 0, "max_tokens": 16})
     assert r.status_code == 200
     assert first.stop("term") == 0
+    states = tmp_path / "sessions.kv"  # beside the database
+    assert len(list(states.rglob("*.kv"))) == 1  # the session's KV state, written at shutdown
     second = start_server([], db, tmp_path / "second.log")
     try:
         assert requests.get(second.url + "/status").json()["conversation_length"] == 2
@@ -179,8 +181,11 @@ def test_history_survives_a_restart(tmp_path: Path) -> None:
         )
         assert r.status_code == 200
         assert requests.get(second.url + "/status").json()["conversation_length"] == 4
+        assert list(states.rglob("*.kv")) == []  # restored into a slot, so the file was consumed
+        assert requests.post(second.url + "/reset").status_code == 200
     finally:
         assert second.stop() == 0
+    assert list(states.rglob("*.kv")) == []  # reset: nothing of the conversation is written at shutdown
 
 
 def test_start_api_sh_serves_and_passes_flags(tmp_path: Path) -> None:

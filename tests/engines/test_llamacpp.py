@@ -46,7 +46,14 @@ def gguf(request: pytest.FixtureRequest, model_name: str) -> Path:
     return path
 
 
-def load(path: Path, n_parallel: int = SLOTS, max_queue: int = 16, kv_cache_mb: int = 0) -> LlamaCppEngine:
+def load(
+    path: Path,
+    n_parallel: int = SLOTS,
+    max_queue: int = 16,
+    kv_cache_mb: int = 0,
+    state_dir: Path | None = None,
+    kv_disk_mb: int = 0,
+) -> LlamaCppEngine:
     return LlamaCppEngine.load(
         ResolvedModel(path.stem, path),
         n_threads=2,
@@ -54,6 +61,8 @@ def load(path: Path, n_parallel: int = SLOTS, max_queue: int = 16, kv_cache_mb: 
         n_parallel=n_parallel,
         max_queue=max_queue,
         kv_cache_mb=kv_cache_mb,
+        state_dir=state_dir,
+        kv_disk_mb=kv_disk_mb,
     )
 
 
@@ -306,6 +315,57 @@ def test_evicted_session_is_prefilled_again_without_the_ram_cache(gguf: Path) ->
         single.close()
     assert delta["restored_tokens"] == 0
     assert delta["prefilled_tokens"] > len(ids2) // 2
+
+
+def test_evicted_session_is_restored_from_disk_without_the_ram_cache(gguf: Path, tmp_path: Path) -> None:
+    single = load(gguf, n_parallel=1, kv_cache_mb=0, state_dir=tmp_path, kv_disk_mb=64)
+    try:
+        _, _, delta = evicted_session_turn(single)
+        assert single.saved_state_bytes == 0  # nothing in RAM: the states went straight to disk
+        assert len(list(tmp_path.rglob("*.kv"))) == 1  # B's, waiting; A's was consumed by its restore
+    finally:
+        single.close()
+    assert delta["restored_tokens"] > 0
+    assert delta["prefilled_tokens"] < 30
+
+
+def test_session_state_survives_a_restart(
+    model_name: str, gguf: Path, tmp_path: Path, fresh: LlamaCppEngine, reference: TransformersEngine
+) -> None:
+    first = [Message("user", "Write a long story about a dragon.")]
+    before_restart = load(gguf, n_parallel=1, state_dir=tmp_path, kv_disk_mb=64)
+    try:
+        ids1 = before_restart.encode_chat(first)
+        answer = reply(before_restart, ids1, 40, session_id="A")
+    finally:
+        before_restart.close()  # writes A's state beside the store
+    files = list(tmp_path.rglob("*.kv"))
+    assert len(files) == 1 and b"A" not in files[0].name.encode()  # named by a hash of the session id
+    restarted = load(gguf, n_parallel=1, state_dir=tmp_path, kv_disk_mb=64)
+    try:
+        ids2 = restarted.encode_chat([*first, Message("assistant", answer), Message("user", "Make it shorter.")])
+        second = reply(restarted, ids2, 40, session_id="A")
+        stats = dict(restarted.stats)
+    finally:
+        restarted.close()
+    assert stats["restored_tokens"] >= len(ids1)
+    assert stats["prefilled_tokens"] < 30
+    assert_same_greedy(model_name, fresh, reference, ids2, second, reply(fresh, ids2, 40))
+
+
+def test_forgotten_session_leaves_no_state_behind(gguf: Path, tmp_path: Path) -> None:
+    engine = load(gguf, n_parallel=1, kv_cache_mb=64, state_dir=tmp_path, kv_disk_mb=64)
+    try:
+        first = engine.encode_chat([Message("user", "Write a long story about a dragon.")])
+        reply(engine, first, 40, session_id="A")
+        reply(engine, engine.encode_chat([Message("user", "Describe Rome in detail.")]), 40, session_id="B")
+        assert engine.saved_state_bytes > 0  # A's state, saved when B took the slot
+        engine.forget("A")
+        engine.forget("B")  # B still holds the slot: it must not be written at shutdown
+        assert engine.saved_state_bytes == 0
+    finally:
+        engine.close()
+    assert list(tmp_path.rglob("*.kv")) == []
 
 
 def test_saved_states_stay_within_their_byte_bound(gguf: Path) -> None:

@@ -159,6 +159,9 @@ class SessionService:
     def reset(self, session_id: str = DEFAULT_SESSION) -> None:
         """Forget a session; a reply still being generated for it will not land afterwards."""
         self.store.reset(session_id)
+        engine = self._engine()
+        if engine is not None:
+            engine.forget(session_id)  # its saved KV state holds the conversation's tokens too
 
     def chat(self, session_id: str, message: str, params: SamplingParams) -> Iterator[Chunk]:
         """Run one turn; the round is stored only if the reply completes. Early errors raise here."""

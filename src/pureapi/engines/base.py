@@ -101,6 +101,9 @@ class Engine(ABC):
             "context_length": self.context_length,
         }
 
+    def forget(self, session_id: str) -> None:
+        """Drop whatever the engine keeps for a session (a reset); engines that keep nothing do nothing."""
+
     def close(self) -> None:
         """Stop workers and free the model."""
 

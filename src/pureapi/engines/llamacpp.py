@@ -25,8 +25,10 @@ Scheduler invariants:
 6. A cancelled job is dropped at the start of the next step; the KV it built stays in its slot
    as cache for a later prompt with the same prefix.
 7. A saved sequence state (below) holds exactly the KV of its `tokens`, copied while invariant 2
-   held; a session's state is in the RAM cache only while no slot has been admitted for it since,
-   and the cache's total bytes never exceed `kv_cache_mb`.
+   held; a session's state is in the RAM cache or on disk only while no slot has been admitted
+   for it since, and the RAM cache's total bytes never exceed `kv_cache_mb` (nor the folder's
+   `kv_disk_mb`). The cache and the folder are guarded by `_saved_lock`, because a reset on a
+   request thread drops a session's states at once (`forget`).
 
 Saved states: a slot that last served a session is taken over by another request when the slots
 run out, and its history would then be prefilled again on that session's next turn. So before a
@@ -34,7 +36,11 @@ slot's KV is trimmed for a different session, `llama_state_seq_get_data` copies 
 an LRU cache in RAM keyed by session id (bounded by bytes; the oldest states go first). When the
 session comes back and its saved state shares more of the prompt than the slot chosen for it, the
 state is copied back into that slot (`llama_state_seq_set_data`, a memcpy instead of a prefill)
-and the usual trim-and-prefill goes on from there.
+and the usual trim-and-prefill goes on from there. States the RAM cache drops (the oldest, or
+one larger than it) go to a bounded folder beside the sessions database (`_state_files`), and at
+shutdown every session's state is written there, so a session's next turn after a restart is
+restored too. A state is used only through its common token prefix with the new prompt, so a
+stale one can never change an answer.
 
 Shared prefixes: a new conversation usually shares its system prompt (and template header) with
 another slot's. Rather than take that slot over (throwing its history away) or prefill the prefix
@@ -63,11 +69,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import BadRequest, Cancelled, ContextOverflow, EngineError, ModelLoadError, NotReady, Overloaded
 from ..models.resolve import ResolvedModel, check_gguf
 from ._llama_model import LlamaModel
+from ._state_files import StateFiles, fingerprint
 from .base import Chunk, Engine, GenerationRequest, Message, QueuedEngine, SamplingParams, _Job
 
 log = logging.getLogger(__name__)
@@ -127,6 +135,7 @@ class LlamaCppEngine(Engine):
         n_batch: int,
         max_queue: int,
         kv_cache_mb: int = 0,
+        disk: StateFiles | None = None,
     ):
         llc = self._llc = model.llc
         self.model = model
@@ -140,6 +149,7 @@ class LlamaCppEngine(Engine):
         self._n_batch = n_batch
         self._batch = llc.llama_batch_init(n_batch, 0, 1)
         self._slots = [_Slot(i) for i in range(int(llc.llama_n_seq_max(ctx)))]
+        self.slots = len(self._slots)  # generations that run at once, for the server's admission cap
         self._ticks = itertools.count(1)
         # Counters for tests and /status; written only by the scheduler thread.
         self.stats: dict[str, int] = {
@@ -156,6 +166,10 @@ class LlamaCppEngine(Engine):
         self._saved: OrderedDict[str, tuple[list[int], ctypes.Array[ctypes.c_uint8]]] = OrderedDict()
         self._saved_bytes = 0
         self._saved_limit = kv_cache_mb * 1024 * 1024
+        self._disk = disk  # states that leave RAM, and every session's state at shutdown
+        self._forgotten: set[str] = set()  # sessions reset since the scheduler's last step
+        # Guards _saved, _saved_bytes, _forgotten and the disk folder: forget() runs on request threads.
+        self._saved_lock = threading.Lock()
         # Bounded so that overload is answered with 503 at once instead of an ever-growing wait.
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         # Set once by close(): generate() refuses new work and the scheduler winds down.
@@ -177,10 +191,14 @@ class LlamaCppEngine(Engine):
         n_batch: int = 512,
         flash_attn: bool = True,
         kv_cache_mb: int = 0,
+        state_dir: Path | None = None,
+        kv_disk_mb: int = 0,
     ) -> LlamaCppEngine:
         """Load a GGUF file; n_ctx is the total context, split evenly over the n_parallel slots.
 
-        kv_cache_mb bounds the RAM that evicted sessions' KV states may take (0: none are kept).
+        kv_cache_mb bounds the RAM that evicted sessions' KV states may take (0: none are kept);
+        kv_disk_mb the disk they spill to under state_dir, where every session's state is also
+        written at close, so that it survives a restart (0 or no state_dir: not on disk).
 
         Flash attention (llama.cpp's default on CPU) is about 25% faster on SmolLM2 and, measured
         there, makes a sequence's logits independent of what else shares its batch; without it the
@@ -205,7 +223,15 @@ class LlamaCppEngine(Engine):
         if not ctx:
             model.free()
             raise ModelLoadError(f"model file {path}: llama.cpp cannot create a {n_ctx}-token context")
-        engine = cls(model, ctx, resolved.name, path.stat().st_size, n_batch, max_queue, kv_cache_mb)
+        disk = None
+        if state_dir is not None and kv_disk_mb > 0:
+            # KV bytes fit only this model file, llama.cpp build and attention kernel.
+            key = fingerprint(path, llc.__version__, flash_attn)
+            try:
+                disk = StateFiles(state_dir / key, kv_disk_mb * 1024 * 1024)
+            except OSError as exc:
+                log.warning("KV states stay in RAM only: cannot use %s (%s)", state_dir, exc)
+        engine = cls(model, ctx, resolved.name, path.stat().st_size, n_batch, max_queue, kv_cache_mb, disk)
         log.info("loaded %s: %d slots of %d tokens", resolved.name, n_parallel, engine.context_length)
         return engine
 
@@ -261,8 +287,13 @@ class LlamaCppEngine(Engine):
             if slot.job is not None:
                 slot.job.fail(Cancelled("server shutting down"))
             self._release(slot)
-        self._saved.clear()
-        self._saved_bytes = 0
+        try:
+            self._persist()
+        except Exception:  # a full disk must not stop the shutdown
+            log.exception("could not write the sessions' KV states")
+        with self._saved_lock:
+            self._saved.clear()
+            self._saved_bytes = 0
         self._llc.llama_batch_free(self._batch)
         self._llc.llama_free(self._ctx)
         self.model.free()
@@ -324,6 +355,7 @@ class LlamaCppEngine(Engine):
             if job.request.cancel.is_set():
                 job.fail(Cancelled("cancelled before it started"))
                 continue
+            self._apply_forgets()  # before a slot is picked by its session
             slot = self._pick(free, job.request)
             try:
                 self._start(slot, job)
@@ -351,9 +383,9 @@ class LlamaCppEngine(Engine):
             for slot in free:
                 if slot.session_id == request.session_id:
                     return slot
-            saved = self._saved.get(request.session_id)
+            saved = self._saved_tokens(request.session_id)
             if saved is not None:
-                restorable = _common_prefix(saved[0], prompt)
+                restorable = _common_prefix(saved, prompt)
                 if all(_common_prefix(s.cached, prompt) < restorable for s in free):
                     return cheapest
 
@@ -402,32 +434,103 @@ class LlamaCppEngine(Engine):
         slot.sampler = self._make_sampler(job.request.params)
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def _save(self, slot: _Slot, lost: int) -> None:
-        """Copy the slot's sequence state into the RAM cache under its session, evicting the oldest."""
-        session = slot.session_id
-        if self._saved_limit <= 0 or session is None or lost < MIN_SAVED_TOKENS:
-            return
+    def _seq_state(self, seq: int) -> ctypes.Array[ctypes.c_uint8] | None:
+        """A copy of one sequence's KV state (its used cells only), or None if llama.cpp cannot give it."""
         llc = self._llc
-        size = int(llc.llama_state_seq_get_size(self._ctx, slot.id))
-        if size <= 0 or size > self._saved_limit:  # one state larger than the whole cache is not kept
-            return
+        size = int(llc.llama_state_seq_get_size(self._ctx, seq))
+        if size <= 0:
+            return None
         buf = (ctypes.c_uint8 * size)()
-        if llc.llama_state_seq_get_data(self._ctx, buf, size, slot.id) != size:
-            log.warning("llama.cpp could not copy sequence %d's state; not saved", slot.id)
+        if llc.llama_state_seq_get_data(self._ctx, buf, size, seq) != size:
+            log.warning("llama.cpp could not copy sequence %d's state", seq)
+            return None
+        return buf
+
+    def _save(self, slot: _Slot, lost: int) -> None:
+        """Keep the slot's sequence state under its session: in RAM, spilling the oldest to disk."""
+        session = slot.session_id
+        if session is None or lost < MIN_SAVED_TOKENS or (self._saved_limit <= 0 and self._disk is None):
             return
-        self._drop_saved(session)
-        while self._saved and self._saved_bytes + size > self._saved_limit:
-            self._drop_saved(next(iter(self._saved)))
+        buf = self._seq_state(slot.id)
+        if buf is None:
+            return
         # A copy of cached: the slot's list changes with the next trim and decode.
-        self._saved[session] = (list(slot.cached), buf)
-        self._saved_bytes += size
+        self._keep(session, list(slot.cached), buf)
         self.stats["saved_states"] += 1
 
+    def _keep(self, session: str, tokens: list[int], buf: ctypes.Array[ctypes.c_uint8]) -> None:
+        spill: list[tuple[str, list[int], ctypes.Array[ctypes.c_uint8]]] = []
+        with self._saved_lock:
+            self._drop_saved(session)
+            if len(buf) <= self._saved_limit:
+                while self._saved and self._saved_bytes + len(buf) > self._saved_limit:
+                    oldest = next(iter(self._saved))
+                    spill.append((oldest, *self._saved.pop(oldest)))
+                    self._saved_bytes -= len(spill[-1][2])
+                self._saved[session] = (tokens, buf)
+                self._saved_bytes += len(buf)
+            else:  # larger than the whole RAM cache
+                spill.append((session, tokens, buf))
+            if self._disk is not None:
+                for entry in spill:
+                    self._disk.put(*entry)
+
     def _drop_saved(self, session: str) -> tuple[list[int], ctypes.Array[ctypes.c_uint8]] | None:
+        """Take the session's state out of the RAM cache (the caller holds _saved_lock)."""
         entry = self._saved.pop(session, None)
         if entry is not None:
             self._saved_bytes -= len(entry[1])
         return entry
+
+    def _saved_tokens(self, session: str) -> list[int] | None:
+        """The tokens of the session's saved state, in RAM or on disk."""
+        with self._saved_lock:
+            entry = self._saved.get(session)
+            if entry is not None:
+                return entry[0]
+            return self._disk.tokens(session) if self._disk is not None else None
+
+    def _take_saved(self, session: str) -> tuple[list[int], ctypes.Array[ctypes.c_uint8]] | None:
+        """Remove the session's saved state (RAM first, else disk) and return it."""
+        with self._saved_lock:
+            entry = self._drop_saved(session)
+            if self._disk is not None:
+                if entry is None:
+                    return self._disk.take(session)
+                self._disk.drop(session)  # older than the RAM copy
+            return entry
+
+    def forget(self, session_id: str) -> None:
+        """A reset: drop the session's saved states now, and its slot's claim at the scheduler's next step."""
+        with self._saved_lock:
+            self._drop_saved(session_id)
+            if self._disk is not None:
+                self._disk.drop(session_id)
+            self._forgotten.add(session_id)
+
+    def _apply_forgets(self) -> None:
+        """Scheduler thread: slots of forgotten sessions stop being theirs (so their KV is never saved)."""
+        with self._saved_lock:
+            forgotten, self._forgotten = self._forgotten, set()
+        for slot in self._slots:
+            if slot.session_id in forgotten:
+                slot.session_id = None
+
+    def _persist(self) -> None:
+        """Shutdown: write every session's state, RAM cache and slots alike, to disk (oldest first)."""
+        if self._disk is None:
+            return
+        self._apply_forgets()
+        with self._saved_lock:
+            states = [(session, tokens, buf) for session, (tokens, buf) in self._saved.items()]
+        for slot in sorted(self._slots, key=lambda s: s.last_used):
+            if slot.session_id is not None and len(slot.cached) >= MIN_SAVED_TOKENS:
+                buf = self._seq_state(slot.id)
+                if buf is not None:
+                    states.append((slot.session_id, list(slot.cached), buf))
+        with self._saved_lock:
+            for entry in states:
+                self._disk.put(*entry)
 
     def _restore(self, slot: _Slot, session: str | None, prompt: Sequence[int], keep: int) -> bool:
         """Put the session's saved state into the slot if it covers more of the prompt than `keep`.
@@ -435,7 +538,7 @@ class LlamaCppEngine(Engine):
         The saved entry is dropped either way: the slot now serves the session, and its KV (restored
         or newer) supersedes the saved copy.
         """
-        entry = self._drop_saved(session) if session is not None else None
+        entry = self._take_saved(session) if session is not None else None
         if entry is None:
             return False
         tokens, buf = entry
@@ -466,13 +569,11 @@ class LlamaCppEngine(Engine):
                     best, common = other, c
         if best is None or common - keep < MIN_COPIED_TOKENS:
             return False
-        llc = self._llc
-        size = int(llc.llama_state_seq_get_size(self._ctx, best.id))
-        buf = (ctypes.c_uint8 * size)()
-        if size <= 0 or llc.llama_state_seq_get_data(self._ctx, buf, size, best.id) != size:
+        buf = self._seq_state(best.id)
+        if buf is None:
             return False
         self._wipe(slot)
-        if llc.llama_state_seq_set_data(self._ctx, buf, size, slot.id) == 0:
+        if self._llc.llama_state_seq_set_data(self._ctx, buf, len(buf), slot.id) == 0:
             log.warning("llama.cpp could not copy sequence %d into %d; prefilling", best.id, slot.id)
             self._wipe(slot)
             return False

@@ -33,6 +33,8 @@ def _llamacpp(settings: Settings, model: ResolvedModel) -> Engine:
         n_parallel=parallel,
         max_queue=settings.max_queue,
         kv_cache_mb=settings.kv_cache_mb,
+        state_dir=settings.kv_state_dir(),
+        kv_disk_mb=settings.kv_disk_mb,
     )
 
 
