@@ -4,6 +4,8 @@ Every figure comes from the client side of `POST /v1/chat/completions` with `"st
 time to first token (TTFT) is the time to the first non-empty content delta, decode speed is
 (completion tokens - 1) / (time of last token - time of first token), tokens are counted from
 the server's usage (stream_options.include_usage) where it reports it, else one per delta.
+Prompt tokens the server computed (rather than took from its KV cache) come from
+usage.prompt_tokens_details.cached_tokens (OpenAI's field) or llama-server's timings.prompt_n.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Result:
     total: float = 0.0
     completion_tokens: int = 0
     prompt_tokens: int = 0
+    prompt_computed: int | None = None  # prompt tokens not served from the KV cache, if reported
     text: str = ""
     error: str = ""
 
@@ -58,7 +61,8 @@ def stream_chat(
     first = last = 0.0
     deltas = 0
     parts: list[str] = []
-    usage: dict[str, int] = {}
+    usage: dict[str, Any] = {}
+    computed: int | None = None
     try:
         with requests.post(base + "/v1/chat/completions", json=body, stream=True, timeout=timeout) as r:
             if r.status_code != 200:
@@ -72,6 +76,8 @@ def stream_chat(
                 event = json.loads(payload)
                 if event.get("usage"):
                     usage = event["usage"]
+                if "prompt_n" in (event.get("timings") or {}):
+                    computed = int(event["timings"]["prompt_n"])
                 for choice in event.get("choices") or []:
                     content = (choice.get("delta") or {}).get("content")
                     if content:
@@ -85,6 +91,9 @@ def stream_chat(
     end = last or time.perf_counter()
     if not deltas:  # a stream cut off before any text (llama_cpp.server interrupts by default)
         return Result(False, 200, error="stream ended without any text")
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    if computed is None and cached is not None and usage.get("prompt_tokens"):
+        computed = int(usage["prompt_tokens"]) - int(cached)
     return Result(
         True,
         200,
@@ -92,6 +101,7 @@ def stream_chat(
         total=end - started,
         completion_tokens=int(usage.get("completion_tokens") or deltas),
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        prompt_computed=computed,
         text="".join(parts),
     )
 
@@ -189,11 +199,13 @@ TOPICS = ["gardening", "astronomy", "cooking pasta", "learning the guitar"]
 def conversations(base: str, n_conv: int = 4, turns: int = 10, max_tokens: int = 48) -> dict[str, Any]:
     """n_conv conversations interleaved turn by turn, each resending its whole history (OpenAI style).
 
-    Returns TTFT per turn (median over conversations) and the prompt sizes.
+    Returns TTFT per turn (median over conversations), conversation 0's prompt sizes, and how many
+    of those prompt tokens the server computed rather than took from its cache, where it says.
     """
     histories: list[list[dict[str, str]]] = [[] for _ in range(n_conv)]
     ttft: list[list[float]] = [[] for _ in range(turns)]
     prompt_tokens: list[int] = []
+    computed: list[int | None] = []
     for turn in range(turns):
         for c in range(n_conv):
             question = f"Tell me one more thing about {TOPICS[c % len(TOPICS)]} (point {turn + 1})."
@@ -205,6 +217,7 @@ def conversations(base: str, n_conv: int = 4, turns: int = 10, max_tokens: int =
             ttft[turn].append(r.ttft)
             if c == 0:
                 prompt_tokens.append(r.prompt_tokens)
+                computed.append(r.prompt_computed)
     per_turn = [round(statistics.median(t), 4) for t in ttft]
     return {
         "conversations": n_conv,
@@ -212,6 +225,7 @@ def conversations(base: str, n_conv: int = 4, turns: int = 10, max_tokens: int =
         "ttft_per_turn": per_turn,
         "ttft_turn10_over_turn1": round(per_turn[-1] / per_turn[0], 3) if per_turn[0] else None,
         "prompt_tokens_per_turn_conv0": prompt_tokens,
+        "prompt_computed_per_turn_conv0": computed,
     }
 
 

@@ -14,6 +14,9 @@ def rows(report: dict) -> list[str]:  # type: ignore[type-arg]
     for name, r in report["servers"].items():
         conc = {c["clients"]: c for c in r["concurrency"]}
         conv = r["conversations"]["ttft_per_turn"]
+        computed = (r["conversations"].get("prompt_computed_per_turn_conv0") or [None])[-1]
+        sent = r["conversations"]["prompt_tokens_per_turn_conv0"][-1]
+        turn10 = f"{computed} of {sent}" if computed is not None and sent else "not reported"
         decode = r["single_stream"]["decode_tps"]
         ratio = f" ({decode / raw:.2f}×)" if raw else ""
         fails = sum(c["failures"] for c in r["concurrency"])
@@ -22,7 +25,7 @@ def rows(report: dict) -> list[str]:  # type: ignore[type-arg]
             f"| {r['single_stream']['ttft'] * 1000:.0f} "
             f"| {conc[1]['aggregate_tps']:.0f} / {conc[4]['aggregate_tps']:.0f} / {conc[8]['aggregate_tps']:.0f} "
             f"| {conc[8]['p50_latency']:.2f} / {conc[8]['p95_latency']:.2f} "
-            f"| {conv[0] * 1000:.0f} → {conv[-1] * 1000:.0f} ({conv[-1] / conv[0]:.2f}×) "
+            f"| {conv[0] * 1000:.0f} → {conv[-1] * 1000:.0f} ({conv[-1] / conv[0]:.2f}×) | {turn10} "
             f"| {r['peak_rss_mb']:.0f} | {fails} |"
         )
     return out
@@ -31,16 +34,17 @@ def rows(report: dict) -> list[str]:  # type: ignore[type-arg]
 def main() -> None:
     print(
         "| model | server | ready (s) | decode tok/s (× llama-bench) | TTFT (ms) | aggregate tok/s at 1 / 4 / 8 "
-        "| latency p50 / p95 at 8 (s) | conversation TTFT turn 1 → 10 (ms) | peak RSS (MB) | failed requests |"
+        "| latency p50 / p95 at 8 (s) | conversation TTFT turn 1 → 10 (ms) "
+        "| turn 10 prompt tokens computed | peak RSS (MB) | failed requests |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for path in sorted(RESULTS.glob("*.json")):
         report = json.loads(path.read_text())
         for line in rows(report):
             print(line)
         if "llama_bench" in report:
             lb = report["llama_bench"]
-            print(f"| {report['model']} | llama-bench (raw) | | {lb['decode_tps']:.1f} | | | | | | |")
+            print(f"| {report['model']} | llama-bench (raw) | | {lb['decode_tps']:.1f} | | | | | | | |")
 
 
 if __name__ == "__main__":

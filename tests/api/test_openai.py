@@ -38,6 +38,7 @@ def test_completion_shape_and_usage(fake: FakeApp) -> None:
     assert body["usage"]["completion_tokens"] == 3
     assert body["usage"]["prompt_tokens"] == len(fake.engine.encode_chat([Message("user", "hi")]))
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 3
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}  # the scripted engine caches nothing
 
 
 def test_it_is_stateless(fake: FakeApp) -> None:

@@ -121,6 +121,12 @@ def test_the_openai_client(smol: Server) -> None:
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert streamed == text
     assert [m.id for m in client.models.list()] == ["SmolLM2-135M-Instruct.Q4_1"]
+    # The conversation continued: its history is still in a slot, so usage reports it as cached.
+    follow = [*messages, {"role": "assistant", "content": text}, {"role": "user", "content": "And of Italy?"}]
+    again = client.chat.completions.create(model="x", messages=follow, temperature=0, max_tokens=8)  # type: ignore[arg-type]
+    assert again.usage is not None and again.usage.prompt_tokens_details is not None
+    cached = again.usage.prompt_tokens_details.cached_tokens or 0
+    assert reply.usage.prompt_tokens <= cached < again.usage.prompt_tokens
 
 
 def test_the_interactive_client_through_stdin(smol: Server) -> None:

@@ -154,11 +154,13 @@ def chat_completions() -> Response:
     )
 
 
-def _usage(last: Chunk) -> dict[str, int]:
+def _usage(last: Chunk) -> dict[str, Any]:
     return {
         "prompt_tokens": last.prompt_tokens,
         "completion_tokens": last.completion_tokens,
         "total_tokens": last.prompt_tokens + last.completion_tokens,
+        # How much of the prompt came from the KV cache (a continued conversation, a shared prefix).
+        "prompt_tokens_details": {"cached_tokens": last.cached_tokens},
     }
 
 

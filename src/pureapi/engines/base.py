@@ -15,7 +15,7 @@ import secrets
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import Cancelled, EngineError, NotReady, Overloaded, PureAPIError
@@ -65,6 +65,7 @@ class Chunk:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was reused rather than computed (OpenAI's cached_tokens)
 
 
 class Engine(ABC):
@@ -114,13 +115,14 @@ class _Job:
     def __init__(self, request: GenerationRequest):
         self.request = request
         self.out: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()
+        self.cached_tokens = 0  # set by an engine that reuses KV, when the job starts
 
     def emit(self, text: str, completion_tokens: int) -> None:
         if text:
-            self.out.put(Chunk(text, None, len(self.request.prompt_ids), completion_tokens))
+            self.out.put(Chunk(text, None, len(self.request.prompt_ids), completion_tokens, self.cached_tokens))
 
     def finish(self, reason: str, completion_tokens: int) -> None:
-        self.out.put(Chunk("", reason, len(self.request.prompt_ids), completion_tokens))
+        self.out.put(Chunk("", reason, len(self.request.prompt_ids), completion_tokens, self.cached_tokens))
 
     def fail(self, exc: BaseException) -> None:
         self.out.put(exc)
@@ -286,12 +288,12 @@ def with_stops(chunks: Iterator[Chunk], stops: Sequence[str]) -> Iterator[Chunk]
         for chunk in chunks:
             text, hit = matcher.feed(chunk.text)
             if hit:
-                yield Chunk(text, "stop", chunk.prompt_tokens, chunk.completion_tokens)
+                yield replace(chunk, text=text, finish_reason="stop")
                 return
             if chunk.finish_reason is not None:
-                yield Chunk(text + matcher.flush(), chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens)
+                yield replace(chunk, text=text + matcher.flush())
                 return
             if text:
-                yield Chunk(text, None, chunk.prompt_tokens, chunk.completion_tokens)
+                yield replace(chunk, text=text)
     finally:
         close_stream(chunks)

@@ -428,6 +428,7 @@ class LlamaCppEngine(Engine):
         elif copied:
             self.stats["copied_tokens"] += keep
         slot.job, slot.session_id = job, job.request.session_id
+        job.cached_tokens = keep
         slot.admitted = slot.last_used = next(self._ticks)
         slot.pending = list(prompt[keep:])
         slot.next_token, slot.generated = None, 0
