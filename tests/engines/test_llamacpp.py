@@ -199,6 +199,49 @@ def test_concurrent_requests_match_solo_runs(
     assert fresh.stats["steps"] - steps < (fresh.stats["generated_tokens"] - generated) / 2
 
 
+class SpanRecorder(LlamaCppEngine):
+    """The real engine, noting which sequences each decode holds."""
+
+    spans: list[list[int]]
+
+    def _step(self) -> None:
+        self.spans.append([s.id for s in self._slots if s.job is not None])
+        super()._step()
+
+
+def test_active_slots_are_kept_consecutive_without_changing_replies(
+    model_name: str, gguf: Path, fresh: LlamaCppEngine, reference: TransformersEngine
+) -> None:
+    """llama.cpp decodes one ubatch per run of consecutive sequence ids, so holes between active
+    slots (left by replies that end early) are closed by moving slots, KV and all."""
+    prompts = ["Write a story about a dragon.", "Say yes.", "Explain how rain forms.", "Say no.", "Describe Rome."]
+    budgets = [40, 2, 40, 2, 24]
+    engine = SpanRecorder.load(ResolvedModel(gguf.stem, gguf), n_threads=2, n_ctx=SLOT_CTX * 8, n_parallel=8)
+    engine.spans = []
+    try:
+        ids = [engine.encode_chat([Message("user", p)]) for p in prompts]
+        results: list[str] = [""] * len(prompts)
+
+        def read(i: int) -> None:
+            results[i] = collect(engine.generate(GenerationRequest(ids[i], greedy_params(budgets[i]))))[0]
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(len(prompts))]
+        for t in threads[:4]:  # slots 0-3; the short replies in 1 and 3 end first and leave a hole
+            t.start()
+        threads[1].join(timeout=300)
+        threads[3].join(timeout=300)
+        threads[4].start()  # lands in an empty slot beyond the active ones
+        for t in threads:
+            t.join(timeout=300)
+        stats, spans = dict(engine.stats), engine.spans
+    finally:
+        engine.close()
+    assert stats["moved_slots"] >= 2
+    assert all(span == list(range(span[0], span[0] + len(span))) for span in spans), spans
+    for i, got in enumerate(results):
+        assert_same_greedy(model_name, fresh, reference, ids[i], got, reply(fresh, ids[i], budgets[i]))
+
+
 def test_second_turn_prefills_only_the_new_tokens(
     model_name: str, gguf: Path, fresh: LlamaCppEngine, reference: TransformersEngine
 ) -> None:

@@ -4,9 +4,9 @@ continuous batching and prefix reuse (the design of llama.cpp's own server, in P
 One llama context holds `n_parallel` KV sequences ("slots"); the total context is split so that
 each slot owns `n_ctx / n_parallel` cells and one conversation can never crowd out another.
 One scheduler thread owns the context, the batch and the samplers. Each step it admits waiting
-jobs into free slots, builds one batch (a decode token per generating slot, then prompt chunks
-for slots still prefilling), calls `llama_decode` once, and samples every slot that has logits
-with that request's own sampler chain.
+jobs into free slots, moves the active slots next to each other, builds one batch (a decode
+token per generating slot, then prompt chunks for slots still prefilling), calls `llama_decode`
+once, and samples every slot that has logits with that request's own sampler chain.
 
 Scheduler invariants:
 1. Only the scheduler thread calls into the context, the batch and the samplers; request threads
@@ -29,6 +29,9 @@ Scheduler invariants:
    for it since, and the RAM cache's total bytes never exceed `kv_cache_mb` (nor the folder's
    `kv_disk_mb`). The cache and the folder are guarded by `_saved_lock`, because a reset on a
    request thread drops a session's states at once (`forget`).
+8. `self._slots` is ordered by `id`, a slot's sequence id. Ids change only in `_swap`, between
+   steps, and the KV moves with them. Before every decode `_compact` has given the active slots
+   consecutive ids (unless llama.cpp refused to copy a state).
 
 Saved states: a slot that last served a session is taken over by another request when the slots
 run out, and its history would then be prefilled again on that session's next turn. So before a
@@ -158,6 +161,7 @@ class LlamaCppEngine(Engine):
             "restored_tokens": 0,  # reused from a saved sequence state
             "copied_tokens": 0,  # reused from another slot's KV (a shared prefix)
             "saved_states": 0,
+            "moved_slots": 0,  # swaps by _compact
             "generated_tokens": 0,
             "steps": 0,
         }
@@ -321,6 +325,7 @@ class LlamaCppEngine(Engine):
             if not self._active():
                 continue
             try:
+                self._compact()
                 self._step()
             except Exception as exc:  # the scheduler must survive a failed step
                 log.exception("llama.cpp step failed")
@@ -581,6 +586,47 @@ class LlamaCppEngine(Engine):
         slot.cached = list(best.cached)  # invariant 2; _start trims it to the common prefix
         return True
 
+    def _compact(self) -> None:
+        """Move active slots into the free ones between them, so that a decode is a single ubatch.
+
+        With one KV stream per sequence, llama.cpp splits a batch into one ubatch per run of
+        consecutive sequence ids, and each ubatch is a pass over all the weights: measured on Qwen,
+        decoding a token for sequences 0, 2, 4 and 6 takes 85 ms against 52 ms for 0 to 3. So while
+        a free slot lies between active ones, the highest active slot trades places with the lowest
+        such hole (invariant 8).
+        """
+        while True:
+            active = [s.id for s in self._slots if s.job is not None]
+            if len(active) < 2 or active[-1] - active[0] + 1 == len(active):
+                return
+            hole = next(i for i in range(active[0], active[-1]) if self._slots[i].job is None)
+            if not self._swap(self._slots[active[-1]], self._slots[hole]):
+                return
+
+    def _swap(self, x: _Slot, y: _Slot) -> bool:
+        """Exchange two slots' sequences: each KV state is copied to the other's id, and the ids swapped.
+
+        Everything else a slot holds (its job, tokens, sampler, session) stays with its object, so
+        neither slot loses its cache and a generation goes on unchanged. False if nothing moved.
+        """
+        llc = self._llc
+        states = [self._seq_state(s.id) if s.cached else None for s in (x, y)]
+        if any(s.cached and state is None for s, state in zip((x, y), states, strict=True)):
+            return False
+        for s in (x, y):
+            llc.llama_memory_seq_rm(self._mem, s.id, -1, -1)
+        x.id, y.id = y.id, x.id
+        self._slots.sort(key=lambda s: s.id)
+        for s, state in zip((x, y), states, strict=True):
+            if state is not None and llc.llama_state_seq_set_data(self._ctx, state, len(state), s.id) == 0:
+                log.warning("llama.cpp could not move a sequence state into sequence %d", s.id)
+                self._wipe(s)
+                if s.job is not None:
+                    s.job.fail(EngineError("generation failed: its KV cache could not be moved"))
+                    self._release(s)
+        self.stats["moved_slots"] += 1
+        return True
+
     def _make_sampler(self, p: SamplingParams) -> Any:
         llc = self._llc
         chain = llc.llama_sampler_chain_init(llc.llama_sampler_chain_default_params())
@@ -608,30 +654,33 @@ class LlamaCppEngine(Engine):
     def _step(self) -> None:
         """One llama_decode: a token per generating slot, then prompt chunks; then sample."""
         llc, batch = self._llc, self._batch
+        active = self._active()
+        work: dict[int, tuple[_Slot, list[int], bool]] = {}  # slot id -> (slot, tokens, prefill?)
+        for slot in active:
+            if slot.next_token is not None:
+                work[slot.id] = (slot, [slot.next_token], False)
+        budget = self._n_batch - len(work)
+        for slot in sorted((s for s in active if s.pending), key=lambda s: s.admitted):
+            if budget <= 0:
+                break
+            work[slot.id] = (slot, slot.pending[:budget], True)
+            budget -= len(work[slot.id][1])
+        # In sequence order: llama.cpp splits a batch into one ubatch per run of consecutive
+        # sequence ids, taken in batch order (see _compact).
         plan: list[tuple[_Slot, list[int], bool, int]] = []  # (slot, tokens, prefill?, output index or -1)
         n = 0
-
-        def add(slot: _Slot, tokens: list[int], prefill: bool, logits_last: bool) -> None:
-            nonlocal n
+        for seq in sorted(work):
+            slot, tokens, prefill = work[seq]
+            logits_last = not prefill or len(tokens) == len(slot.pending)
             base = len(slot.cached)
             for j, tok in enumerate(tokens):
                 batch.token[n] = tok
                 batch.pos[n] = base + j
                 batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = slot.id
+                batch.seq_id[n][0] = seq
                 batch.logits[n] = logits_last and j == len(tokens) - 1
                 n += 1
             plan.append((slot, tokens, prefill, n - 1 if logits_last else -1))
-
-        active = self._active()
-        for slot in active:
-            if slot.next_token is not None:
-                add(slot, [slot.next_token], False, True)
-        for slot in sorted((s for s in active if s.pending), key=lambda s: s.admitted):
-            if n >= self._n_batch:
-                break
-            chunk = slot.pending[: self._n_batch - n]
-            add(slot, chunk, True, len(chunk) == len(slot.pending))
         batch.n_tokens = n
         rc = llc.llama_decode(self._ctx, batch)
         if rc != 0:
