@@ -336,10 +336,12 @@ def test_evicted_session_is_restored_from_ram(
     model_name: str, gguf: Path, fresh: LlamaCppEngine, reference: TransformersEngine
 ) -> None:
     single = load(gguf, n_parallel=1, kv_cache_mb=64)
+    plain_memory = single.memory_allocated()
     try:
         ids2, second, delta = evicted_session_turn(single)
         assert single.stats["saved_states"] >= 2  # A when B took the slot, then B when A took it back
         assert single.saved_state_bytes > 0  # B's state waits; A's left the cache when restored
+        assert single.memory_allocated() == plain_memory + single.saved_state_bytes  # /status counts it
     finally:
         single.close()
     assert delta["restored_tokens"] > 0

@@ -243,8 +243,8 @@ class LlamaCppEngine(Engine):
         return self.model.encode_chat(messages)
 
     def memory_allocated(self) -> int:
-        """The model file's size plus the KV cache."""
-        return self._memory
+        """The model file's size, the KV cache, and the sessions' states kept in RAM."""
+        return self._memory + self._saved_bytes
 
     @property
     def saved_state_bytes(self) -> int:
