@@ -592,15 +592,18 @@ class LlamaCppEngine(Engine):
         With one KV stream per sequence, llama.cpp splits a batch into one ubatch per run of
         consecutive sequence ids, and each ubatch is a pass over all the weights: measured on Qwen,
         decoding a token for sequences 0, 2, 4 and 6 takes 85 ms against 52 ms for 0 to 3. So while
-        a free slot lies between active ones, the highest active slot trades places with the lowest
-        such hole (invariant 8).
+        a free slot lies between active ones, an active slot at one end trades places with the hole
+        nearest the other end (invariant 8): the highest with the lowest hole, or the lowest with the
+        highest hole, whichever pair holds fewer tokens to copy.
         """
         while True:
             active = [s.id for s in self._slots if s.job is not None]
             if len(active) < 2 or active[-1] - active[0] + 1 == len(active):
                 return
-            hole = next(i for i in range(active[0], active[-1]) if self._slots[i].job is None)
-            if not self._swap(self._slots[active[-1]], self._slots[hole]):
+            holes = [i for i in range(active[0], active[-1]) if self._slots[i].job is None]
+            pairs = [(self._slots[active[-1]], self._slots[holes[0]]), (self._slots[active[0]], self._slots[holes[-1]])]
+            x, y = min(pairs, key=lambda pair: len(pair[0].cached) + len(pair[1].cached))
+            if not self._swap(x, y):
                 return
 
     def _swap(self, x: _Slot, y: _Slot) -> bool:
