@@ -1,12 +1,16 @@
 """Benchmark pureapi against its peers, one server at a time, in one run on one machine.
 
-    python -m benchmarks.run --model smollm2 --model qwen --threads 2 \
+    python -m benchmarks.run --model smollm2 --model qwen --threads 2 --rounds 3 \
         [--llama-server PATH] [--llama-bench PATH] [--out benchmarks/results]
 
 Servers: pureapi (llama.cpp engine, --parallel 8, --ctx-size 1024 per slot), llama-cpp-python's own server
 (`python -m llama_cpp.server`, one request at a time), and llama.cpp's llama-server (-np 8) and
 llama-bench where their binaries are given (build them from the llama-cpp-python sdist, see the
 README). Same GGUF, threads and total context for all. Results go to one JSON file per model.
+
+This machine's speed drifts by about ±10% over minutes (it is shared), so with --rounds N every
+server (and llama-bench) is measured N times, the servers taking turns within each round, and
+each figure reported is the median over the rounds; the rounds themselves are kept in the JSON.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -127,6 +132,21 @@ def raw_speed(llama_bench: str, gguf: Path, threads: int) -> dict[str, Any]:
     return {("decode_tps" if r["n_gen"] else "prompt_tps"): round(r["avg_ts"], 2) for r in rows}
 
 
+def median_of(runs: list[Any]) -> Any:
+    """Figure by figure, the median of several runs of the same measurement (nested dicts/lists)."""
+    first = runs[0]
+    if isinstance(first, bool) or first is None or isinstance(first, str):
+        return first
+    if isinstance(first, int | float):
+        values = [r for r in runs if isinstance(r, int | float)]
+        return round(statistics.median(values), 4)
+    if isinstance(first, dict):
+        return {k: median_of([r[k] for r in runs if isinstance(r, dict) and k in r]) for k in first}
+    if isinstance(first, list) and all(isinstance(r, list) and len(r) == len(first) for r in runs):
+        return [median_of([r[i] for r in runs]) for i in range(len(first))]
+    return first
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="smollm2, qwen or a .gguf path (repeatable)")
@@ -135,6 +155,7 @@ def main() -> int:
     parser.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH"))
     parser.add_argument("--only", action="append", help="run only these servers")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--rounds", type=int, default=1, help="measure everything N times; report medians")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -147,6 +168,7 @@ def main() -> int:
             "threads": args.threads,
             "ctx": CTX,
             "parallel": PARALLEL,
+            "rounds": args.rounds,
             "servers": {},
         }
         path = args.out / f"{gguf.stem}.json"
@@ -155,18 +177,23 @@ def main() -> int:
             report["servers"] = previous["servers"]
             if "llama_bench" in previous:
                 report["llama_bench"] = previous["llama_bench"]
-        if args.llama_bench:
-            report["llama_bench"] = raw_speed(args.llama_bench, gguf, args.threads)
-            print(name, "llama-bench", report["llama_bench"], flush=True)
-        for server, build in servers(gguf, args.threads, args.llama_server).items():
-            if args.only and server not in args.only:
-                continue
-            with tempfile.TemporaryDirectory() as tmp:
-                port = free_port()
-                report["servers"][server] = bench_server(
-                    server, build(port, Path(tmp)), f"http://127.0.0.1:{port}", args.quick
-                )
-            print(name, server, json.dumps(report["servers"][server])[:400], flush=True)
+        runs: dict[str, list[Any]] = {}
+        for round_ in range(args.rounds):
+            if args.llama_bench:
+                runs.setdefault("llama_bench", []).append(raw_speed(args.llama_bench, gguf, args.threads))
+                print(name, round_, "llama-bench", runs["llama_bench"][-1], flush=True)
+            for server, build in servers(gguf, args.threads, args.llama_server).items():
+                if args.only and server not in args.only:
+                    continue
+                with tempfile.TemporaryDirectory() as tmp:
+                    port = free_port()
+                    result = bench_server(server, build(port, Path(tmp)), f"http://127.0.0.1:{port}", args.quick)
+                runs.setdefault(server, []).append(result)
+                print(name, round_, server, json.dumps(result)[:300], flush=True)
+        if "llama_bench" in runs:
+            report["llama_bench"] = median_of(runs.pop("llama_bench"))
+        for server, results in runs.items():
+            report["servers"][server] = {**median_of(results), "rounds": results}
         path.write_text(json.dumps(report, indent=2) + "\n")
         print("wrote", path)
     return 0

@@ -19,7 +19,7 @@ def rows(report: dict) -> list[str]:  # type: ignore[type-arg]
         turn10 = f"{computed} of {sent}" if computed is not None and sent else "not reported"
         decode = r["single_stream"]["decode_tps"]
         ratio = f" ({decode / raw:.2f}×)" if raw else ""
-        fails = sum(c["failures"] for c in r["concurrency"])
+        fails = sum(c["failures"] for run in r.get("rounds", [r]) for c in run["concurrency"])  # all rounds
         out.append(
             f"| {report['model']} | {name} | {r['time_to_ready_s']:.2f} | {decode:.1f}{ratio} "
             f"| {r['single_stream']['ttft'] * 1000:.0f} "
