@@ -191,6 +191,7 @@ def main() -> int:
                 runs.setdefault(server, []).append(result)
                 print(name, round_, server, json.dumps(result)[:300], flush=True)
         if "llama_bench" in runs:
+            report["llama_bench_rounds"] = runs["llama_bench"]
             report["llama_bench"] = median_of(runs.pop("llama_bench"))
         for server, results in runs.items():
             report["servers"][server] = {**median_of(results), "rounds": results}

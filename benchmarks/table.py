@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -19,6 +20,11 @@ def rows(report: dict) -> list[str]:  # type: ignore[type-arg]
         turn10 = f"{computed} of {sent}" if computed is not None and sent else "not reported"
         decode = r["single_stream"]["decode_tps"]
         ratio = f" ({decode / raw:.2f}×)" if raw else ""
+        raw_rounds = [b["decode_tps"] for b in report.get("llama_bench_rounds", [])]
+        if raw_rounds and len(raw_rounds) == len(r.get("rounds", [])):
+            # The machine drifts between rounds: compare each round with its own llama-bench run.
+            per_round = [run["single_stream"]["decode_tps"] / b for run, b in zip(r["rounds"], raw_rounds, strict=True)]
+            ratio = f" ({statistics.median(per_round):.2f}×)"
         fails = sum(c["failures"] for run in r.get("rounds", [r]) for c in run["concurrency"])  # all rounds
         out.append(
             f"| {report['model']} | {name} | {r['time_to_ready_s']:.2f} | {decode:.1f}{ratio} "
