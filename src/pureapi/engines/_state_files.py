@@ -52,6 +52,19 @@ class StateFiles:
 
     def tokens(self, session: str) -> list[int] | None:
         """The tokens of the session's saved state, without reading the state itself."""
+        entry = self._read(session, with_state=False)
+        return entry[0] if entry is not None else None
+
+    def take(self, session: str) -> tuple[list[int], ctypes.Array[ctypes.c_uint8]] | None:
+        """Read the session's state and delete its file: the slot it is restored into now owns it."""
+        entry = self._read(session, with_state=True)
+        self.drop(session)
+        if entry is None or entry[1] is None:
+            return None
+        return entry[0], entry[1]
+
+    def _read(self, session: str, with_state: bool) -> tuple[list[int], ctypes.Array[ctypes.c_uint8] | None] | None:
+        """Parse a state file in one open: its tokens, and its state bytes if asked. Damaged: dropped."""
         path = self._path(session)
         try:
             with path.open("rb") as f:
@@ -62,34 +75,22 @@ class StateFiles:
                 data = f.read(4 * count)
                 if len(data) != 4 * count:
                     raise ValueError("truncated tokens")
-                return list(struct.unpack(f"<{count}i", data))
+                tokens = list(struct.unpack(f"<{count}i", data))
+                if not with_state:
+                    return tokens, None
+                size = os.fstat(f.fileno()).st_size - f.tell()
+                if size <= 0:
+                    raise ValueError("truncated state")
+                buf = (ctypes.c_uint8 * size)()
+                if f.readinto(buf) != size:  # type: ignore[attr-defined]
+                    raise ValueError("truncated state")
+                return tokens, buf
         except FileNotFoundError:
             return None
         except (OSError, ValueError, struct.error) as exc:
             log.warning("dropping unreadable KV state file %s: %s", path.name, exc)
             self.drop(session)
             return None
-
-    def take(self, session: str) -> tuple[list[int], ctypes.Array[ctypes.c_uint8]] | None:
-        """Read the session's state and delete its file: the slot it is restored into now owns it."""
-        tokens = self.tokens(session)
-        if tokens is None:
-            return None
-        path = self._path(session)
-        offset = len(MAGIC) + _COUNT.size + 4 * len(tokens)
-        try:
-            with path.open("rb") as f:
-                f.seek(offset)
-                size = os.fstat(f.fileno()).st_size - offset
-                buf = (ctypes.c_uint8 * size)()
-                if size <= 0 or f.readinto(buf) != size:  # type: ignore[attr-defined]
-                    raise ValueError("truncated state")
-        except (OSError, ValueError) as exc:
-            log.warning("dropping unreadable KV state file %s: %s", path.name, exc)
-            return None
-        finally:
-            self.drop(session)
-        return tokens, buf
 
     def put(self, session: str, tokens: list[int], state: ctypes.Array[ctypes.c_uint8]) -> bool:
         """Write the session's state (replacing an older one), then delete the oldest files over the limit."""

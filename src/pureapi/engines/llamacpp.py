@@ -388,13 +388,14 @@ class LlamaCppEngine(Engine):
             for slot in free:
                 if slot.session_id == request.session_id:
                     return slot
+        # Each slot's common prefix with the prompt, busy slots too (a prefix to copy from).
+        commons = {s.id: _common_prefix(s.cached, prompt) for s in self._slots}
+        if request.session_id is not None:
             saved = self._saved_tokens(request.session_id)
             if saved is not None:
                 restorable = _common_prefix(saved, prompt)
-                if all(_common_prefix(s.cached, prompt) < restorable for s in free):
+                if all(commons[s.id] < restorable for s in free):
                     return cheapest
-
-        commons = {s.id: _common_prefix(s.cached, prompt) for s in free}
 
         def lost(slot: _Slot) -> int:
             if commons[slot.id] >= len(prompt) - 1:
@@ -406,8 +407,7 @@ class LlamaCppEngine(Engine):
         keeping = [s for s in free if commons[s.id] > 0 and lost(s) == 0]
         if keeping:
             return max(keeping, key=lambda s: (commons[s.id], -s.last_used))
-        shared = max(_common_prefix(s.cached, prompt) for s in self._slots)  # busy slots too
-        if shared - commons[cheapest.id] >= MIN_COPIED_TOKENS:
+        if max(commons.values()) - commons[cheapest.id] >= MIN_COPIED_TOKENS:
             return cheapest  # _start copies the shared prefix into it; the other slot keeps its history
         best = max(free, key=lambda s: (commons[s.id] - lost(s), -s.last_used))
         return best if commons[best.id] > lost(best) else cheapest
@@ -550,9 +550,13 @@ class LlamaCppEngine(Engine):
         tokens, buf = entry
         if min(_common_prefix(tokens, prompt), len(prompt) - 1) <= keep:
             return False
-        self._wipe(slot)  # the state is restored into an empty sequence
+        return self._load_state(slot, tokens, buf)
+
+    def _load_state(self, slot: _Slot, tokens: list[int], buf: ctypes.Array[ctypes.c_uint8]) -> bool:
+        """Replace the slot's sequence with a saved state of `tokens`; on failure the slot is left empty."""
+        self._wipe(slot)  # a state is restored into an empty sequence
         if self._llc.llama_state_seq_set_data(self._ctx, buf, len(buf), slot.id) == 0:
-            log.warning("llama.cpp could not restore a saved state into sequence %d; prefilling", slot.id)
+            log.warning("llama.cpp could not restore a sequence state into sequence %d; prefilling", slot.id)
             self._wipe(slot)  # a failed restore may leave part of the state behind
             return False
         slot.cached = tokens  # invariant 2: exactly the tokens whose KV was saved
@@ -576,15 +580,8 @@ class LlamaCppEngine(Engine):
         if best is None or common - keep < MIN_COPIED_TOKENS:
             return False
         buf = self._seq_state(best.id)
-        if buf is None:
-            return False
-        self._wipe(slot)
-        if self._llc.llama_state_seq_set_data(self._ctx, buf, len(buf), slot.id) == 0:
-            log.warning("llama.cpp could not copy sequence %d into %d; prefilling", best.id, slot.id)
-            self._wipe(slot)
-            return False
-        slot.cached = list(best.cached)  # invariant 2; _start trims it to the common prefix
-        return True
+        # A copy of cached: the source slot's list goes on changing. _start trims this one to the prefix.
+        return buf is not None and self._load_state(slot, list(best.cached), buf)
 
     def _compact(self) -> None:
         """Move active slots into the free ones between them, so that a decode is a single ubatch.
