@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from pureapi.chat.sessions import SessionService
+from pureapi.chat.store import SQLiteStore
 from pureapi.engines.base import Chunk, GenerationRequest, Message, SamplingParams
 from pureapi.engines.llamacpp import LlamaCppEngine
 from pureapi.engines.registry import load_engine
@@ -411,6 +413,32 @@ def test_forgotten_session_leaves_no_state_behind(gguf: Path, tmp_path: Path) ->
     finally:
         engine.close()
     assert list(tmp_path.rglob("*.kv")) == []
+
+
+def test_a_turn_queued_before_its_reset_leaves_no_state_behind(gguf: Path, tmp_path: Path) -> None:
+    """Reset while a session's turn waits for the only slot: the turn still answers its client, but
+    its KV (the forgotten conversation) is never kept under the session, in RAM or on disk."""
+    engine = load(gguf, n_parallel=1, kv_cache_mb=64, state_dir=tmp_path, kv_disk_mb=64)
+    store = SQLiteStore(tmp_path / "sessions.db")
+    service = SessionService(store, lambda: engine)
+    try:
+        store.append_round("S", "Write a long story about a dragon.", "Once upon a time there was a dragon.", 0, 20)
+        busy = service.chat("X", "Write a long story about rain.", greedy_params(60))
+        next(busy)  # X holds the only slot
+        waiting = service.chat("S", "Go on, in more detail.", greedy_params(20))  # queued behind X
+        service.reset("S")
+        collect(busy)
+        text, last = collect(waiting)
+        assert text and last.finish_reason is not None  # the old turn still answers its client
+        assert service.history("S") == []  # but does not land in the reset session
+        collect(service.chat("T", "Describe Rome in detail.", greedy_params(20)))  # takes S's slot
+        assert engine._saved_tokens("S") is None
+    finally:
+        engine.close()  # writes every session still holding a slot
+        store.close()
+    assert engine._disk is not None
+    assert engine._disk.tokens("S") is None
+    assert engine._disk.tokens("X") and engine._disk.tokens("T")  # the other sessions' states are kept
 
 
 def test_saved_states_stay_within_their_byte_bound(gguf: Path) -> None:

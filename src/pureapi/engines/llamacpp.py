@@ -28,7 +28,9 @@ Scheduler invariants:
    held; a session's state is in the RAM cache or on disk only while no slot has been admitted
    for it since, and the RAM cache's total bytes never exceed `kv_cache_mb` (nor the folder's
    `kv_disk_mb`). The cache and the folder are guarded by `_saved_lock`, because a reset on a
-   request thread drops a session's states at once (`forget`).
+   request thread drops a session's states at once (`forget`). After a reset no slot keeps KV
+   under the session for a turn that began before it: slots lose the claim at the next admission,
+   and a turn still queued at the reset is admitted as no session's.
 8. `self._slots` is ordered by `id`, a slot's sequence id. Ids change only in `_swap`, between
    steps, and the KV moves with them. Before every decode `_compact` has given the active slots
    consecutive ids (unless llama.cpp refused to copy a state).
@@ -107,6 +109,14 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+class _SessionJob(_Job):
+    """A job and the session whose KV it may keep: none once that session is reset before it starts."""
+
+    def __init__(self, request: GenerationRequest):
+        super().__init__(request)
+        self.session = request.session_id
+
+
 @dataclass
 class _Slot:
     """One KV sequence and the job (if any) that is using it."""
@@ -115,7 +125,7 @@ class _Slot:
     cached: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds
     session_id: str | None = None  # the session last served, for affinity
     last_used: int = 0  # scheduler tick of the last admission or release (LRU)
-    job: _Job | None = None
+    job: _SessionJob | None = None
     admitted: int = 0  # admission order, for fair prefill
     pending: list[int] = field(default_factory=list)  # prompt tokens still to prefill
     next_token: int | None = None  # sampled, emitted, not yet decoded
@@ -175,7 +185,7 @@ class LlamaCppEngine(Engine):
         # Guards _saved, _saved_bytes, _forgotten and the disk folder: forget() runs on request threads.
         self._saved_lock = threading.Lock()
         # Bounded so that overload is answered with 503 at once instead of an ever-growing wait.
-        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
+        self._jobs: queue.Queue[_SessionJob | None] = queue.Queue(maxsize=max_queue)
         # Set once by close(): generate() refuses new work and the scheduler winds down.
         self._closed = threading.Event()
         # Orders generate()'s enqueue against close(), so no job slips in after close's final drain.
@@ -264,7 +274,7 @@ class LlamaCppEngine(Engine):
             raise ContextOverflow(
                 f"the prompt is {len(request.prompt_ids)} tokens but the context is {self.context_length} tokens"
             )
-        job = _Job(request)
+        job = _SessionJob(request)
         with self._submit_lock:
             if not self.ready():
                 raise NotReady("the model is not loaded")
@@ -360,8 +370,9 @@ class LlamaCppEngine(Engine):
             if job.request.cancel.is_set():
                 job.fail(Cancelled("cancelled before it started"))
                 continue
-            self._apply_forgets()  # before a slot is picked by its session
-            slot = self._pick(free, job.request)
+            if job.session in self._apply_forgets():  # before a slot is picked by its session
+                job.session = None  # reset after it was queued: its KV is not the session's any more
+            slot = self._pick(free, job)
             try:
                 self._start(slot, job)
             except Exception as exc:  # one bad admission must not stop the scheduler
@@ -370,7 +381,7 @@ class LlamaCppEngine(Engine):
                 self._wipe(slot)
                 self._release(slot)
 
-    def _pick(self, free: list[_Slot], request: GenerationRequest) -> _Slot:
+    def _pick(self, free: list[_Slot], job: _SessionJob) -> _Slot:
         """Choose a free slot for a prompt, keeping as much useful KV cache as possible.
 
         The slot that last served this session wins. Else, when the session's saved state shares
@@ -382,16 +393,16 @@ class LlamaCppEngine(Engine):
         its history). Else the slot that saves more prefill than it throws away, else an empty
         slot, else the least recently used one.
         """
-        prompt = request.prompt_ids
+        prompt, session = job.request.prompt_ids, job.session
         cheapest = min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
-        if request.session_id is not None:
+        if session is not None:
             for slot in free:
-                if slot.session_id == request.session_id:
+                if slot.session_id == session:
                     return slot
         # Each slot's common prefix with the prompt, busy slots too (a prefix to copy from).
         commons = {s.id: _common_prefix(s.cached, prompt) for s in self._slots}
-        if request.session_id is not None:
-            saved = self._saved_tokens(request.session_id)
+        if session is not None:
+            saved = self._saved_tokens(session)
             if saved is not None:
                 restorable = _common_prefix(saved, prompt)
                 if all(commons[s.id] < restorable for s in free):
@@ -412,8 +423,8 @@ class LlamaCppEngine(Engine):
         best = max(free, key=lambda s: (commons[s.id] - lost(s), -s.last_used))
         return best if commons[best.id] > lost(best) else cheapest
 
-    def _start(self, slot: _Slot, job: _Job) -> None:
-        llc, prompt, session = self._llc, job.request.prompt_ids, job.request.session_id
+    def _start(self, slot: _Slot, job: _SessionJob) -> None:
+        llc, prompt, session = self._llc, job.request.prompt_ids, job.session
         # Keep the KV of the common prefix, but always re-decode the last prompt token for its logits.
         keep = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
         if slot.session_id is not None and slot.session_id != session:
@@ -432,7 +443,7 @@ class LlamaCppEngine(Engine):
             self.stats["restored_tokens"] += keep
         elif copied:
             self.stats["copied_tokens"] += keep
-        slot.job, slot.session_id = job, job.request.session_id
+        slot.job, slot.session_id = job, session
         job.cached_tokens = keep
         slot.admitted = slot.last_used = next(self._ticks)
         slot.pending = list(prompt[keep:])
@@ -507,20 +518,33 @@ class LlamaCppEngine(Engine):
             return entry
 
     def forget(self, session_id: str) -> None:
-        """A reset: drop the session's saved states now, and its slot's claim at the scheduler's next step."""
+        """A reset: drop the session's saved states now, and its slot's claim at the scheduler's next step.
+
+        A turn of the session that is still waiting (queued before the reset) runs for its client, but
+        as no session's: its KV, the forgotten conversation, must not be kept under the session.
+        """
         with self._saved_lock:
             self._drop_saved(session_id)
             if self._disk is not None:
                 self._disk.drop(session_id)
             self._forgotten.add(session_id)
+            with self._jobs.mutex:  # the scheduler reads a job's session only after taking it off
+                for job in self._jobs.queue:
+                    if job is not None and job.session == session_id:
+                        job.session = None
 
-    def _apply_forgets(self) -> None:
-        """Scheduler thread: slots of forgotten sessions stop being theirs (so their KV is never saved)."""
+    def _apply_forgets(self) -> set[str]:
+        """Scheduler thread: slots of forgotten sessions stop being theirs (so their KV is never saved).
+
+        Returns the sessions forgotten since the last call, for the job being admitted (taken off the
+        queue before `forget` could see it).
+        """
         with self._saved_lock:
             forgotten, self._forgotten = self._forgotten, set()
         for slot in self._slots:
             if slot.session_id in forgotten:
                 slot.session_id = None
+        return forgotten
 
     def _persist(self) -> None:
         """Shutdown: write every session's state, RAM cache and slots alike, to disk (oldest first)."""
