@@ -57,6 +57,11 @@ class Settings(BaseModel):
     cpu_threads: int | None = Field(
         None, ge=1, le=1024, description="llama.cpp engine: CPU threads that compute. Default: the number of cores."
     )
+    flash_attn: Literal["on", "off"] = Field(
+        "on",
+        description="llama.cpp engine: flash attention. on: faster at short contexts, and a conversation's "
+        "logits do not depend on what shares its batch; off: faster prefill deep into long conversations.",
+    )
     kv_cache_mb: int = Field(
         256,
         ge=0,

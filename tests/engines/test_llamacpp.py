@@ -522,6 +522,35 @@ def test_info_memory_and_limits(engine: LlamaCppEngine, gguf: Path) -> None:
         engine.generate(GenerationRequest([], greedy_params(1)))
 
 
+def test_flash_attention_can_be_turned_off(gguf: Path, reference: TransformersEngine, tmp_path: Path) -> None:
+    """--flash-attn off swaps llama.cpp's attention kernels (faster prefill deep into a long
+    conversation on CPU): the reply is still the model's greedy one, and saved KV states, whose
+    layout differs, go to a folder of their own."""
+    folders = []
+    for flash in ("off", "on"):
+        settings = Settings(
+            engine="llamacpp",
+            model=str(gguf),
+            ctx_size=512,
+            parallel=2,
+            cpu_threads=2,
+            flash_attn=flash,
+            db=tmp_path / "s.db",
+        )
+        built = load_engine(settings, ResolvedModel(gguf.stem, gguf))
+        try:
+            assert isinstance(built, LlamaCppEngine) and built._disk is not None
+            folders.append(built._disk.folder)
+            if flash == "off":
+                ids = built.encode_chat([Message("user", "Write a haiku about the sea.")])
+                tokens = built.model.tokenize(reply(built, ids, 20))
+                logits = reference_logits(reference, ids + tokens)[len(ids) - 1 : -1]
+                assert max(float(logits[i].max() - logits[i, tok]) for i, tok in enumerate(tokens)) < 1.0
+        finally:
+            built.close()
+    assert folders[0] != folders[1]
+
+
 def test_registry_builds_it_from_settings(gguf: Path) -> None:
     settings = Settings(engine="llamacpp", model=str(gguf), ctx_size=512, parallel=2, cpu_threads=2)
     built = load_engine(settings, ResolvedModel(gguf.stem, gguf))

@@ -32,6 +32,7 @@ def _llamacpp(settings: Settings, model: ResolvedModel) -> Engine:
         n_ctx=settings.ctx_size * parallel if settings.ctx_size else None,
         n_parallel=parallel,
         max_queue=settings.max_queue,
+        flash_attn=settings.flash_attn == "on",
         kv_cache_mb=settings.kv_cache_mb,
         state_dir=settings.kv_state_dir(),
         kv_disk_mb=settings.kv_disk_mb,
