@@ -7,6 +7,7 @@ tokens and for greedy replies.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -268,6 +269,35 @@ def test_second_turn_prefills_only_the_new_tokens(
     # The same prompt on an engine with nothing cached gives the same greedy reply.
     assert fresh.stats["reused_tokens"] == 0
     assert_same_greedy(model_name, fresh, reference, ids2, with_reuse, reply(fresh, ids2, 40))
+
+
+@pytest.mark.parametrize(("max_tokens", "finish"), [(60, "stop"), (8, "length")])
+def test_next_turn_opening_is_decoded_while_idle(
+    model_name: str, gguf: Path, fresh: LlamaCppEngine, reference: TransformersEngine, max_tokens: int, finish: str
+) -> None:
+    """After a reply and a moment of quiet, the template's closing and the next user header (and a
+    cut reply's last token) are already in the slot: the next turn computes only its own part."""
+    single = load(gguf, n_parallel=1)
+    try:
+        first = [Message("user", "What is 2+2? Answer in one short sentence.")]
+        ids1 = single.encode_chat(first)
+        answer, last = collect(single.generate(GenerationRequest(ids1, greedy_params(max_tokens))))
+        assert last.finish_reason == finish
+        opening = single.model.turn_opening()
+        assert len(opening) == 5  # <|im_end|> \n <|im_start|> user \n, for both models' ChatML
+        ahead = len(opening) + (finish == "length")  # a cut reply's last token was not decoded yet
+        deadline = time.monotonic() + 30
+        while single.stats["ahead_tokens"] < ahead and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert single.stats["ahead_tokens"] == ahead
+        ids2 = single.encode_chat([*first, Message("assistant", answer), Message("user", "And 3+3?")])
+        held = len(ids1) + last.completion_tokens + len(opening)
+        assert ids2[len(ids1) + last.completion_tokens : held] == opening
+        text, last2 = collect(single.generate(GenerationRequest(ids2, greedy_params(30))))
+    finally:
+        single.close()
+    assert last2.cached_tokens == held
+    assert_same_greedy(model_name, fresh, reference, ids2, text, reply(fresh, ids2, 30))
 
 
 def test_stateless_client_reuses_the_longest_prefix(

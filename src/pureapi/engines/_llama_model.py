@@ -131,6 +131,23 @@ class LlamaModel:
         """Text of the given tokens, control tokens left out."""
         return b"".join(self.piece(t) for t in ids).decode("utf-8", errors="replace")
 
+    def turn_opening(self) -> list[int]:
+        """The tokens the chat template puts between an assistant's reply and the next user message's
+        text (ChatML: `<|im_end|>`, `\\n`, `<|im_start|>`, `user`, `\\n`): how a conversation's next
+        prompt goes on after a reply that ended at end of turn. Empty if the template gives none."""
+        probe = [Message("user", "a"), Message("assistant", "b"), Message("user", "c")]
+        try:
+            segments = render_segments(self.template.render, probe)
+        except jinja2.TemplateError:
+            return []
+        contents = [i for i, (is_user_text, _) in enumerate(segments) if is_user_text]
+        if len(contents) != len(probe):
+            return []
+        ids: list[int] = []
+        for _, text in segments[contents[1] + 1 : contents[2]]:  # tokenized as encode_chat does
+            ids.extend(self.tokenize(text, parse_special=True))
+        return ids
+
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         """Render the chat template; template text may hold special tokens, message content never does."""
         try:

@@ -34,6 +34,10 @@ Scheduler invariants:
 8. `self._slots` is ordered by `id`, a slot's sequence id. Ids change only in `_swap`, between
    steps, and the KV moves with them. Before every decode `_compact` has given the active slots
    consecutive ids (unless llama.cpp refused to copy a state).
+9. `slot.opening` is non-empty only on a free slot whose last reply ended (at end of turn or at
+   max_tokens; then the reply's last token, emitted but not decoded, comes first). It is
+   decoded (at positions `len(cached)` on) only after the scheduler has waited AHEAD_IDLE_SECONDS
+   with nothing to do, and dropped when the slot is taken, wiped or its session forgotten.
 
 Saved states: a slot that last served a session is taken over by another request when the slots
 run out, and its history would then be prefilled again on that session's next turn. So before a
@@ -52,6 +56,14 @@ another slot's. Rather than take that slot over (throwing its history away) or p
 again, `_copy_prefix` copies the other slot's sequence state into the chosen slot and trims it to
 the shared prefix; the source slot is untouched, even if it is mid-generation (between steps its
 `cached` matches its KV, invariant 2).
+
+Turn openings: a finished reply is usually followed by the same conversation's next turn, whose
+prompt goes on after the reply with the template's closing and next header
+(ChatML: `<|im_end|>\\n<|im_start|>user\\n`, 5 of the ~24 tokens a short turn adds). Those
+tokens are known as soon as the reply ends, so once the server has been idle for a moment (a
+person reading the reply) they are decoded into the slot, and the next turn finds them in its
+common prefix. A next prompt that goes on differently only trims them again. Never while other
+work waits: a request that arrives during that decode waits for one small batch at most.
 
 Batching and prefix reuse change only how the same tokens are grouped into llama_decode calls.
 Whether that leaves greedy output bit-identical depends on llama.cpp's CPU kernels for the
@@ -91,6 +103,9 @@ PENALTY_LAST_N = 64  # tokens the repeat/presence/frequency penalties look back 
 MIN_SAVED_TOKENS = 16
 # A prefix another slot holds is copied (a memcpy of its KV) when it spares at least this much prefill.
 MIN_COPIED_TOKENS = 16
+# Idle this long after a reply ends, the scheduler decodes the opening of the conversation's next turn.
+# Longer than a client takes to send its next request, far shorter than a person takes to write one.
+AHEAD_IDLE_SECONDS = 0.1
 
 
 def _cpu_count() -> int:
@@ -129,6 +144,7 @@ class _Slot:
     admitted: int = 0  # admission order, for fair prefill
     pending: list[int] = field(default_factory=list)  # prompt tokens still to prefill
     next_token: int | None = None  # sampled, emitted, not yet decoded
+    opening: list[int] = field(default_factory=list)  # the next turn's opening, to decode when idle
     generated: int = 0
     sampler: Any = None
     decoder: Any = None  # incremental UTF-8 decoder: holds back an incomplete character
@@ -161,6 +177,7 @@ class LlamaCppEngine(Engine):
         self._memory = file_size + self.n_ctx * model.kv_bytes_per_token()
         self._n_batch = n_batch
         self._batch = llc.llama_batch_init(n_batch, 0, 1)
+        self._opening = model.turn_opening()[: n_batch // 2]
         self._slots = [_Slot(i) for i in range(int(llc.llama_n_seq_max(ctx)))]
         self.slots = len(self._slots)  # generations that run at once, for the server's admission cap
         self._ticks = itertools.count(1)
@@ -172,6 +189,7 @@ class LlamaCppEngine(Engine):
             "copied_tokens": 0,  # reused from another slot's KV (a shared prefix)
             "saved_states": 0,
             "moved_slots": 0,  # swaps by _compact
+            "ahead_tokens": 0,  # turn openings decoded while idle
             "generated_tokens": 0,
             "steps": 0,
         }
@@ -360,8 +378,15 @@ class LlamaCppEngine(Engine):
             if not free:
                 return True
             try:
-                job = self._jobs.get_nowait() if self._active() else self._jobs.get()
+                if self._active():
+                    job = self._jobs.get_nowait()
+                elif any(s.opening for s in self._slots):
+                    job = self._jobs.get(timeout=AHEAD_IDLE_SECONDS)
+                else:
+                    job = self._jobs.get()
             except queue.Empty:
+                if not self._active():
+                    self._decode_openings()  # idle for a while: nobody waits for this decode
                 return True
             if job is None or self._closed.is_set():
                 if job is not None:
@@ -443,7 +468,7 @@ class LlamaCppEngine(Engine):
             self.stats["restored_tokens"] += keep
         elif copied:
             self.stats["copied_tokens"] += keep
-        slot.job, slot.session_id = job, session
+        slot.job, slot.session_id, slot.opening = job, session, []
         job.cached_tokens = keep
         slot.admitted = slot.last_used = next(self._ticks)
         slot.pending = list(prompt[keep:])
@@ -543,7 +568,7 @@ class LlamaCppEngine(Engine):
             forgotten, self._forgotten = self._forgotten, set()
         for slot in self._slots:
             if slot.session_id in forgotten:
-                slot.session_id = None
+                slot.session_id, slot.opening = None, []
         return forgotten
 
     def _persist(self) -> None:
@@ -729,23 +754,63 @@ class LlamaCppEngine(Engine):
         self.stats["generated_tokens"] += 1
         job.emit(slot.decoder.decode(self.model.piece(token)), slot.generated)
         if slot.generated >= job.request.params.max_tokens or len(slot.cached) >= self.context_length:
-            return self._finish(slot, "length")
+            return self._finish(slot, "length", token)
         slot.next_token = token
 
-    def _finish(self, slot: _Slot, reason: str) -> None:
+    def _finish(self, slot: _Slot, reason: str, undecoded: int | None = None) -> None:
+        """End the slot's job; `undecoded` is the reply's last token when it was emitted but not decoded."""
         job = slot.job
         assert job is not None
         job.emit(slot.decoder.decode(b"", final=True), slot.generated)
         job.finish(reason, slot.generated)
         self._release(slot)
+        # The conversation's next turn, if it comes, goes on after the reply with the turn opening.
+        opening = ([] if undecoded is None else [undecoded]) + self._opening
+        if self._opening and len(slot.cached) + len(opening) < self.context_length:
+            slot.opening = opening
+
+    def _decode_openings(self) -> None:
+        """Decode the waiting turn openings in one batch, without logits (idle time only, invariant 9)."""
+        llc, batch = self._llc, self._batch
+        slots: list[_Slot] = []
+        n = 0
+        for slot in self._slots:
+            if slot.opening and slot.job is None and n + len(slot.opening) <= self._n_batch:
+                for j, tok in enumerate(slot.opening):
+                    batch.token[n] = tok
+                    batch.pos[n] = len(slot.cached) + j
+                    batch.n_seq_id[n] = 1
+                    batch.seq_id[n][0] = slot.id
+                    batch.logits[n] = False
+                    n += 1
+                slots.append(slot)
+        if not slots:
+            return
+        batch.n_tokens = n
+        try:
+            rc = llc.llama_decode(self._ctx, batch)
+        except Exception:  # the scheduler must survive it: the slots are wiped below
+            log.exception("llama_decode of turn openings failed")
+            rc = -1
+        else:
+            if rc != 0:
+                log.warning("llama_decode of turn openings failed (code %d)", rc)
+        for slot in slots:
+            if rc != 0:
+                self._wipe(slot)  # invariant 2: a failed decode leaves no partial sequence behind
+                continue
+            slot.cached.extend(slot.opening)
+            self.stats["ahead_tokens"] += len(slot.opening)
+            slot.opening = []
 
     def _release(self, slot: _Slot) -> None:
         if slot.sampler is not None:
             self._llc.llama_sampler_free(slot.sampler)
         slot.job, slot.sampler, slot.decoder, slot.next_token = None, None, None, None
-        slot.pending = []
+        slot.pending, slot.opening = [], []
         slot.last_used = next(self._ticks)
 
     def _wipe(self, slot: _Slot) -> None:
         self._llc.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
         slot.cached.clear()
+        slot.opening = []
