@@ -196,9 +196,13 @@ def single_stream(base: str, max_tokens: int, repeats: int = 3) -> dict[str, flo
 TOPICS = ["gardening", "astronomy", "cooking pasta", "learning the guitar"]
 
 
-def conversations(base: str, n_conv: int = 4, turns: int = 10, max_tokens: int = 48) -> dict[str, Any]:
+def conversations(
+    base: str, n_conv: int = 4, turns: int = 10, max_tokens: int = 48, think: float = 0.0
+) -> dict[str, Any]:
     """n_conv conversations interleaved turn by turn, each resending its whole history (OpenAI style).
 
+    With think > 0 each request waits that many seconds after the previous reply, as a person
+    reading it would; with 0 the requests follow each other at once, as a script's would.
     Returns TTFT per turn (median over conversations), conversation 0's prompt sizes, and how many
     of those prompt tokens the server computed rather than took from its cache, where it says.
     """
@@ -210,6 +214,7 @@ def conversations(base: str, n_conv: int = 4, turns: int = 10, max_tokens: int =
         for c in range(n_conv):
             question = f"Tell me one more thing about {TOPICS[c % len(TOPICS)]} (point {turn + 1})."
             histories[c].append({"role": "user", "content": question})
+            time.sleep(think)
             r = stream_chat(base, histories[c], max_tokens)
             if not r.ok:
                 raise RuntimeError(f"conversation request failed: {r.status} {r.error}")
@@ -222,6 +227,7 @@ def conversations(base: str, n_conv: int = 4, turns: int = 10, max_tokens: int =
     return {
         "conversations": n_conv,
         "turns": turns,
+        "think_s": think,
         "ttft_per_turn": per_turn,
         "ttft_turn10_over_turn1": round(per_turn[-1] / per_turn[0], 3) if per_turn[0] else None,
         "prompt_tokens_per_turn_conv0": prompt_tokens,

@@ -36,6 +36,7 @@ from . import loadgen
 ROOT = Path(__file__).resolve().parent.parent
 CTX = 8192
 PARALLEL = 8
+THINK_S = 0.5  # the paced conversations' pause before each turn, a person reading the reply
 
 
 def model_path(name: str) -> Path:
@@ -112,6 +113,7 @@ def bench_server(name: str, cmd: list[str], url: str, quick: bool) -> dict[str, 
         result["single_stream"] = loadgen.single_stream(url, 128, repeats=2 if quick else 3)
         result["concurrency"] = [loadgen.as_dict(loadgen.concurrent(url, n, 1 if quick else 2, 64)) for n in (1, 4, 8)]
         result["conversations"] = loadgen.conversations(url, 4, 10, 32 if quick else 48)
+        result["conversations_paced"] = loadgen.conversations(url, 4, 10, 32 if quick else 48, think=THINK_S)
         result["peak_rss_mb"] = peak_rss_mb(proc.pid)
         return result
     finally:
