@@ -14,6 +14,7 @@ import json
 import statistics
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -194,10 +195,16 @@ def single_stream(base: str, max_tokens: int, repeats: int = 3) -> dict[str, flo
 
 
 TOPICS = ["gardening", "astronomy", "cooking pasta", "learning the guitar"]
+PACED_TOPICS = ["baking bread", "birdwatching", "learning French", "sailing"]  # not in any cache yet
 
 
 def conversations(
-    base: str, n_conv: int = 4, turns: int = 10, max_tokens: int = 48, think: float = 0.0
+    base: str,
+    n_conv: int = 4,
+    turns: int = 10,
+    max_tokens: int = 48,
+    think: float = 0.0,
+    topics: Sequence[str] = TOPICS,
 ) -> dict[str, Any]:
     """n_conv conversations interleaved turn by turn, each resending its whole history (OpenAI style).
 
@@ -212,7 +219,7 @@ def conversations(
     computed: list[int | None] = []
     for turn in range(turns):
         for c in range(n_conv):
-            question = f"Tell me one more thing about {TOPICS[c % len(TOPICS)]} (point {turn + 1})."
+            question = f"Tell me one more thing about {topics[c % len(topics)]} (point {turn + 1})."
             histories[c].append({"role": "user", "content": question})
             time.sleep(think)
             r = stream_chat(base, histories[c], max_tokens)

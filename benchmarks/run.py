@@ -113,7 +113,9 @@ def bench_server(name: str, cmd: list[str], url: str, quick: bool) -> dict[str, 
         result["single_stream"] = loadgen.single_stream(url, 128, repeats=2 if quick else 3)
         result["concurrency"] = [loadgen.as_dict(loadgen.concurrent(url, n, 1 if quick else 2, 64)) for n in (1, 4, 8)]
         result["conversations"] = loadgen.conversations(url, 4, 10, 32 if quick else 48)
-        result["conversations_paced"] = loadgen.conversations(url, 4, 10, 32 if quick else 48, think=THINK_S)
+        result["conversations_paced"] = loadgen.conversations(
+            url, 4, 10, 32 if quick else 48, think=THINK_S, topics=loadgen.PACED_TOPICS
+        )
         result["peak_rss_mb"] = peak_rss_mb(proc.pid)
         return result
     finally:
