@@ -471,6 +471,26 @@ def test_a_turn_queued_before_its_reset_leaves_no_state_behind(gguf: Path, tmp_p
     assert engine._disk.tokens("X") and engine._disk.tokens("T")  # the other sessions' states are kept
 
 
+def test_a_turn_after_a_reset_is_the_sessions_again(gguf: Path, tmp_path: Path) -> None:
+    """The first turn after a reset belongs to the session: when another conversation takes its
+    slot, its KV is kept for the session's next turn."""
+    engine = load(gguf, n_parallel=1, kv_cache_mb=64)
+    store = SQLiteStore(tmp_path / "sessions.db")
+    service = SessionService(store, lambda: engine)
+    try:
+        collect(service.chat("S", "Write a long story about a dragon.", greedy_params(20)))
+        service.reset("S")
+        collect(service.chat("S", "Write a long story about rain.", greedy_params(20)))
+        collect(service.chat("T", "Describe Rome in detail.", greedy_params(20)))  # takes S's slot
+        saved = engine._saved_tokens("S")
+        assert saved is not None
+        text = engine.model.detokenize(saved)
+        assert "about rain" in text and "dragon" not in text  # the new conversation, not the forgotten one
+    finally:
+        engine.close()
+        store.close()
+
+
 def test_saved_states_stay_within_their_byte_bound(gguf: Path) -> None:
     bound_mb = 4
     single = load(gguf, n_parallel=1, kv_cache_mb=bound_mb)

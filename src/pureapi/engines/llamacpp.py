@@ -129,9 +129,10 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class _SessionJob(_Job):
     """A job and the session whose KV it may keep: none once that session is reset before it starts."""
 
-    def __init__(self, request: GenerationRequest):
+    def __init__(self, request: GenerationRequest, number: int):
         super().__init__(request)
         self.session = request.session_id
+        self.number = number  # submission order
 
 
 @dataclass
@@ -201,15 +202,18 @@ class LlamaCppEngine(Engine):
         self._saved_bytes = 0
         self._saved_limit = kv_cache_mb * 1024 * 1024
         self._disk = disk  # states that leave RAM, and every session's state at shutdown
-        self._forgotten: set[str] = set()  # sessions reset since the scheduler's last step
+        # Sessions reset since the scheduler's last admission -> the last job number submitted before.
+        self._forgotten: dict[str, int] = {}
         # Guards _saved, _saved_bytes, _forgotten and the disk folder: forget() runs on request threads.
         self._saved_lock = threading.Lock()
         # Bounded so that overload is answered with 503 at once instead of an ever-growing wait.
         self._jobs: queue.Queue[_SessionJob | None] = queue.Queue(maxsize=max_queue)
         # Set once by close(): generate() refuses new work and the scheduler winds down.
         self._closed = threading.Event()
-        # Orders generate()'s enqueue against close(), so no job slips in after close's final drain.
+        # Orders generate()'s enqueue against close(), so no job slips in after close's final drain,
+        # and against forget(), which must see every job submitted before it (numbered in order).
         self._submit_lock = threading.Lock()
+        self._submitted = 0
         # The scheduler: the only thread that touches the context, the batch and the samplers.
         self._thread = threading.Thread(target=self._loop, name="llamacpp-scheduler", daemon=True)
         self._thread.start()
@@ -294,10 +298,11 @@ class LlamaCppEngine(Engine):
             raise ContextOverflow(
                 f"the prompt is {len(request.prompt_ids)} tokens but the context is {self.context_length} tokens"
             )
-        job = _SessionJob(request)
         with self._submit_lock:
             if not self.ready():
                 raise NotReady("the model is not loaded")
+            self._submitted += 1
+            job = _SessionJob(request, self._submitted)
             try:
                 self._jobs.put_nowait(job)
             except queue.Full:
@@ -397,8 +402,9 @@ class LlamaCppEngine(Engine):
             if job.request.cancel.is_set():
                 job.fail(Cancelled("cancelled before it started"))
                 continue
-            if job.session in self._apply_forgets():  # before a slot is picked by its session
-                job.session = None  # reset after it was queued: its KV is not the session's any more
+            forgotten = self._apply_forgets()  # before a slot is picked by its session
+            if job.session in forgotten and job.number <= forgotten[job.session]:
+                job.session = None  # submitted before its session's reset: its KV is not the session's
             slot = self._pick(free, job)
             try:
                 self._start(slot, job)
@@ -554,20 +560,22 @@ class LlamaCppEngine(Engine):
             self._drop_saved(session_id)
             if self._disk is not None:
                 self._disk.drop(session_id)
-            self._forgotten.add(session_id)
-            with self._jobs.mutex:  # the scheduler reads a job's session only after taking it off
+            # No job is between numbering and the queue while the submit lock is held; the
+            # scheduler reads a job's session only after taking it off the queue.
+            with self._submit_lock, self._jobs.mutex:
+                self._forgotten[session_id] = self._submitted
                 for job in self._jobs.queue:
                     if job is not None and job.session == session_id:
                         job.session = None
 
-    def _apply_forgets(self) -> set[str]:
+    def _apply_forgets(self) -> dict[str, int]:
         """Scheduler thread: slots of forgotten sessions stop being theirs (so their KV is never saved).
 
-        Returns the sessions forgotten since the last call, for the job being admitted (taken off the
-        queue before `forget` could see it).
+        Returns the sessions forgotten since the last call, each with the last job number submitted
+        before its reset, for the job being admitted (taken off the queue before `forget` looked).
         """
         with self._saved_lock:
-            forgotten, self._forgotten = self._forgotten, set()
+            forgotten, self._forgotten = self._forgotten, {}
         for slot in self._slots:
             if slot.session_id in forgotten:
                 slot.session_id, slot.opening = None, []
