@@ -731,14 +731,7 @@ class LlamaCppEngine(Engine):
         for seq in sorted(work):
             slot, tokens, prefill = work[seq]
             logits_last = not prefill or len(tokens) == len(slot.pending)
-            base = len(slot.cached)
-            for j, tok in enumerate(tokens):
-                batch.token[n] = tok
-                batch.pos[n] = base + j
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = seq
-                batch.logits[n] = logits_last and j == len(tokens) - 1
-                n += 1
+            n = self._add_to_batch(n, slot, tokens, logits_last)
             plan.append((slot, tokens, prefill, n - 1 if logits_last else -1))
         batch.n_tokens = n
         rc = llc.llama_decode(self._ctx, batch)
@@ -752,6 +745,18 @@ class LlamaCppEngine(Engine):
                 self.stats["prefilled_tokens"] += len(tokens)
             if out >= 0:
                 self._accept(slot, int(llc.llama_sampler_sample(slot.sampler, self._ctx, out)))
+
+    def _add_to_batch(self, n: int, slot: _Slot, tokens: list[int], logits_last: bool) -> int:
+        """Put tokens of the slot's sequence at batch rows n.., after its cached ones; the next free row."""
+        batch, base = self._batch, len(slot.cached)
+        for j, tok in enumerate(tokens):
+            batch.token[n] = tok
+            batch.pos[n] = base + j
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = slot.id
+            batch.logits[n] = logits_last and j == len(tokens) - 1
+            n += 1
+        return n
 
     def _accept(self, slot: _Slot, token: int) -> None:
         """Handle a sampled token: stop on end-of-generation, else emit its text and queue its decode."""
@@ -786,13 +791,7 @@ class LlamaCppEngine(Engine):
         n = 0
         for slot in self._slots:
             if slot.opening and slot.job is None and n + len(slot.opening) <= self._n_batch:
-                for j, tok in enumerate(slot.opening):
-                    batch.token[n] = tok
-                    batch.pos[n] = len(slot.cached) + j
-                    batch.n_seq_id[n] = 1
-                    batch.seq_id[n][0] = slot.id
-                    batch.logits[n] = False
-                    n += 1
+                n = self._add_to_batch(n, slot, slot.opening, logits_last=False)
                 slots.append(slot)
         if not slots:
             return
