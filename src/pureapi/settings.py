@@ -12,6 +12,13 @@ from pydantic import BaseModel, Field
 ENV_PREFIX = "PUREAPI_"
 
 
+def default_cache_dir() -> Path:
+    """The per-user cache directory (converted weights, start-up check verdicts)."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("pureapi", appauthor=False))
+
+
 def default_data_dir() -> Path:
     """The per-user data directory (sessions database, converted-weights cache)."""
     import platformdirs
@@ -107,11 +114,7 @@ class Settings(BaseModel):
 
     def weights_cache_dir(self) -> Path:
         """Folder for converted weights, defaulted."""
-        if self.cache_dir is not None:
-            return self.cache_dir
-        import platformdirs
-
-        return Path(platformdirs.user_cache_dir("pureapi", appauthor=False)) / "converted"
+        return self.cache_dir if self.cache_dir is not None else default_cache_dir() / "converted"
 
 
 def _flag(name: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..models.resolve import ResolvedModel, resolve_model
-from ..settings import Settings
+from ..settings import Settings, default_cache_dir
 from .base import Engine
 
 
@@ -23,7 +23,15 @@ def _transformers(settings: Settings, model: ResolvedModel) -> Engine:
 
 def _llamacpp(settings: Settings, model: ResolvedModel) -> Engine:
     from .llamacpp import LlamaCppEngine
+    from .preflight import check_llamacpp
 
+    # A build that crashes on this CPU kills a child process here, not the server (once per build).
+    check_llamacpp(
+        model.path,
+        flash_attn=settings.flash_attn == "on",
+        threads=settings.cpu_threads,
+        verdicts=default_cache_dir() / "preflight",
+    )
     parallel = settings.parallel or min(4, settings.threads)
     return LlamaCppEngine.load(
         model,

@@ -1,0 +1,239 @@
+"""Start-up check of the llama.cpp build: load the model and decode in a child process first.
+
+llama-cpp-python compiles llama.cpp with `-march=native`. Some VMs advertise CPU features they do
+not run (AMX on cloud Xeons): the first `llama_decode` then dies with SIGILL or SIGSEGV, and a
+server that decoded in its own process would vanish without a word. The child takes that death;
+the server turns it into one line that says what happened and the command that fixes it. A build
+that passed is remembered by the identity of its library files and the model file, so later starts
+skip the child.
+
+`python -m pureapi.engines.preflight MODEL.gguf [--flash-attn on|off] [--threads N]` is the child.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import ModelLoadError
+
+# Stages the child reports on stdout, one line each, so the parent knows where a crash happened.
+LOADED = "preflight: loaded"
+DECODED = "preflight: decoded"
+CHILD_TIMEOUT_S = 600  # a 70B GGUF can take minutes to map; a hang beyond this is reported, not waited out
+
+# /proc/cpuinfo flag -> ggml's CMake option: the build for exactly what this CPU lists, AMX left out.
+# Each is set ON or OFF explicitly: with GGML_NATIVE=OFF, ggml turns SSE4.2/AVX/AVX2/BMI2/FMA/F16C on
+# by default, which a CPU without them cannot run either.
+_CPU_FLAGS = {
+    "sse4_2": "GGML_SSE42",
+    "avx": "GGML_AVX",
+    "avx2": "GGML_AVX2",
+    "fma": "GGML_FMA",
+    "f16c": "GGML_F16C",
+    "bmi2": "GGML_BMI2",
+    "avx_vnni": "GGML_AVX_VNNI",
+    "avx512f": "GGML_AVX512",
+    "avx512vbmi": "GGML_AVX512_VBMI",
+    "avx512_vnni": "GGML_AVX512_VNNI",
+    "avx512_bf16": "GGML_AVX512_BF16",
+}
+
+
+def cpu_flags() -> set[str]:
+    """The feature flags the kernel lists for this CPU (empty where /proc/cpuinfo is absent)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cmake_args(flags: set[str]) -> str:
+    """CMAKE_ARGS for a llama.cpp build that uses only the features this CPU lists, never AMX."""
+    options = ["-DGGML_NATIVE=OFF"]
+    options += [f"-D{option}={'ON' if flag in flags else 'OFF'}" for flag, option in _CPU_FLAGS.items()]
+    return " ".join(options)
+
+
+def fix_command(flags: set[str] | None = None) -> str:
+    """The shell command that rebuilds llama-cpp-python for this CPU, bypassing pip's wheel cache."""
+    version = _installed_version()
+    package = f"llama-cpp-python=={version}" if version else "llama-cpp-python"
+    args = cmake_args(cpu_flags() if flags is None else flags)
+    # pip's wheel cache ignores CMAKE_ARGS, so without --no-cache-dir it would hand back the broken build.
+    return f'CMAKE_ARGS="{args}" pip install --no-cache-dir --force-reinstall --no-deps {package}'
+
+
+def _installed_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama-cpp-python")
+    except PackageNotFoundError:
+        return None
+
+
+def library_identity() -> list[tuple[str, int, int]]:
+    """Name, size and mtime of every file of the installed llama_cpp package (its compiled libraries
+    included): a rebuild or reinstall changes it. Found without importing the package."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    files: list[tuple[str, int, int]] = []
+    for folder in spec.submodule_search_locations:
+        for root, _dirs, names in os.walk(folder):
+            for name in names:
+                if name.endswith((".so", ".dylib", ".dll", ".py")) or ".so." in name:
+                    path = Path(root, name)
+                    st = path.stat()
+                    files.append((str(path), st.st_size, st.st_mtime_ns))
+    return sorted(files)
+
+
+def _verdict_key(model: Path, flash_attn: bool, threads: int | None) -> str:
+    st = model.stat()
+    ident = {
+        "library": library_identity(),
+        "model": [str(model.resolve()), st.st_size, st.st_mtime_ns],
+        "flash_attn": flash_attn,
+        "threads": threads,
+        "python": sys.executable,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _signal_name(returncode: int) -> str:
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def check_llamacpp(model: Path, *, flash_attn: bool, threads: int | None, verdicts: Path) -> bool:
+    """Raise ModelLoadError (one line) if loading `model` or decoding with it kills a process.
+
+    Returns whether the child decoded. Errors that llama.cpp reports without crashing (a damaged
+    file it refuses) return False and are left to the real load, which words them already."""
+    key = _verdict_key(model, flash_attn, threads)
+    stamp = verdicts / key
+    if stamp.is_file():
+        return True
+    cmd = [sys.executable, "-m", "pureapi.engines.preflight", str(model), "--flash-attn", "on" if flash_attn else "off"]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    env = dict(os.environ)
+    # The child must import this very pureapi, also when it runs from a plain checkout.
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise ModelLoadError(
+            f"model file {model}: llama.cpp did not load it and decode a token within {CHILD_TIMEOUT_S} s"
+        ) from None
+    if proc.returncode < 0:
+        crash = _signal_name(proc.returncode)
+        if LOADED not in proc.stdout:
+            raise ModelLoadError(f"model file {model}: llama.cpp crashed ({crash}) while loading it")
+        amx = " (this CPU lists AMX, which some VMs advertise but do not run)" if "amx_tile" in cpu_flags() else ""
+        raise ModelLoadError(
+            f"llama.cpp crashed ({crash}) at its first decode: the installed llama-cpp-python was built for "
+            f"CPU instructions this machine cannot run{amx}; rebuild it for this CPU with: {fix_command()}"
+        )
+    if proc.returncode == 0 and DECODED in proc.stdout:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(proc.stdout)
+        return True
+    return False
+
+
+def _child(model: str, flash_attn: bool, threads: int | None) -> int:
+    """Load the model, decode a prompt and one more token, reporting each stage on stdout."""
+    import ctypes
+
+    import llama_cpp as llc
+
+    quiet = llc.llama_log_callback(lambda level, text, user_data: None)
+    llc.llama_log_set(quiet, ctypes.c_void_p(0))
+    llc.llama_backend_init()
+    mparams = llc.llama_model_default_params()
+    mparams.n_gpu_layers = 0
+    m = llc.llama_model_load_from_file(model.encode(), mparams)
+    if not m:
+        return 3  # refused, not crashed: the real load says why
+    cparams = llc.llama_context_default_params()
+    cparams.n_ctx = 256
+    cparams.n_batch = cparams.n_ubatch = 512  # the engine's batch size, so the same kernels run
+    cparams.n_threads = cparams.n_threads_batch = threads or os.cpu_count() or 1
+    cparams.flash_attn_type = llc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = llc.llama_init_from_model(m, cparams)
+    if not ctx:
+        return 3
+    print(LOADED, flush=True)
+    vocab = llc.llama_model_get_vocab(m)
+    n_vocab = llc.llama_vocab_n_tokens(vocab)
+    prompt = [(i * 7919 + 13) % n_vocab for i in range(32)]  # any ids: this checks instructions, not text
+    tokens = (llc.llama_token * len(prompt))(*prompt)
+    if llc.llama_decode(ctx, llc.llama_batch_get_one(tokens, len(prompt))) != 0:
+        return 3
+    one = (llc.llama_token * 1)(prompt[0])
+    if llc.llama_decode(ctx, llc.llama_batch_get_one(one, 1)) != 0:
+        return 3
+    print(DECODED, flush=True)
+    llc.llama_free(ctx)
+    llc.llama_model_free(m)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`--verify [MODEL]`: check this build now (no remembered verdict); `--fix-command`: print the
+    rebuild command; a bare MODEL: be the child."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pureapi.engines.preflight",
+        description="Check that the installed llama.cpp build runs on this CPU.",
+    )
+    parser.add_argument("model", nargs="?", help="a .gguf file (default with --verify: the embedded model)")
+    parser.add_argument("--verify", action="store_true", help="run the check in a child process and report")
+    parser.add_argument("--fix-command", action="store_true", help="print the command that rebuilds for this CPU")
+    parser.add_argument("--flash-attn", choices=["on", "off"], default="on")
+    parser.add_argument("--threads", type=int, default=None)
+    ns = parser.parse_args(argv)
+    if ns.fix_command:
+        print(fix_command())
+        return 0
+    if ns.verify:
+        from ..models.resolve import resolve_model
+
+        try:
+            model = Path(ns.model) if ns.model else resolve_model("smollm2").path
+            with tempfile.TemporaryDirectory() as scratch:
+                decoded = check_llamacpp(
+                    model, flash_attn=ns.flash_attn == "on", threads=ns.threads, verdicts=Path(scratch)
+                )
+        except ModelLoadError as exc:
+            print(f"pureapi: {exc}", file=sys.stderr)
+            return 1
+        if not decoded:
+            print(f"pureapi: model file {model}: llama.cpp cannot load it or decode with it", file=sys.stderr)
+            return 1
+        print(f"llama.cpp ({_installed_version()}) loads and decodes {model.name} on this CPU")
+        return 0
+    if not ns.model:
+        parser.error("a model file is needed")
+    return _child(ns.model, ns.flash_attn == "on", ns.threads)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
