@@ -13,6 +13,7 @@ from .chat.sessions import SessionService
 from .chat.store import SessionStore, SQLiteStore
 from .engines.base import Engine
 from .errors import PureAPIError
+from .metrics import Metrics
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,12 +26,16 @@ class AppState:
     settings: Settings
     store: SessionStore
     engine: Engine | None = None
+    load_seconds: float | None = None  # how long the engine took to load, once it has
     sessions: SessionService = field(init=False)
+    metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
         self.sessions = SessionService(
             self.store, lambda: self.engine, self.settings.max_rounds, self.settings.max_queue
         )
+        self.metrics = Metrics(self)
+        self.sessions.metrics = self.metrics
 
 
 def create_app(
@@ -44,14 +49,17 @@ def create_app(
     state = AppState(settings=settings, store=store or SQLiteStore(settings.db_path()), engine=engine)
     app.extensions["pureapi"] = state
 
-    from . import security
-    from .api import openai, openapi, seed
+    from . import logs, metrics, security
+    from .api import openai, openapi, seed, sessions
 
+    logs.install(app)  # first, so that even a request the guard refuses has an id
+    metrics.install(app, state.metrics)
     security.install(app, settings)
 
     app.register_blueprint(seed.bp)
     app.register_blueprint(openai.bp)
     app.register_blueprint(openapi.bp)
+    app.register_blueprint(sessions.bp)
 
     app.register_error_handler(PureAPIError, _pureapi_error)
     app.register_error_handler(HTTPException, _http_error)

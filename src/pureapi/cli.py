@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from pydantic import ValidationError
 
-from . import __version__
+from . import __version__, logs
 from .settings import add_settings_arguments, settings_from_args
 
 
@@ -28,10 +27,7 @@ def run_serve(argv: list[str] | None = None, prog: str = "pureapi serve") -> int
         err = exc.errors(include_url=False)[0]
         print(f"{prog}: --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(settings.log_level, settings.log_format)
     from .server import serve
 
     return serve(settings)

@@ -44,6 +44,20 @@ class ForbiddenHost(PureAPIError):
     type = "permission_error"
 
 
+class NotFound(PureAPIError):
+    """The named resource (a session) does not exist."""
+
+    status = 404
+    type = "not_found_error"
+
+
+class Conflict(PureAPIError):
+    """The request conflicts with the resource's state (an id taken, an Idempotency-Key reused differently)."""
+
+    status = 409
+    type = "invalid_request_error"
+
+
 class UnsupportedMediaType(PureAPIError):
     """The body is not JSON."""
 

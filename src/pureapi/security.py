@@ -38,6 +38,7 @@ def install(app: Flask, settings: Settings) -> None:
     keys = [k.encode() for k in settings.api_key if k]
     allowed = {h.lower() for h in settings.allowed_hosts}
     check_host = is_loopback(settings.host) or bool(allowed)
+    open_paths = OPEN_PATHS | ({"/metrics"} if settings.metrics_public else set())
 
     @app.before_request
     def _guard() -> None:
@@ -45,7 +46,7 @@ def install(app: Flask, settings: Settings) -> None:
             name = host_name(request.host)
             if not (name in allowed or "*" in allowed or (is_loopback(settings.host) and is_loopback(name))):
                 raise ForbiddenHost(f"host '{name}' is not allowed (see --allowed-hosts)")
-        if not keys or request.path in OPEN_PATHS or request.method == "OPTIONS":
+        if not keys or request.path in open_paths or request.method == "OPTIONS":
             return
         auth = request.headers.get("Authorization", "")
         scheme, _, token = auth.partition(" ")
@@ -74,6 +75,7 @@ def install(app: Flask, settings: Settings) -> None:
             origins=origins,
             send_wildcard=wildcard,
             always_send=False,
-            allow_headers=["Authorization", "Content-Type"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id", "Idempotency-Key"],
+            expose_headers=["X-Request-Id"],
             max_age=600,
         )

@@ -11,6 +11,7 @@ import time
 from types import FrameType
 
 from .app import AppState, create_app
+from .chat.sessions import SessionExpirer
 from .chat.store import SQLiteStore, StoreError
 from .engines.base import GenerationRequest, Message, SamplingParams
 from .engines.registry import load_engine, resolve
@@ -36,6 +37,7 @@ def _load(state: AppState, model: ResolvedModel, failed: list[str]) -> None:
         log.debug("model load failed", exc_info=True)
         failed.append(f"model {settings.model}: failed to load ({type(exc).__name__}: {exc})".splitlines()[0])
     else:
+        state.load_seconds = time.monotonic() - started
         state.engine = engine
         log.info(
             "ready: %s on %s (%s engine, context %d) in %.1fs",
@@ -43,7 +45,7 @@ def _load(state: AppState, model: ResolvedModel, failed: list[str]) -> None:
             engine.device,
             engine.name,
             engine.context_length,
-            time.monotonic() - started,
+            state.load_seconds,
         )
         return
     _thread.interrupt_main()  # wake the server loop in the main thread so the process exits
@@ -86,6 +88,7 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     failed: list[str] = []
+    expirer = SessionExpirer(state.sessions, settings.session_ttl).start() if settings.session_ttl > 0 else None
     threading.Thread(target=_load, args=(state, model, failed), name="model-loader", daemon=True).start()
     log.info("listening on http://%s:%d (model %s loading)", settings.host, settings.port, settings.model)
     try:
@@ -95,6 +98,8 @@ def serve(settings: Settings) -> int:
     finally:
         log.info("shutting down")
         server.close()
+        if expirer is not None:
+            expirer.stop()
         if state.engine is not None:
             state.engine.close()
         store.close()

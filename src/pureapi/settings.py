@@ -101,7 +101,19 @@ class Settings(BaseModel):
         description="Extra Host header names accepted; when bound to loopback only localhost names are by default "
         "(a DNS-rebinding defence).",
     )
+    session_ttl: float = Field(
+        0,
+        ge=0,
+        description="Seconds a session may stay idle before it is deleted (checked in the background); 0 keeps "
+        "sessions forever.",
+    )
+    metrics_public: bool = Field(
+        False, description="Serve /metrics without an API key (for a Prometheus that holds none)."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text for people, or one JSON object a line for machines."
+    )
 
     def db_path(self) -> Path:
         """The sessions database path, defaulted."""
@@ -133,6 +145,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["choices"] = list(get_args(annotation))
         if get_origin(annotation) is list:
             kwargs["action"] = "append"
+        if annotation is bool:
+            kwargs["action"] = "store_true"
         parser.add_argument(_flag(name), help=help_text, **kwargs)
 
 

@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, TypeVar
 
-from flask import Response, current_app, request
+from flask import Response, current_app, request, stream_with_context
 from pydantic import BaseModel, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from ..chat.sessions import SessionService
@@ -173,7 +173,7 @@ def sse(data: Any) -> str:
 def sse_response(events: Iterator[str]) -> Response:
     """A streaming text/event-stream response that proxies must not buffer."""
     return Response(
-        events,
+        stream_with_context(events),  # keeps the request (and its id, for log lines) while streaming
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

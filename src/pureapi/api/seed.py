@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import re
 from collections.abc import Iterator
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -10,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_
 
 from ..chat.sessions import DEFAULT_SESSION
 from ..engines.base import Chunk, SamplingParams
+from ..errors import BadRequest
 from .common import (
     MaxTokens,
     SessionId,
@@ -26,6 +30,9 @@ from .common import (
 
 log = logging.getLogger(__name__)
 bp = Blueprint("seed", __name__)
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+_SANE_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 
 class ChatRequest(BaseModel):
@@ -81,16 +88,37 @@ class StatusResponse(BaseModel):
     memory_allocated: int
 
 
+def idempotency(body: BaseModel) -> tuple[str, str] | None:
+    """(Idempotency-Key, the request's fingerprint) if the client sent a key; a bad key is a 400."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    if not _SANE_KEY.fullmatch(key):
+        raise BadRequest(
+            f"{IDEMPOTENCY_HEADER} must be 1 to 255 printable ASCII characters, no spaces", param=IDEMPOTENCY_HEADER
+        )
+    # The fingerprint covers every field that shapes the reply, streaming aside (a retry may switch).
+    canonical = json.dumps(body.model_dump(exclude={"stream"}), sort_keys=True, separators=(",", ":"))
+    return key, hashlib.sha256(canonical.encode()).hexdigest()
+
+
 @bp.post("/chat")
 def chat() -> Response:
     body = validate(ChatRequest, json_body())
     params = SamplingParams(max_tokens=body.max_tokens, temperature=float(body.temperature))
-    chunks = sessions().chat(body.session_id or DEFAULT_SESSION, body.message, params)
+    session_id = body.session_id or DEFAULT_SESSION
+    key = idempotency(body)
+    replayed = key is not None and sessions().replay(session_id, *key) is not None
+    chunks = sessions().chat(session_id, body.message, params, idempotency=key)
     stream = primed(chunks)
     if not body.stream:
         text, _ = drain(stream)
-        return jsonify(ChatResponse(message=body.message, response=text).model_dump())
-    return sse_response(_stream(body.message, stream))
+        response = jsonify(ChatResponse(message=body.message, response=text).model_dump())
+    else:
+        response = sse_response(_stream(body.message, stream))
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
 
 
 def _stream(message: str, chunks: Iterator[Chunk]) -> Iterator[str]:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from ..engines.base import Chunk, Engine, GenerationRequest, Message, SamplingParams, close_stream, with_stops
-from ..errors import ContextOverflow, NotReady, Overloaded
-from .store import SessionStore
+from ..errors import BadRequest, Conflict, ContextOverflow, NotFound, NotReady, Overloaded
+from .store import SessionInfo, SessionStore
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SESSION = "default"
 TURN_WAIT_SECONDS = 600.0
@@ -56,13 +64,15 @@ def fit_window(
     tail: Sequence[Message],
     max_tokens: int,
     prompt_param: str = "message",
+    head: Sequence[Message] = (),
 ) -> list[int]:
     """Tokenize the newest rounds that fit the context with max_tokens left for the reply.
 
-    prompt_param names the request field that holds the prompt, for the error of a prompt too long.
+    prompt_param names the request field that holds the prompt, for the error of a prompt too long;
+    head (a session's system prompt) always stays in front.
     """
     for start in range(len(rounds) + 1):
-        messages = [m for pair in rounds[start:] for m in pair] + list(tail)
+        messages = list(head) + [m for pair in rounds[start:] for m in pair] + list(tail)
         ids = encode(messages)
         if len(ids) + max_tokens <= context_length:
             return ids
@@ -89,6 +99,10 @@ class _Admission:
         # Guards the counter; held only for the check-and-increment.
         self._lock = threading.Lock()
         self._in_flight = 0
+
+    def in_flight(self) -> int:
+        """Generations admitted and not yet closed."""
+        return self._in_flight
 
     @contextmanager
     def slot(self) -> Iterator[None]:
@@ -118,7 +132,9 @@ class SessionService:
         # The cancel events of the generations in flight, so that shutdown can stop them all.
         self._running_lock = threading.Lock()
         self._running: set[threading.Event] = set()
+        self._producing = 0  # generations past their first chunk, for the metrics
         self._closing = False
+        self.metrics: Metrics | None = None  # set by create_app
 
     def _admit(self, engine: Engine) -> _Admission:
         if self._admission is None:
@@ -145,6 +161,15 @@ class SessionService:
         for cancel in running:
             cancel.set()
 
+    def running(self) -> int:
+        """Generations producing tokens now."""
+        return self._producing
+
+    def waiting(self) -> int:
+        """Generations admitted and waiting for their first token (behind a session's turn or the engine's queue)."""
+        admitted = self._admission.in_flight() if self._admission is not None else 0
+        return max(0, admitted - self._producing)
+
     def engine(self) -> Engine:
         """The loaded engine, or NotReady while it loads."""
         engine = self._engine()
@@ -163,25 +188,58 @@ class SessionService:
         if engine is not None:
             engine.forget(session_id)  # its saved KV state holds the conversation's tokens too
 
-    def chat(self, session_id: str, message: str, params: SamplingParams) -> Iterator[Chunk]:
-        """Run one turn; the round is stored only if the reply completes. Early errors raise here."""
+    def chat(
+        self, session_id: str, message: str, params: SamplingParams, idempotency: tuple[str, str] | None = None
+    ) -> Iterator[Chunk]:
+        """Run one turn; the round is stored only if the reply completes. Early errors raise here.
+
+        With idempotency (key, request fingerprint), a turn already made with the key is answered from the
+        store and nothing is appended; the key with another request is a Conflict.
+        """
         engine = self.engine()
+        admitted = time.monotonic()
         # Admission and the session lock are held until the turn's stream is closed,
         # so the next turn on this session sees this one.
         hold = ExitStack()
         hold.enter_context(self._admit(engine).slot())
         try:
             hold.enter_context(self._locks.hold(session_id, TURN_WAIT_SECONDS))
+            if idempotency is not None:
+                # Checked again under the session lock: a retry racing the original waits for it here.
+                reply = self.replay(session_id, *idempotency)
+                if reply is not None:
+                    hold.close()
+                    return iter([Chunk(reply, "stop")])
             history, epoch = self.store.history(session_id)
+            info = self.store.get_session(session_id)
+            head = [Message("system", info.system_prompt)] if info is not None and info.system_prompt else []
             rounds = rounds_of(history)[-self.max_rounds :]
             prompt = fit_window(
-                engine.encode_chat, engine.context_length, rounds, [Message("user", message)], params.max_tokens
+                engine.encode_chat,
+                engine.context_length,
+                rounds,
+                [Message("user", message)],
+                params.max_tokens,
+                head=head,
             )
             stream = self._generate(engine, hold, GenerationRequest(prompt, params, session_id=session_id))
         except BaseException:
             hold.close()
             raise
-        return self._turn(stream, hold, session_id, message, epoch)
+        return self._turn(self._released(stream, hold, admitted), session_id, message, epoch, idempotency)
+
+    def replay(self, session_id: str, key: str, fingerprint: str) -> str | None:
+        """The stored reply of a turn made with this Idempotency-Key, None if there was none; Conflict if the
+        key was used with a different request."""
+        stored = self.store.idempotent_reply(session_id, key)
+        if stored is None:
+            return None
+        if stored[0] != fingerprint:
+            raise Conflict(
+                f"Idempotency-Key '{key}' was already used with a different request on session '{session_id}'",
+                param="Idempotency-Key",
+            )
+        return stored[1]
 
     def stateless(self, messages: Sequence[Message], params: SamplingParams, fill: bool = False) -> Iterator[Chunk]:
         """Generate for a whole conversation sent by the client (the OpenAI API); nothing is stored.
@@ -189,6 +247,7 @@ class SessionService:
         With fill, max_tokens is ignored and the reply may use the rest of the context.
         """
         engine = self.engine()
+        admitted = time.monotonic()
         hold = ExitStack()
         hold.enter_context(self._admit(engine).slot())
         try:
@@ -200,28 +259,141 @@ class SessionService:
         except BaseException:
             hold.close()
             raise
-        return self._released(stream, hold)
+        return self._released(stream, hold, admitted)
 
     def _generate(self, engine: Engine, hold: ExitStack, request: GenerationRequest) -> Iterator[Chunk]:
         """Start a tracked generation (shutdown can cancel it) with the request's stop strings applied."""
         hold.enter_context(self._tracked(request))
         return with_stops(engine.generate(request), request.params.stop)
 
-    @staticmethod
-    def _released(stream: Iterator[Chunk], hold: ExitStack) -> Generator[Chunk, None, None]:
+    def _released(self, stream: Iterator[Chunk], hold: ExitStack, admitted: float) -> Generator[Chunk, None, None]:
+        """The stream, releasing admission (and the session) when closed, with its metrics recorded."""
+        last: Chunk | None = None
         try:
-            yield from stream
+            for chunk in stream:
+                if last is None:
+                    with self._running_lock:
+                        self._producing += 1
+                    if self.metrics is not None:
+                        self.metrics.first_token(time.monotonic() - admitted)
+                last = chunk
+                yield chunk
         finally:
             close_stream(stream)
+            if last is not None:
+                with self._running_lock:
+                    self._producing -= 1
+            if self.metrics is not None:
+                self.metrics.generation_ended(last, last is not None and last.finish_reason is not None)
             hold.close()
 
     def _turn(
-        self, stream: Iterator[Chunk], hold: ExitStack, session_id: str, message: str, epoch: int
+        self,
+        chunks: Generator[Chunk, None, None],
+        session_id: str,
+        message: str,
+        epoch: int,
+        idempotency: tuple[str, str] | None,
     ) -> Iterator[Chunk]:
         parts: list[str] = []
-        with closing(self._released(stream, hold)) as chunks:
+        with closing(chunks):
             for chunk in chunks:
                 parts.append(chunk.text)
                 if chunk.finish_reason is not None:
-                    self.store.append_round(session_id, message, "".join(parts), epoch, self.max_rounds)
+                    self.store.append_round(
+                        session_id, message, "".join(parts), epoch, self.max_rounds, idempotency=idempotency
+                    )
                 yield chunk
+
+    # The sessions API.
+
+    def list_sessions(self, limit: int, after: str | None) -> tuple[list[SessionInfo], bool]:
+        """Sessions newest first, paged."""
+        if after is not None and self.store.get_session(after) is None:
+            raise BadRequest(f"after: no session '{after}' (deleted since?); start again from the first page")
+        return self.store.list_sessions(limit, after)
+
+    def get_session(self, session_id: str) -> tuple[SessionInfo, list[Message]]:
+        """A session's fields and its stored messages; NotFound if there is none."""
+        info = self.store.get_session(session_id)
+        if info is None:
+            raise NotFound(f"no session '{session_id}'", param="session_id")
+        return info, self.history(session_id)
+
+    def create_session(
+        self, session_id: str, title: str | None, metadata: dict[str, Any], system_prompt: str | None
+    ) -> SessionInfo:
+        """A new empty session; Conflict if the id is taken."""
+        now = time.time()
+        info = SessionInfo(session_id, now, now, title, metadata, system_prompt)
+        if not self.store.create_session(info):
+            raise Conflict(f"session '{session_id}' already exists", param="id")
+        return info
+
+    def update_session(self, session_id: str, fields: dict[str, Any]) -> SessionInfo:
+        """Set a session's title, metadata or system prompt."""
+        if not self.store.update_session(session_id, fields):
+            raise NotFound(f"no session '{session_id}'", param="session_id")
+        if "system_prompt" in fields:
+            self._forget(session_id)  # its saved KV starts with the old system prompt
+        return self.get_session(session_id)[0]
+
+    def delete_session(self, session_id: str) -> None:
+        """Delete a session and whatever the engine keeps for it."""
+        if not self.store.delete_session(session_id):
+            raise NotFound(f"no session '{session_id}'", param="session_id")
+        self._forget(session_id)
+
+    def fork_session(self, source: str, new_id: str, at_turn: int | None) -> SessionInfo:
+        """A new session holding the source's first `at_turn` rounds (all by default), title, metadata, prompt."""
+        _, history = self.get_session(source)
+        rounds = len(rounds_of(history))
+        if at_turn is None:
+            at_turn = rounds
+        if at_turn > rounds:
+            raise BadRequest(f"at_turn: session '{source}' has only {rounds} rounds", param="at_turn")
+        if not self.store.fork_session(source, new_id, at_turn):
+            raise Conflict(f"session '{new_id}' already exists", param="id")
+        return self.get_session(new_id)[0]
+
+    def expire(self, ttl_seconds: float) -> list[str]:
+        """Delete the sessions idle for longer than ttl_seconds; their ids."""
+        expired = self.store.expire_sessions(time.time() - ttl_seconds)
+        for session_id in expired:
+            self._forget(session_id)
+        return expired
+
+    def _forget(self, session_id: str) -> None:
+        engine = self._engine()
+        if engine is not None:
+            engine.forget(session_id)
+
+
+class SessionExpirer:
+    """Deletes idle sessions in the background, so that expiry never costs a request its time."""
+
+    def __init__(self, service: SessionService, ttl_seconds: float):
+        self.service = service
+        self.ttl = ttl_seconds
+        self.interval = min(60.0, max(0.05, ttl_seconds / 4))
+        # Set by stop(); the thread sleeps on it, so stopping is immediate.
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="session-expirer", daemon=True)
+
+    def start(self) -> SessionExpirer:
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                expired = self.service.expire(self.ttl)
+            except Exception:  # a locked or closing database: try again next round
+                log.warning("session expiry failed", exc_info=True)
+                continue
+            if expired:
+                log.info("expired %d idle sessions", len(expired))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()

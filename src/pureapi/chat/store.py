@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..engines.base import Message
 
 
 class StoreError(Exception):
     """The session store cannot be opened or used; the message names the file."""
+
+
+@dataclass
+class SessionInfo:
+    """A session's own fields (not its messages)."""
+
+    id: str
+    created_at: float
+    updated_at: float
+    title: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    system_prompt: str | None = None
+    messages: int = 0
 
 
 class SessionStore(ABC):
@@ -23,12 +39,59 @@ class SessionStore(ABC):
         """The session's messages, oldest first, and its epoch (bumped by each reset)."""
 
     @abstractmethod
-    def append_round(self, session_id: str, user: str, assistant: str, epoch: int, max_rounds: int) -> bool:
-        """Append a user/assistant pair, keep the newest max_rounds; False if the session was reset since `epoch`."""
+    def append_round(
+        self,
+        session_id: str,
+        user: str,
+        assistant: str,
+        epoch: int,
+        max_rounds: int,
+        idempotency: tuple[str, str] | None = None,
+    ) -> bool:
+        """Append a user/assistant pair, keep the newest max_rounds; False if the session was reset since `epoch`.
+
+        With idempotency (key, request fingerprint), the reply is also kept under the key, in the same transaction.
+        """
 
     @abstractmethod
     def reset(self, session_id: str) -> None:
         """Forget the session's history and bump its epoch."""
+
+    @abstractmethod
+    def count_sessions(self) -> int:
+        """How many sessions the store keeps."""
+
+    @abstractmethod
+    def list_sessions(self, limit: int, after: str | None = None) -> tuple[list[SessionInfo], bool]:
+        """Sessions newest (last updated) first, from just after session `after`; and whether more follow."""
+
+    @abstractmethod
+    def get_session(self, session_id: str) -> SessionInfo | None:
+        """One session's fields, or None."""
+
+    @abstractmethod
+    def create_session(self, info: SessionInfo) -> bool:
+        """Create a session with these fields; False if the id is taken."""
+
+    @abstractmethod
+    def update_session(self, session_id: str, fields: dict[str, Any]) -> bool:
+        """Set title / metadata / system_prompt; False if there is no such session."""
+
+    @abstractmethod
+    def delete_session(self, session_id: str) -> bool:
+        """Delete a session with its messages and idempotency keys; False if there was none."""
+
+    @abstractmethod
+    def fork_session(self, source: str, new_id: str, rounds: int) -> bool:
+        """Copy the source's fields and its first `rounds` rounds into a new session; False if new_id is taken."""
+
+    @abstractmethod
+    def expire_sessions(self, updated_before: float) -> list[str]:
+        """Delete the sessions last updated before the given time; their ids."""
+
+    @abstractmethod
+    def idempotent_reply(self, session_id: str, key: str) -> tuple[str, str] | None:
+        """(request fingerprint, stored reply) of a turn made with this Idempotency-Key, or None."""
 
     def close(self) -> None:
         """Release resources."""
@@ -52,7 +115,31 @@ MIGRATIONS = [
     );
     CREATE INDEX messages_by_session ON messages(session_id, id);
     """,
+    # The sessions API: titles, metadata, a per-session system prompt, and idempotent turns.
+    """
+    ALTER TABLE sessions ADD COLUMN title TEXT;
+    ALTER TABLE sessions ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE sessions ADD COLUMN system_prompt TEXT;
+    CREATE INDEX sessions_by_update ON sessions(updated_at, id);
+    CREATE TABLE idempotency_keys (
+        session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        reply TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (session_id, key)
+    );
+    """,
 ]
+
+_INFO_COLUMNS = (
+    "s.id, s.created_at, s.updated_at, s.title, s.metadata, s.system_prompt, "
+    "(SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id)"
+)
+
+
+def _info(row: tuple[Any, ...]) -> SessionInfo:
+    return SessionInfo(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], row[6])
 
 
 class SQLiteStore(SessionStore):
@@ -102,7 +189,15 @@ class SQLiteStore(SessionStore):
             ).fetchall()
         return [Message(role, content) for role, content in rows], (row[0] if row else 0)
 
-    def append_round(self, session_id: str, user: str, assistant: str, epoch: int, max_rounds: int) -> bool:
+    def append_round(
+        self,
+        session_id: str,
+        user: str,
+        assistant: str,
+        epoch: int,
+        max_rounds: int,
+        idempotency: tuple[str, str] | None = None,
+    ) -> bool:
         now = time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -125,6 +220,12 @@ class SQLiteStore(SessionStore):
                     "(SELECT id FROM messages WHERE session_id = ? ORDER BY id DESC LIMIT ?)",
                     (session_id, session_id, 2 * max_rounds),
                 )
+                if idempotency is not None:
+                    self._db.execute(
+                        "INSERT INTO idempotency_keys (session_id, key, fingerprint, reply, created_at) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (session_id, idempotency[0], idempotency[1], assistant, now),
+                    )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -146,6 +247,140 @@ class SQLiteStore(SessionStore):
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
+        """Run statements in one transaction; their row counts."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                counts = [self._db.execute(sql, args).rowcount for sql, args in statements]
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return counts
+
+    def count_sessions(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
+
+    def list_sessions(self, limit: int, after: str | None = None) -> tuple[list[SessionInfo], bool]:
+        with self._lock:
+            where, args = "", ()  # type: tuple[str, tuple[Any, ...]]
+            if after is not None:
+                row = self._db.execute("SELECT updated_at FROM sessions WHERE id = ?", (after,)).fetchone()
+                if row is None:
+                    return [], False
+                where, args = "WHERE (s.updated_at, s.id) < (?, ?)", (row[0], after)
+            rows = self._db.execute(
+                f"SELECT {_INFO_COLUMNS} FROM sessions s {where} ORDER BY s.updated_at DESC, s.id DESC LIMIT ?",
+                (*args, limit + 1),
+            ).fetchall()
+        return [_info(r) for r in rows[:limit]], len(rows) > limit
+
+    def get_session(self, session_id: str) -> SessionInfo | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_INFO_COLUMNS} FROM sessions s WHERE s.id = ?", (session_id,)).fetchone()
+        return _info(row) if row else None
+
+    def create_session(self, info: SessionInfo) -> bool:
+        (count,) = self._write(
+            [
+                (
+                    "INSERT INTO sessions (id, epoch, created_at, updated_at, title, metadata, system_prompt) "
+                    "VALUES (?, 0, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+                    (
+                        info.id,
+                        info.created_at,
+                        info.updated_at,
+                        info.title,
+                        json.dumps(info.metadata),
+                        info.system_prompt,
+                    ),
+                )
+            ]
+        )
+        return count == 1
+
+    def update_session(self, session_id: str, fields: dict[str, Any]) -> bool:
+        columns = {k: json.dumps(v) if k == "metadata" else v for k, v in fields.items()}
+        assert set(columns) <= {"title", "metadata", "system_prompt"}  # names come from our own schema
+        sets = ", ".join(f"{k} = ?" for k in columns)
+        (count,) = self._write(
+            [
+                (
+                    f"UPDATE sessions SET {sets}{', ' if sets else ''}updated_at = ? WHERE id = ?",
+                    (*columns.values(), time.time(), session_id),
+                )
+            ]
+        )
+        return count == 1
+
+    def delete_session(self, session_id: str) -> bool:
+        counts = self._write(
+            [
+                ("DELETE FROM messages WHERE session_id = ?", (session_id,)),
+                ("DELETE FROM idempotency_keys WHERE session_id = ?", (session_id,)),
+                ("DELETE FROM sessions WHERE id = ?", (session_id,)),
+            ]
+        )
+        return counts[-1] == 1
+
+    def fork_session(self, source: str, new_id: str, rounds: int) -> bool:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                created = self._db.execute(
+                    "INSERT INTO sessions (id, epoch, created_at, updated_at, title, metadata, system_prompt) "
+                    "SELECT ?, 0, ?, ?, title, metadata, system_prompt FROM sessions WHERE id = ? "
+                    "ON CONFLICT(id) DO NOTHING",
+                    (new_id, now, now, source),
+                ).rowcount
+                if created != 1:
+                    self._db.execute("ROLLBACK")
+                    return False
+                self._db.execute(
+                    "INSERT INTO messages (session_id, role, content, created_at) "
+                    "SELECT ?, role, content, created_at FROM messages WHERE session_id = ? ORDER BY id LIMIT ?",
+                    (new_id, source, 2 * rounds),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return True
+
+    def expire_sessions(self, updated_before: float) -> list[str]:
+        with self._lock:
+            ids = [r[0] for r in self._db.execute("SELECT id FROM sessions WHERE updated_at < ?", (updated_before,))]
+        expired = []
+        for session_id in ids:  # one at a time, so that a turn landing meanwhile keeps its session
+            counts = self._write(
+                [
+                    (
+                        "DELETE FROM messages WHERE session_id = ? AND "
+                        "(SELECT updated_at FROM sessions WHERE id = ?) < ?",
+                        (session_id, session_id, updated_before),
+                    ),
+                    (
+                        "DELETE FROM idempotency_keys WHERE session_id = ? AND "
+                        "(SELECT updated_at FROM sessions WHERE id = ?) < ?",
+                        (session_id, session_id, updated_before),
+                    ),
+                    ("DELETE FROM sessions WHERE id = ? AND updated_at < ?", (session_id, updated_before)),
+                ]
+            )
+            if counts[-1] == 1:
+                expired.append(session_id)
+        return expired
+
+    def idempotent_reply(self, session_id: str, key: str) -> tuple[str, str] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT fingerprint, reply FROM idempotency_keys WHERE session_id = ? AND key = ?", (session_id, key)
+            ).fetchone()
+        return (row[0], row[1]) if row else None
 
     def close(self) -> None:
         with self._lock:

@@ -102,6 +102,10 @@ class Engine(ABC):
             "context_length": self.context_length,
         }
 
+    def metrics(self) -> dict[str, float]:
+        """Counters and gauges for /metrics (pureapi_engine_<key>; a key ending in _total is a counter)."""
+        return {}
+
     def forget(self, session_id: str) -> None:
         """Drop whatever the engine keeps for a session (a reset); engines that keep nothing do nothing."""
 

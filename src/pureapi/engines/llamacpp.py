@@ -195,7 +195,13 @@ class LlamaCppEngine(Engine):
             "ahead_tokens": 0,  # turn openings decoded while idle
             "generated_tokens": 0,
             "steps": 0,
+            "kv_cache_hits": 0,  # turns that reused some KV
+            "restored_tokens_ram": 0,
+            "restored_tokens_disk": 0,
+            "restored_bytes_ram": 0,
+            "restored_bytes_disk": 0,
         }
+        self._taken_from = "ram"  # where _take_saved found the last state (scheduler thread only)
         # Saved sequence states, oldest first: session id -> (tokens, the state's bytes). Scheduler
         # thread only (invariant 7); a ctypes array, so that restoring needs no extra copy.
         self._saved: OrderedDict[str, tuple[list[int], ctypes.Array[ctypes.c_uint8]]] = OrderedDict()
@@ -290,6 +296,25 @@ class LlamaCppEngine(Engine):
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "parallel": len(self._slots)}
+
+    def metrics(self) -> dict[str, float]:
+        # Read without the scheduler's cooperation: each value is one int, so a scrape sees a recent one.
+        active = sum(1 for s in self._slots if s.job is not None)
+        stats = self.stats
+        with self._saved_lock:  # guards the disk folder
+            disk_bytes = self._disk.total_bytes() if self._disk is not None else 0
+        return {
+            "slots_active": active,
+            "slots_free": len(self._slots) - active,
+            "kv_cache_hits_total": stats["kv_cache_hits"],
+            "reused_tokens_total": stats["reused_tokens"],
+            "restored_tokens_ram_total": stats["restored_tokens_ram"],
+            "restored_tokens_disk_total": stats["restored_tokens_disk"],
+            "restored_bytes_ram_total": stats["restored_bytes_ram"],
+            "restored_bytes_disk_total": stats["restored_bytes_disk"],
+            "saved_state_bytes_ram": self._saved_bytes,
+            "saved_state_bytes_disk": disk_bytes,
+        }
 
     def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
         if not request.prompt_ids:
@@ -472,8 +497,10 @@ class LlamaCppEngine(Engine):
             keep = 0
         del slot.cached[keep:]
         self.stats["reused_tokens"] += keep
+        self.stats["kv_cache_hits"] += keep > 0
         if restored:
             self.stats["restored_tokens"] += keep
+            self.stats[f"restored_tokens_{self._taken_from}"] += keep
         elif copied:
             self.stats["copied_tokens"] += keep
         slot.job, slot.session_id, slot.opening = job, session, []
@@ -544,8 +571,10 @@ class LlamaCppEngine(Engine):
         """Remove the session's saved state (RAM first, else disk) and return it."""
         with self._saved_lock:
             entry = self._drop_saved(session)
+            self._taken_from = "ram"
             if self._disk is not None:
                 if entry is None:
+                    self._taken_from = "disk"
                     return self._disk.take(session)
                 self._disk.drop(session)  # older than the RAM copy
             return entry
@@ -609,7 +638,10 @@ class LlamaCppEngine(Engine):
         tokens, buf = entry
         if min(_common_prefix(tokens, prompt), len(prompt) - 1) <= keep:
             return False
-        return self._load_state(slot, tokens, buf)
+        loaded = self._load_state(slot, tokens, buf)
+        if loaded:
+            self.stats[f"restored_bytes_{self._taken_from}"] += len(buf)
+        return loaded
 
     def _load_state(self, slot: _Slot, tokens: list[int], buf: ctypes.Array[ctypes.c_uint8]) -> bool:
         """Replace the slot's sequence with a saved state of `tokens`; on failure the slot is left empty."""
