@@ -98,5 +98,8 @@ def install(app: Flask) -> None:
                 "%s %s %d %.1fms", fields["method"], fields["path"], fields["status"], ms, extra={**fields, "ms": ms}
             )
 
-        response.call_on_close(done)
+        if response.is_streamed:
+            response.call_on_close(done)
+        else:
+            done()
         return response

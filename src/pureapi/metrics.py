@@ -149,7 +149,11 @@ def install(app: Flask, metrics: Metrics) -> None:
             metrics.requests.labels(route, method, status).inc()
             metrics.latency.labels(route).observe(time.monotonic() - started)
 
-        response.call_on_close(done)
+        # A streamed body is still being produced: count it when the server is done with it.
+        if response.is_streamed:
+            response.call_on_close(done)
+        else:
+            done()
         return response
 
     view: Callable[[], Any] = metrics.render

@@ -60,7 +60,7 @@ def test_errors_and_refusals_carry_an_id_too(fake: FakeApp) -> None:
 
 def test_access_and_error_logs_name_the_request(fake: FakeApp, captured: list[logging.LogRecord]) -> None:
     fake.engine.enqueue(RuntimeError("boom"))
-    r = fake.client.post("/chat", json={"message": "hi"}, headers={"X-Request-Id": "req-42"}, buffered=True)
+    r = fake.client.post("/chat", json={"message": "hi"}, headers={"X-Request-Id": "req-42"})
     assert r.status_code == 500
     access = [rec for rec in captured if rec.name == "pureapi.access"]
     assert access and access[-1].request_id == "req-42"  # type: ignore[attr-defined]

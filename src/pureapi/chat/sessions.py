@@ -310,7 +310,7 @@ class SessionService:
     def list_sessions(self, limit: int, after: str | None) -> tuple[list[SessionInfo], bool]:
         """Sessions newest first, paged."""
         if after is not None and self.store.get_session(after) is None:
-            raise BadRequest(f"after: no session '{after}' (deleted since?); start again from the first page")
+            raise BadRequest(f"after: no session '{after}' (deleted since?); start from the first page", param="after")
         return self.store.list_sessions(limit, after)
 
     def get_session(self, session_id: str) -> tuple[SessionInfo, list[Message]]:
