@@ -8,7 +8,7 @@ from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel
 
 from .. import __version__
-from . import openai, seed
+from . import openai, seed, sessions
 
 bp = Blueprint("openapi", __name__)
 
@@ -73,6 +73,7 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _errors(error: dict[str, Any], *codes: int) -> dict[str, Any]:
     texts = {400: "Bad request", 401: "Missing or wrong API key", 413: "Body too large", 415: "Not JSON"}
+    texts |= {404: "No such session", 409: "Id taken, or Idempotency-Key reused with another request"}
     texts |= {503: "Model loading or server busy"}
     return {str(c): {"description": texts[c], "content": _json(error)} for c in codes}
 
@@ -88,8 +89,17 @@ def build_spec() -> dict[str, Any]:
         "/chat": {
             "post": {
                 "summary": "Chat in a server-side session",
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "description": "A retry with the same key on the same session returns the stored reply.",
+                        "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
+                    }
+                ],
                 "requestBody": {"required": True, "content": _json(spec.ref(seed.ChatRequest))},
-                "responses": {"200": chat_ok, **_errors(SEED_ERROR, *body_errors)},
+                "responses": {"200": chat_ok, **_errors(SEED_ERROR, *body_errors, 409)},
             }
         },
         "/reset": {
@@ -142,6 +152,13 @@ def build_spec() -> dict[str, Any]:
             }
         },
     }
+    paths |= _sessions_paths(spec)
+    paths["/metrics"] = {
+        "get": {
+            "summary": "Prometheus metrics (text exposition format)",
+            "responses": {"200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+        }
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": "pureapi", "version": __version__},
@@ -149,6 +166,67 @@ def build_spec() -> dict[str, Any]:
         "components": {
             "schemas": spec.components,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _sessions_paths(spec: _Spec) -> dict[str, Any]:
+    """The sessions API's operations."""
+    sid = {
+        "name": "session_id",
+        "in": "path",
+        "required": True,
+        "schema": seed.StatusQuery.model_json_schema()["properties"]["session_id"]["anyOf"][0],
+    }
+    one = {"description": "The session", "content": _json(spec.ref(sessions.SessionObject))}
+    list_query = sessions.ListQuery.model_json_schema()["properties"]
+    return {
+        "/v1/sessions": {
+            "get": {
+                "summary": "Sessions, newest first, paged",
+                "parameters": [
+                    {"name": name, "in": "query", "required": False, "schema": schema}
+                    for name, schema in list_query.items()
+                ],
+                "responses": {
+                    "200": {"description": "A page", "content": _json(spec.ref(sessions.SessionList))},
+                    **_errors(OPENAI_ERROR, 400, 401),
+                },
+            },
+            "post": {
+                "summary": "Create a session",
+                "requestBody": {"required": False, "content": _json(spec.ref(sessions.CreateSession))},
+                "responses": {"201": one, **_errors(OPENAI_ERROR, 400, 401, 409, 413, 415)},
+            },
+        },
+        "/v1/sessions/{session_id}": {
+            "get": {
+                "summary": "A session with its messages",
+                "parameters": [sid],
+                "responses": {
+                    "200": {"description": "The session", "content": _json(spec.ref(sessions.SessionWithMessages))},
+                    **_errors(OPENAI_ERROR, 400, 401, 404),
+                },
+            },
+            "patch": {
+                "summary": "Set a session's title, metadata or system prompt",
+                "parameters": [sid],
+                "requestBody": {"required": True, "content": _json(spec.ref(sessions.SessionFields))},
+                "responses": {"200": one, **_errors(OPENAI_ERROR, 400, 401, 404, 413, 415)},
+            },
+            "delete": {
+                "summary": "Delete a session",
+                "parameters": [sid],
+                "responses": {"200": {"description": "Deleted"}, **_errors(OPENAI_ERROR, 400, 401, 404)},
+            },
+        },
+        "/v1/sessions/{session_id}/fork": {
+            "post": {
+                "summary": "Copy a session's first rounds into a new session",
+                "parameters": [sid],
+                "requestBody": {"required": False, "content": _json(spec.ref(sessions.ForkSession))},
+                "responses": {"201": one, **_errors(OPENAI_ERROR, 400, 401, 404, 409, 413, 415)},
+            }
         },
     }
 
