@@ -50,7 +50,7 @@ def create_app(
     app.extensions["pureapi"] = state
 
     from . import logs, metrics, security
-    from .api import openai, openapi, seed, sessions
+    from .api import openai, openapi, seed, sessions, web
 
     logs.install(app)  # first, so that even a request the guard refuses has an id
     metrics.install(app, state.metrics)
@@ -60,6 +60,7 @@ def create_app(
     app.register_blueprint(openai.bp)
     app.register_blueprint(openapi.bp)
     app.register_blueprint(sessions.bp)
+    app.register_blueprint(web.bp)
 
     app.register_error_handler(PureAPIError, _pureapi_error)
     app.register_error_handler(HTTPException, _http_error)

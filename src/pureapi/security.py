@@ -12,7 +12,8 @@ from .errors import ForbiddenHost, Unauthorized
 from .settings import Settings
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
-OPEN_PATHS = {"/health"}
+OPEN_PATHS = {"/health", "/"}  # the chat page holds no data; it asks for the key itself
+OPEN_PREFIXES = ("/web/",)  # the page's scripts and styles
 
 
 def is_loopback(host: str) -> bool:
@@ -46,7 +47,8 @@ def install(app: Flask, settings: Settings) -> None:
             name = host_name(request.host)
             if not (name in allowed or "*" in allowed or (is_loopback(settings.host) and is_loopback(name))):
                 raise ForbiddenHost(f"host '{name}' is not allowed (see --allowed-hosts)")
-        if not keys or request.path in open_paths or request.method == "OPTIONS":
+        is_open = request.path in open_paths or request.path.startswith(OPEN_PREFIXES)
+        if not keys or is_open or request.method == "OPTIONS":
             return
         auth = request.headers.get("Authorization", "")
         scheme, _, token = auth.partition(" ")
