@@ -42,6 +42,13 @@ OPERATIONS = {
     ("GET", "/health"),
     ("POST", "/v1/chat/completions"),
     ("GET", "/v1/models"),
+    ("GET", "/v1/sessions"),
+    ("POST", "/v1/sessions"),
+    ("GET", "/v1/sessions/{session_id}"),
+    ("PATCH", "/v1/sessions/{session_id}"),
+    ("DELETE", "/v1/sessions/{session_id}"),
+    ("POST", "/v1/sessions/{session_id}/fork"),
+    ("GET", "/metrics"),
 }
 
 

@@ -1,0 +1,145 @@
+"""The chat page end to end: Debian's Chromium, driven by Playwright, against real servers.
+
+Playwright's own browser download cannot work offline, so the test launches /usr/bin/chromium
+(`apt-get install chromium`); it is skipped only where that binary is absent. A screenshot of each
+run is saved under test-artifacts/ for a person to look at.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from playwright.sync_api import expect, sync_playwright
+
+from ..conftest import ROOT, Server, start_server
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = ROOT / "test-artifacts"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (/usr/bin/chromium)"),
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def fake_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("web-fake")
+    server = start_server(["--engine", "fake", "--api-key", "sekret"], tmp / "s.db", tmp / "server.log", 120)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("web-smol")
+    server = start_server(["--model", str(smollm2_gguf), "--engine", "llamacpp"], tmp / "s.db", tmp / "server.log")
+    yield server
+    server.stop()
+
+
+def screenshot(page: Any, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+@dataclass
+class Opened:
+    """A page, and what it did that it must not: requests to other origins, script errors."""
+
+    page: Any
+    outside: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def open_page(browser: Any, url: str) -> Opened:
+    context = browser.new_context(viewport={"width": 1100, "height": 700})
+    opened = Opened(context.new_page())
+    opened.page.on("request", lambda r: None if r.url.startswith(url) else opened.outside.append(r.url))
+    opened.page.on("pageerror", lambda e: opened.errors.append(str(e)))
+    opened.page.goto(url + "/")
+    return opened
+
+
+def send(page: Any, text: str) -> None:
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def test_streamed_reply_sessions_and_reset_on_the_real_model(browser: Any, smol: Server) -> None:
+    opened = open_page(browser, smol.url)
+    page = opened.page
+    page.wait_for_selector("#sessions li.active")
+    first = page.eval_on_selector("#sessions li.active", "e => e.dataset.id")
+    # The reply streams in: the partial reply is seen before the stream ends.
+    send(page, "What is the capital of France?")
+    # (The page's CSP forbids eval, so the waits are locators rather than JavaScript predicates.)
+    expect(page.locator("#messages li.assistant.streaming")).to_have_text(re.compile(r"\S"), timeout=120_000)
+    page.wait_for_selector("#messages li.assistant:not(.streaming)", timeout=120_000)
+    reply = page.inner_text("#messages li.assistant")
+    stored = requests.get(f"{smol.url}/v1/sessions/{first}", timeout=30).json()
+    assert stored["messages"][-1]["content"] == reply and "Paris" in reply
+    assert page.inner_text("#status-model") != "…" and "tokens/s" in page.inner_text("#status-speed")
+    assert page.inner_text("#session-title").startswith("What is the capital")
+    screenshot(page, "web-chat-smollm2")
+
+    # A second session, then back to the first: each shows its own messages.
+    page.click("#new-session")
+    expect(page.locator("#sessions li.active")).not_to_have_attribute("data-id", first)
+    assert page.locator("#messages li").count() == 0
+    send(page, "Say hello.")
+    page.wait_for_selector("#messages li.assistant:not(.streaming)", timeout=120_000)
+    page.click(f"#sessions li[data-id={first!r}]")
+    expect(page.locator("#sessions li.active")).to_have_attribute("data-id", first)
+    expect(page.locator("#messages li")).to_have_count(2)
+    assert page.inner_text("#messages li.user") == "What is the capital of France?"
+
+    # Reset clears the view and the server's history.
+    page.click("#reset")
+    expect(page.locator("#messages li")).to_have_count(0)
+    assert requests.get(f"{smol.url}/v1/sessions/{first}", timeout=30).json()["messages"] == []
+    assert opened.outside == [] and opened.errors == []
+
+
+def test_the_key_is_asked_for_and_kept_in_the_browser(browser: Any, fake_server: Server) -> None:
+    opened = open_page(browser, fake_server.url)
+    page = opened.page
+    page.wait_for_selector("#notice:not([hidden])")
+    assert "API key" in page.inner_text("#notice")
+    page.fill("#api-key", "sekret")
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_selector("#sessions li.active")
+    send(page, "one two")
+    page.wait_for_selector("#messages li.assistant:not(.streaming)")
+    assert page.inner_text("#messages li.assistant") == "You said: one two"
+    page.reload()  # the key survives a reload
+    page.wait_for_selector("#messages li.assistant")
+    storage = page.context.storage_state()["origins"][0]["localStorage"]
+    assert {"name": "pureapi.apiKey", "value": "sekret"} in storage
+    page.click("#delete")
+    expect(page.locator("#messages li")).to_have_count(0)
+    assert opened.outside == [] and opened.errors == []
+    screenshot(page, "web-chat-key")
