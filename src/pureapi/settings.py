@@ -90,7 +90,7 @@ class Settings(BaseModel):
     )
     api_key: list[str] = Field(
         default_factory=list,
-        description="Require 'Authorization: Bearer KEY' on every route but /health; repeat the flag "
+        description="Require 'Authorization: Bearer KEY' on every route but /health and the chat page's files; repeat the flag "
         "(or comma-separate in the env var) for several keys.",
     )
     cors_origins: list[str] = Field(

@@ -61,7 +61,21 @@ def test_the_readme_curl_commands_work_as_written(smol: Server) -> None:
             assert events[-1]["status"] == "success" and events[-1]["response"]
             assert "".join(e["delta"] for e in events[:-1]) == events[-1]["response"]
             continue
+        if path == "/metrics":
+            assert "pureapi_requests_total{" in out and "pureapi_time_to_first_token_seconds_count" in out
+            continue
         body = json.loads(out)
+        if path.startswith("/v1/sessions"):
+            assert "error" not in body, body
+            if "-X DELETE" in command:
+                assert body["deleted"] is True
+            elif "/fork" in path:
+                assert body["id"] == "trip-b" and body["rounds"] == 0 and body["system_prompt"]
+            elif path == "/v1/sessions/trip" and "PATCH" not in command:
+                assert [m["role"] for m in body["messages"]] == ["user", "assistant"]
+            elif path == "/v1/sessions" and "-X POST" not in command:
+                assert "trip" in [s["id"] for s in body["data"]]
+            continue
         if path == "/chat":
             assert set(body) == {"message", "response", "status"} and body["status"] == "success"
             assert body["response"].strip()
@@ -77,7 +91,8 @@ def test_the_readme_curl_commands_work_as_written(smol: Server) -> None:
             assert body["choices"][0]["message"]["content"]
         elif path == "/v1/models":
             assert body["data"][0]["id"] == "SmolLM2-135M-Instruct.Q4_1"
-    assert {"/chat", "/status", "/reset", "/health", "/v1/chat/completions", "/v1/models"} <= seen
+    assert {"/chat", "/status", "/reset", "/health", "/v1/chat/completions", "/v1/models", "/metrics"} <= seen
+    assert {"/v1/sessions", "/v1/sessions/trip", "/v1/sessions/trip/fork", "/v1/sessions/trip-b"} <= seen
 
 
 def test_greedy_chat_answers_and_keeps_history(smol: Server) -> None:
