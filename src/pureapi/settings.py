@@ -90,8 +90,8 @@ class Settings(BaseModel):
     )
     api_key: list[str] = Field(
         default_factory=list,
-        description="Require 'Authorization: Bearer KEY' on every route but /health and the chat page's files; repeat the flag "
-        "(or comma-separate in the env var) for several keys.",
+        description="Require 'Authorization: Bearer KEY' on every route but /health and the chat page's files; "
+        "repeat the flag (or comma-separate in the env var) for several keys.",
     )
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins allowed to call the API from a browser (CORS); none by default."

@@ -92,7 +92,7 @@ def test_the_readme_curl_commands_work_as_written(smol: Server) -> None:
         elif path == "/v1/models":
             assert body["data"][0]["id"] == "SmolLM2-135M-Instruct.Q4_1"
     assert {"/chat", "/status", "/reset", "/health", "/v1/chat/completions", "/v1/models", "/metrics"} <= seen
-    assert {"/v1/sessions", "/v1/sessions/trip", "/v1/sessions/trip/fork", "/v1/sessions/trip-b"} <= seen
+    assert {"/v1/sessions", "/v1/sessions/trip", "/v1/sessions/trip/fork"} <= seen
 
 
 def test_greedy_chat_answers_and_keeps_history(smol: Server) -> None:
