@@ -238,3 +238,30 @@ def test_a_retry_after_a_restart_is_still_answered_from_the_store(tmp_path: Path
     finally:
         engine.close()
         store.close()
+
+
+def test_delete_cancels_a_turn_in_flight_so_its_round_never_lands(tmp_path: Path) -> None:
+    engine = FakeEngine(token_delay=0.05)
+    store = SQLiteStore(tmp_path / "s.db")
+    app = create_app(Settings(engine="fake"), engine=engine, store=store)
+    client = app.test_client()
+    try:
+        client.post("/chat", json={"message": "first", "session_id": "d"})
+        engine.enqueue(" ".join(["word"] * 200))  # 10 s of reply unless cancelled
+        stream = client.post("/chat", json={"message": "long", "session_id": "d", "stream": True}, buffered=False)
+        body = iter(stream.response)
+        assert b"delta" in next(body)
+        deleted: list[int] = []
+        deleter = threading.Thread(
+            target=lambda: deleted.append(app.test_client().delete("/v1/sessions/d").status_code)
+        )
+        deleter.start()
+        rest = b"".join(body)  # the stream ends early, with an error event, once the delete cancels it
+        stream.close()
+        deleter.join(timeout=30)
+        assert deleted == [200]
+        assert b"error" in rest and rest.count(b"word") < 150
+        assert client.get("/v1/sessions/d").status_code == 404 and store.history("d")[0] == []
+    finally:
+        engine.close()
+        store.close()

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SESSION = "default"
 TURN_WAIT_SECONDS = 600.0
+DELETE_WAIT_SECONDS = 30.0  # a cancelled turn stops at its next token; this bounds a stuck one
 
 
 class _SessionLocks:
@@ -131,7 +132,7 @@ class SessionService:
         self._admission: _Admission | None = None
         # The cancel events of the generations in flight, so that shutdown can stop them all.
         self._running_lock = threading.Lock()
-        self._running: set[threading.Event] = set()
+        self._running: dict[threading.Event, str | None] = {}  # cancel event -> its session
         self._producing = 0  # generations past their first chunk, for the metrics
         self._closing = False
         self.metrics: Metrics | None = None  # set by create_app
@@ -146,12 +147,12 @@ class SessionService:
         with self._running_lock:
             if self._closing:
                 raise NotReady("the server is shutting down")
-            self._running.add(request.cancel)
+            self._running[request.cancel] = request.session_id
         try:
             yield
         finally:
             with self._running_lock:
-                self._running.discard(request.cancel)
+                self._running.pop(request.cancel, None)
 
     def cancel_all(self) -> None:
         """Shutdown: cancel every generation in flight (each stops at its next token) and start no more."""
@@ -339,8 +340,25 @@ class SessionService:
         return self.get_session(session_id)[0]
 
     def delete_session(self, session_id: str) -> None:
-        """Delete a session and whatever the engine keeps for it."""
-        if not self.store.delete_session(session_id):
+        """Delete a session and whatever the engine keeps for it; a turn of it in flight is cancelled first.
+
+        The delete runs under the session's lock, so a turn that was generating cannot land its round
+        afterwards and bring the session back.
+        """
+        deadline = time.monotonic() + DELETE_WAIT_SECONDS
+        while True:
+            with self._running_lock:
+                doomed = [cancel for cancel, sid in self._running.items() if sid == session_id]
+            for cancel in doomed:
+                cancel.set()
+            try:
+                with self._locks.hold(session_id, 0.05):
+                    deleted = self.store.delete_session(session_id)
+                break
+            except Overloaded:  # the session's turn is still closing: cancel again (a new one may have started)
+                if time.monotonic() > deadline:
+                    raise
+        if not deleted:
             raise NotFound(f"no session '{session_id}'", param="session_id")
         self._forget(session_id)
 
