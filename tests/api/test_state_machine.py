@@ -2,7 +2,9 @@
 
 The model is what the README promises: a session's history is its completed rounds, the newest
 `max_rounds` of them, oldest dropped first; a reset empties it; a bad request, an engine failure,
-an abandoned stream, a reset during a generation and any /v1 call leave it as it was.
+an abandoned stream, a reset during a generation and any /v1 call leave it as it was. Through the
+sessions API, a session is deleted or forked at a turn; a turn retried with its Idempotency-Key is
+answered from the store and appends nothing, the key with another message is a 409.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class SessionHistory(RuleBasedStateMachine):
         app = create_app(Settings(engine="fake", max_rounds=MAX_ROUNDS), engine=self.engine, store=self.store)
         self.client = app.test_client()
         self.model: dict[str, list[tuple[str, str]]] = {s: [] for s in SESSIONS}
+        self.exists: set[str] = set()  # sessions the store holds (a turn or a reset creates one)
+        self.keys: dict[tuple[str, str], tuple[str, str]] = {}  # (session, key) -> (message, reply)
 
     def teardown(self) -> None:
         self.engine.close()
@@ -94,6 +98,7 @@ class SessionHistory(RuleBasedStateMachine):
 
     def commit(self, session: str, message: str, reply: str) -> None:
         self.model[session] = [*self.model[session], (message, reply)][-MAX_ROUNDS:]
+        self.exists.add(session)
 
     # --- rules ---------------------------------------------------------------------------
 
@@ -132,6 +137,7 @@ class SessionHistory(RuleBasedStateMachine):
             r = self.client.post("/reset", json={"session_id": session})
         assert r.status_code == 200 and r.get_json()["status"] == "success"
         self.model[session] = []
+        self.exists.add(session)
 
     @rule(session=st.sampled_from(SESSIONS), bad=st.sampled_from(BAD_BODIES))
     def bad_request(self, session: str, bad: Any) -> None:
@@ -198,6 +204,7 @@ class SessionHistory(RuleBasedStateMachine):
         r.close()
         assert '"status":"success"' in rest  # the client still got its whole reply
         self.model[session] = []
+        self.exists.add(session)
 
     @rule(message=messages, reply=replies, stream=st.booleans())
     def openai_is_stateless(self, message: str, reply: str, stream: bool) -> None:
@@ -208,6 +215,53 @@ class SessionHistory(RuleBasedStateMachine):
         if not stream:
             assert r.get_json()["choices"][0]["message"]["content"] == reply
         assert self.engine.prompts[-1] == [Message("user", message)]
+
+    @rule(session=st.sampled_from(SESSIONS), message=messages, reply=replies, key=st.sampled_from(["k1", "k2"]))
+    def idempotent_chat(self, session: str, message: str, reply: str, key: str) -> None:
+        stored = self.keys.get((session, key))
+        if stored is not None and stored[0] == message:
+            r = self.client.post(
+                "/chat", json=self.body(session, message, temperature=0), headers={"Idempotency-Key": key}
+            )
+            assert r.status_code == 200 and r.get_json()["response"] == stored[1]
+            assert r.headers["Idempotent-Replayed"] == "true"
+            return
+        if stored is not None:
+            r = self.client.post(
+                "/chat", json=self.body(session, message, temperature=0), headers={"Idempotency-Key": key}
+            )
+            assert r.status_code == 409, r.get_data(as_text=True)
+            return
+        self.engine.enqueue(reply)
+        r = self.client.post("/chat", json=self.body(session, message, temperature=0), headers={"Idempotency-Key": key})
+        assert r.status_code == 200 and r.get_json()["response"] == reply
+        self.commit(session, message, reply)
+        self.keys[(session, key)] = (message, reply)
+
+    @rule(session=st.sampled_from(SESSIONS))
+    def delete(self, session: str) -> None:
+        r = self.client.delete(f"/v1/sessions/{session}")
+        if session not in self.exists:
+            assert r.status_code == 404
+            return
+        assert r.status_code == 200 and r.get_json()["deleted"] is True
+        self.exists.discard(session)
+        self.model[session] = []
+        self.keys = {k: v for k, v in self.keys.items() if k[0] != session}
+
+    @rule(source=st.sampled_from(SESSIONS), into=st.sampled_from(SESSIONS), at_turn=st.integers(0, MAX_ROUNDS + 1))
+    def fork(self, source: str, into: str, at_turn: int) -> None:
+        r = self.client.post(f"/v1/sessions/{source}/fork", json={"id": into, "at_turn": at_turn})
+        if source not in self.exists:
+            assert r.status_code == 404
+        elif at_turn > len(self.model[source]):
+            assert r.status_code == 400 and r.get_json()["error"]["param"] == "at_turn"
+        elif into in self.exists:
+            assert r.status_code == 409
+        else:
+            assert r.status_code == 201 and r.get_json()["rounds"] == at_turn
+            self.model[into] = self.model[source][:at_turn]
+            self.exists.add(into)
 
     @precondition(lambda self: any(self.model.values()))
     @rule(session=st.sampled_from(SESSIONS))
@@ -230,6 +284,12 @@ class SessionHistory(RuleBasedStateMachine):
             history = self.store.history(session)[0]
             assert len(history) <= 2 * MAX_ROUNDS
             assert [m.role for m in history] == ["user", "assistant"] * (len(history) // 2)
+
+    @invariant()
+    def the_list_shows_the_sessions_that_exist(self) -> None:
+        listed = self.client.get("/v1/sessions?limit=100").get_json()["data"]
+        assert {s["id"] for s in listed} == self.exists
+        assert all(s["rounds"] == len(self.model[s["id"]]) for s in listed)
 
     @invariant()
     def no_scripted_reply_is_left_over(self) -> None:
