@@ -125,11 +125,7 @@ class Metrics:
 
     def render(self) -> Response:
         """The exposition text."""
-        return Response(
-            generate_latest(self.registry),
-            mimetype=CONTENT_TYPE_LATEST.split(";")[0],
-            headers={"Content-Type": CONTENT_TYPE_LATEST},
-        )
+        return Response(generate_latest(self.registry), content_type=CONTENT_TYPE_LATEST)
 
 
 def install(app: Flask, metrics: Metrics) -> None:

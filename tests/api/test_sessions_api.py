@@ -265,3 +265,19 @@ def test_delete_cancels_a_turn_in_flight_so_its_round_never_lands(tmp_path: Path
     finally:
         engine.close()
         store.close()
+
+
+def test_a_retry_is_answered_while_the_model_loads(tmp_path: Path) -> None:
+    engine, store = FakeEngine(), SQLiteStore(tmp_path / "s.db")
+    app = create_app(Settings(engine="fake"), engine=engine, store=store)
+    client = app.test_client()
+    body, key = {"message": "q", "session_id": "l"}, {"Idempotency-Key": "k"}
+    try:
+        engine.enqueue("stored")
+        assert client.post("/chat", json=body, headers=key).get_json()["response"] == "stored"
+        app.extensions["pureapi"].engine = None  # as after a restart, before the model is back
+        assert client.post("/chat", json=body, headers=key).get_json()["response"] == "stored"
+        assert client.post("/chat", json={**body, "message": "new"}).status_code == 503
+    finally:
+        engine.close()
+        store.close()

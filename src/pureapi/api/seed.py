@@ -108,15 +108,21 @@ def chat() -> Response:
     params = SamplingParams(max_tokens=body.max_tokens, temperature=float(body.temperature))
     session_id = body.session_id or DEFAULT_SESSION
     key = idempotency(body)
-    replayed = key is not None and sessions().replay(session_id, *key) is not None
-    chunks = sessions().chat(session_id, body.message, params, idempotency=key)
+    # A retry of a turn that landed is answered from the store: no admission, no engine (even while
+    # the model loads after a restart). chat() checks again under the session's lock, for a retry
+    # that raced the original.
+    stored = sessions().replay(session_id, *key) if key is not None else None
+    if stored is not None:
+        chunks: Iterator[Chunk] = iter([Chunk(stored, "stop")])
+    else:
+        chunks = sessions().chat(session_id, body.message, params, idempotency=key)
     stream = primed(chunks)
     if not body.stream:
         text, _ = drain(stream)
         response = jsonify(ChatResponse(message=body.message, response=text).model_dump())
     else:
         response = sse_response(_stream(body.message, stream))
-    if replayed:
+    if stored is not None:
         response.headers["Idempotent-Replayed"] = "true"
     return response
 
