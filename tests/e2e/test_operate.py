@@ -4,6 +4,7 @@ idempotent turn retried before and after a restart."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,17 @@ def test_metrics_ids_and_idempotent_turns_across_a_restart(
         assert m["pureapi_engine_restored_bytes_disk_total{}"] > 0
     finally:
         assert server.stop() == 0
+
+
+def test_the_server_expires_idle_sessions_with_session_ttl(tmp_path: Path) -> None:
+    server = start_server(["--engine", "fake", "--session-ttl", "1"], tmp_path / "s.db", tmp_path / "server.log", 120)
+    try:
+        assert requests.post(server.url + "/chat", json={"message": "hi", "session_id": "t"}, timeout=30).ok
+        assert requests.get(server.url + "/v1/sessions/t", timeout=30).status_code == 200
+        deadline = time.monotonic() + 30
+        while requests.get(server.url + "/v1/sessions/t", timeout=30).status_code != 404:
+            assert time.monotonic() < deadline, "the session was not expired"
+            time.sleep(0.2)
+    finally:
+        assert server.stop() == 0
+    assert "expired 1 idle sessions" in server.log.read_text()

@@ -122,6 +122,20 @@ def test_settings_from_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings().model == "smollm2" and Settings().port == 5000
 
 
+def test_operating_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    s = settings_from_args(parser.parse_args(["--metrics-public", "--log-format", "json", "--session-ttl", "3600"]))
+    assert (s.metrics_public, s.log_format, s.session_ttl) == (True, "json", 3600)
+    assert settings_from_args(parser.parse_args([])).metrics_public is False
+    monkeypatch.setenv("PUREAPI_METRICS_PUBLIC", "true")
+    assert settings_from_args(parser.parse_args([])).metrics_public is True
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--log-format", "xml"])
+
+
 def test_resolve_errors_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="no such file"):
         resolve_model(str(tmp_path / "missing.gguf"))
