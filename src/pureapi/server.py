@@ -11,7 +11,7 @@ import time
 from types import FrameType
 
 from .app import AppState, create_app
-from .chat.sessions import SessionExpirer
+from .chat.expiry import SessionExpirer
 from .chat.store import SQLiteStore, StoreError
 from .engines.base import GenerationRequest, Message, SamplingParams
 from .engines.registry import load_engine, resolve

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pureapi.app import create_app
-from pureapi.chat.sessions import SessionExpirer
+from pureapi.chat.expiry import SessionExpirer
 from pureapi.chat.store import SQLiteStore
 from pureapi.engines.fake import FakeEngine
 from pureapi.settings import Settings

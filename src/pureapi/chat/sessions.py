@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -16,8 +15,6 @@ from .store import SessionInfo, SessionStore
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
-
-log = logging.getLogger(__name__)
 
 DEFAULT_SESSION = "default"
 TURN_WAIT_SECONDS = 600.0
@@ -385,33 +382,3 @@ class SessionService:
         engine = self._engine()
         if engine is not None:
             engine.forget(session_id)
-
-
-class SessionExpirer:
-    """Deletes idle sessions in the background, so that expiry never costs a request its time."""
-
-    def __init__(self, service: SessionService, ttl_seconds: float):
-        self.service = service
-        self.ttl = ttl_seconds
-        self.interval = min(60.0, max(0.05, ttl_seconds / 4))
-        # Set by stop(); the thread sleeps on it, so stopping is immediate.
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="session-expirer", daemon=True)
-
-    def start(self) -> SessionExpirer:
-        self._thread.start()
-        return self
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                expired = self.service.expire(self.ttl)
-            except Exception:  # a locked or closing database: try again next round
-                log.warning("session expiry failed", exc_info=True)
-                continue
-            if expired:
-                log.info("expired %d idle sessions", len(expired))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
