@@ -209,8 +209,8 @@ class SessionService:
                     hold.close()
                     return iter([Chunk(reply, "stop")])
             history, epoch = self.store.history(session_id)
-            info = self.store.get_session(session_id)
-            head = [Message("system", info.system_prompt)] if info is not None and info.system_prompt else []
+            system = self.store.system_prompt(session_id)
+            head = [Message("system", system)] if system else []
             rounds = rounds_of(history)[-self.max_rounds :]
             prompt = fit_window(
                 engine.encode_chat,

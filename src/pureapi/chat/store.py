@@ -70,6 +70,10 @@ class SessionStore(ABC):
         """One session's fields, or None."""
 
     @abstractmethod
+    def system_prompt(self, session_id: str) -> str | None:
+        """The session's system prompt, if it has one (read on every turn, so a query of its own)."""
+
+    @abstractmethod
     def create_session(self, info: SessionInfo) -> bool:
         """Create a session with these fields; False if the id is taken."""
 
@@ -282,6 +286,11 @@ class SQLiteStore(SessionStore):
         with self._lock:
             row = self._db.execute(f"SELECT {_INFO_COLUMNS} FROM sessions s WHERE s.id = ?", (session_id,)).fetchone()
         return _info(row) if row else None
+
+    def system_prompt(self, session_id: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT system_prompt FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        return row[0] if row else None
 
     def create_session(self, info: SessionInfo) -> bool:
         (count,) = self._write(
