@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -63,7 +65,16 @@ def test_running_and_waiting_generations_are_gauged(tmp_path: Path) -> None:
         m = scrape(built.client)
         assert m[("pureapi_generations_running", ())] == 1
         assert m[("pureapi_queue_depth", ())] == 0
+        # A second generation waits for the one-at-a-time fake engine: it is queued, not running.
+        waiting = threading.Thread(target=lambda: built.client.post("/chat", json={"message": "b", "session_id": "b"}))
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while scrape(built.client)[("pureapi_queue_depth", ())] != 1:
+            assert time.monotonic() < deadline, "the second generation never showed as queued"
+            time.sleep(0.01)
+        assert scrape(built.client)[("pureapi_generations_running", ())] == 1
         stream.close()
+        waiting.join(timeout=30)
         m = scrape(built.client)
         assert m[("pureapi_generations_running", ())] == 0
         assert m[("pureapi_generations_total", (("outcome", "stopped"),))] == 1

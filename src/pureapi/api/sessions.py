@@ -104,11 +104,14 @@ def _object(info: SessionInfo) -> dict[str, Any]:
     ).model_dump()
 
 
-def _session_id(session_id: str) -> str:
-    class _Path(BaseModel):
-        session_id: SessionId
+class _SessionPath(BaseModel):
+    """The session id in a URL path."""
 
-    return validate(_Path, {"session_id": session_id}).session_id
+    session_id: SessionId
+
+
+def _session_id(session_id: str) -> str:
+    return validate(_SessionPath, {"session_id": session_id}).session_id
 
 
 def _fields(body: SessionFields) -> dict[str, Any]:
