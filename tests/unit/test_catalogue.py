@@ -89,6 +89,13 @@ def test_device_pins_one_gpu_and_auto_spreads_over_all() -> None:
     assert choose_build("qwen-14b", TWO_GPUS).engine == "llamacpp"
 
 
+def test_the_embedded_model_by_its_hub_id_is_the_packaged_file() -> None:
+    build = choose_build("HuggingFaceTB/SmolLM2-135M-Instruct", CPU_24GB)
+    assert build.engine == "llamacpp" and build.local is not None and build.local.name.startswith("SmolLM2")
+    hf = choose_build("HuggingFaceTB/SmolLM2-135M-Instruct", CPU_24GB, engine="transformers")
+    assert hf.repo == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
 def test_an_unknown_quant_names_the_ones_there_are() -> None:
     with pytest.raises(ModelLoadError, match=r"no Q3_K_S build; --quant takes one of .*Q4_K_M"):
         choose_build("qwen", CPU_24GB, quant="Q3_K_S")

@@ -138,9 +138,6 @@ def choose_build(
     entry = lookup(spec)
     if entry is None:
         return _uncatalogued(spec, engine, device, quant)
-    quant = quant or DEFAULT_QUANT
-    if quant not in entry.quants:
-        raise ModelLoadError(f"model '{spec}': no {quant} build; --quant takes one of {', '.join(entry.quants)}")
     wants_hf = engine == "transformers" or (
         engine == "auto" and device.startswith("cuda") and _fits_gpu(entry, hw, device, ctx)
     )
@@ -148,7 +145,11 @@ def choose_build(
         from .download import HF_PATTERNS
 
         return Build(entry.name, "transformers", device, entry.hf_repo, tuple(HF_PATTERNS), entry=entry)
-    assert entry.gguf_repo is not None  # only the embedded model lacks one, and it returned above
+    if entry.gguf_repo is None:  # the embedded model, asked for by its HF id: its packaged GGUF
+        return choose_build(entry.aliases[0], hw, engine=engine, device=device)
+    quant = quant or DEFAULT_QUANT
+    if quant not in entry.quants:
+        raise ModelLoadError(f"model '{spec}': no {quant} build; --quant takes one of {', '.join(entry.quants)}")
     return Build(
         name=f"{entry.gguf_repo}:{quant}",
         engine="llamacpp" if engine == "auto" else engine,
