@@ -32,6 +32,9 @@ def run_serve(argv: list[str] | None = None, prog: str = "pureapi serve") -> int
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if settings.log_level != "debug":  # downloads log every HTTP request at info; progress bars say enough
+        for noisy in ("httpx", "httpx2", "httpcore"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     from .server import serve
 
     return serve(settings)

@@ -140,3 +140,52 @@ def test_the_embedded_model_is_refused_before_its_weights_are_read(cli: Cli, tmp
     assert proc.returncode == 1
     assert "SmolLM2-135M-Instruct.Q4_1.gguf does not fit" in proc.stderr and "50.0 MB of RAM" in proc.stderr
     assert "Traceback" not in proc.stderr and "listening" not in proc.stderr
+
+
+def test_a_gguf_repo_outside_the_catalogue_takes_one_quant_and_is_sized_once_here(cli: Cli, tmp_path: Path) -> None:
+    files = {
+        p.name: p
+        for p in (write_gguf(tmp_path / "tiny-Q4_K_M.gguf")[0], write_gguf(tmp_path / "tiny-Q8_0.gguf", layers=3)[0])
+    }
+    with stand_in_hub({"someone/Tiny-GGUF": Repo(files=files)}) as hub:
+        cli.url = hub.url
+        q8 = cli.run("pull", "someone/Tiny-GGUF", "--quant", "Q8_0")
+        refused = subprocess.run(
+            [sys.executable, str(ROOT / "pure_model_api.py"), "--model", "someone/Tiny-GGUF", "--max-memory", "2MB"],
+            capture_output=True,
+            text=True,
+            env=cli.env(),
+            timeout=120,
+        )
+    assert q8.rc == 0, q8.err
+    assert Path(q8.out.strip()).name == "tiny-Q8_0.gguf"
+    assert hub.downloads("tiny-Q8_0.gguf") and len(hub.downloads("tiny-Q4_K_M.gguf")) == 1  # one each, no more
+    assert refused.returncode == 1
+    assert "someone/Tiny-GGUF (Q4_K_M) does not fit" in refused.stderr and "2.0 MB of RAM (--max-memory)" in refused.stderr
+
+
+def test_gpus_are_read_from_nvidia_smi_and_the_choice_follows_them(cli: Cli, tmp_path: Path) -> None:
+    """A stand-in nvidia-smi: two 80 GB GPUs, the second nearly full and hidden by CUDA_VISIBLE_DEVICES."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(
+        '#!/bin/sh\necho "0, NVIDIA H100 80GB HBM3, 81559, 1024"\necho "1, NVIDIA H100 80GB HBM3, 81559, 80000"\n'
+    )
+    smi.chmod(0o755)
+    path = f"{bin_dir}:{cli.env()['PATH']}"
+    listed = cli.run("models", PATH=path, CUDA_VISIBLE_DEVICES="1")
+    pinned = cli.run("models", "--device", "cuda:0", PATH=path, CUDA_VISIBLE_DEVICES="0,1")
+    code = "import sys\nfrom pureapi.models import hardware\nhardware.detect()\nprint('torch' in sys.modules)"
+    probe = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=cli.env(PATH=path), check=True
+    )
+    assert listed.rc == 0, listed.err
+    assert "cuda:0 NVIDIA H100 80GB HBM3 83.9 GB free" in listed.out  # GPU 1, renumbered as CUDA sees it
+    qwen14 = next(line for line in listed.out.splitlines() if line.startswith("qwen-14b"))
+    assert "transformers: Qwen/Qwen2.5-14B-Instruct " in qwen14 and "yes" in qwen14
+    llama70 = next(line for line in listed.out.splitlines() if line.startswith("llama-70b"))
+    assert "llamacpp: bartowski/Meta-Llama-3.1-70B-Instruct-GGUF" in llama70  # 141 GB of bf16: not on one GPU
+    qwen_pinned = next(line for line in pinned.out.splitlines() if line.startswith("qwen, qwen-7b"))
+    assert "llamacpp: Qwen/Qwen2.5-7B-Instruct-GGUF" in qwen_pinned  # GPU 0 has 1 GB free
+    assert probe.stdout.strip() == "False"  # nvidia-smi answered: torch never imported

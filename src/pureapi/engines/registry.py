@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 from ..models import hardware
-from ..models.resolve import ResolvedModel, check_fit, choose_build, fetch_build
+from ..models.resolve import ResolvedModel, build_need, check_fit, choose_build, fetch_build
 from ..settings import Settings, default_cache_dir
 from .base import Engine
 
@@ -101,9 +103,18 @@ def resolve(settings: Settings) -> ResolvedModel:
     build = choose_build(
         settings.model, hw, engine=settings.engine, device=settings.device, quant=settings.quant, ctx=settings.ctx_size
     )
+    limits: dict[str, Any] = {
+        "ctx": settings.ctx_size,
+        "slots": _slots(settings),
+        "max_memory": settings.max_memory_bytes(),
+    }
     if settings.fit_check == "on":
-        check_fit(build, hw, ctx=settings.ctx_size, slots=_slots(settings), max_memory=settings.max_memory_bytes())
-    return fetch_build(build)
+        check_fit(build, hw, **limits)
+    model = fetch_build(build)
+    if settings.fit_check == "on" and build_need(build, settings.ctx_size, _slots(settings)) is None:
+        # A repo outside the catalogue is sized from its files once they are here, before loading.
+        check_fit(replace(build, local=model.path), hw, **limits)
+    return model
 
 
 def load_engine(settings: Settings, model: ResolvedModel) -> Engine:
