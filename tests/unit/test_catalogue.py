@@ -166,3 +166,13 @@ def test_deciding_on_a_machine_without_nvidia_never_imports_torch(tmp_path: Path
         pytest.skip("this machine has an NVIDIA driver")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_fit_check_off_lets_a_model_through_and_on_refuses_it_before_loading() -> None:
+    from pureapi.engines.registry import resolve
+    from pureapi.settings import Settings
+
+    tight = {"model": "smollm2", "max_memory": "50MB", "device": "cpu"}
+    with pytest.raises(ModelLoadError, match=r"SmolLM2-135M-Instruct\.Q4_1\.gguf does not fit.*50\.0 MB of RAM"):
+        resolve(Settings(**tight))  # type: ignore[arg-type]
+    assert resolve(Settings(**tight, fit_check="off")).is_gguf  # type: ignore[arg-type]
