@@ -6,18 +6,15 @@ import json
 
 import pytest
 
-from pureapi.engines.base import Message
+from pureapi.types import Message
 
 from ..conftest import FakeApp
+from ..sse import sse_data
 
 
 def completion(fake: FakeApp, **body: object):  # type: ignore[no-untyped-def]
     body.setdefault("messages", [{"role": "user", "content": "hi"}])
     return fake.client.post("/v1/chat/completions", json=body)
-
-
-def events(response) -> list[str]:  # type: ignore[no-untyped-def]
-    return [line[6:] for line in response.get_data(as_text=True).splitlines() if line.startswith("data: ")]
 
 
 def test_completion_shape_and_usage(fake: FakeApp) -> None:
@@ -82,7 +79,7 @@ def test_streaming_chunks_end_with_done(fake: FakeApp) -> None:
     fake.engine.enqueue("x y")
     r = completion(fake, stream=True, stream_options={"include_usage": True})
     assert r.status_code == 200 and r.mimetype == "text/event-stream"
-    data = events(r)
+    data = sse_data(r)
     assert data[-1] == "[DONE]"
     chunks = [json.loads(d) for d in data[:-1]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -95,7 +92,7 @@ def test_streaming_chunks_end_with_done(fake: FakeApp) -> None:
 
 def test_mid_stream_failure_is_an_error_event_then_done(fake: FakeApp) -> None:
     fake.engine.enqueue(RuntimeError("boom"))
-    data = events(completion(fake, stream=True))
+    data = sse_data(completion(fake, stream=True))
     assert data[-1] == "[DONE]"
     assert "error" in json.loads(data[-2])
 

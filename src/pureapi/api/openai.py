@@ -11,8 +11,8 @@ from typing import Any, Literal
 from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
-from ..engines.base import Chunk, Message, SamplingParams
 from ..errors import BadRequest
+from ..types import Chunk, Message, SamplingParams
 from .common import (
     MAX_STOP,
     MaxTokens,

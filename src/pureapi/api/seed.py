@@ -9,7 +9,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 from ..chat.sessions import DEFAULT_SESSION
-from ..engines.base import Chunk, SamplingParams
+from ..types import Chunk, SamplingParams
 from .common import (
     MaxTokens,
     SessionId,

@@ -7,9 +7,11 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import replace
 
-from ..engines.base import Chunk, Engine, GenerationRequest, Message, SamplingParams, close_stream, with_stops
+from ..engines.base import Engine
 from ..errors import ContextOverflow, NotReady, Overloaded
+from ..types import Chunk, GenerationRequest, Message, SamplingParams
 from .store import SessionStore
+from .streams import close_stream, with_stops
 
 DEFAULT_SESSION = "default"
 TURN_WAIT_SECONDS = 600.0

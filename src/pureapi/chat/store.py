@@ -8,7 +8,7 @@ import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from ..engines.base import Message
+from ..types import Message
 
 
 class StoreError(Exception):
