@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from pureapi.api.openai import ChatCompletion, ChatCompletionChunk, ModelList
 from pureapi.types import Message
 
 from ..conftest import FakeApp
@@ -161,3 +162,19 @@ def test_sampling_extensions_are_validated(fake: FakeApp, body: dict[str, object
     r = completion(fake, **body)
     assert r.status_code == 400
     assert r.get_json()["error"]["param"] == next(iter(body))
+
+
+def test_responses_match_their_models(fake: FakeApp) -> None:
+    """The bodies and stream chunks are what the response models (and so /openapi.json) describe."""
+    fake.engine.enqueue("Hello there friend")
+    body = completion(fake).get_json()
+    assert ChatCompletion.model_validate(body).model_dump() == body
+    fake.engine.enqueue("Hello there friend")
+    data = sse_data(completion(fake, stream=True, stream_options={"include_usage": True}))
+    assert data[-1] == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate_json(d) for d in data[:-1]]
+    assert [c.choices[0].delta.content for c in chunks[:-1]] == ["", "Hello ", "there ", "friend", None]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 3
+    models = fake.client.get("/v1/models").get_json()
+    assert ModelList.model_validate(models).data[0].id == "fake-model"
