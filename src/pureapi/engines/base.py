@@ -21,10 +21,6 @@ from .jobs import Job, JobQueue
 
 log = logging.getLogger(__name__)
 
-# Default context cap on CPU when the model trained longer (per slot for llama.cpp): KV memory and
-# prompt time grow with it, and few CPU conversations need more.
-CPU_CONTEXT_CAP = 8192
-
 
 def model_fingerprint(model_path: Path, *extra: object) -> str:
     """A folder name for one model file (name, size, mtime) and the settings that shape what is cached."""

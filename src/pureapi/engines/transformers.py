@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
-from ..models.resolve import ResolvedModel
+from ..models.resolve import CPU_CONTEXT_CAP, ResolvedModel
 from ..types import GenerationRequest, Message
 from ._template import render_segments
-from .base import CPU_CONTEXT_CAP, QueuedEngine, model_fingerprint
+from .base import QueuedEngine, model_fingerprint
 from .jobs import Job
 
 log = logging.getLogger(__name__)

@@ -53,9 +53,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import BadRequest, Cancelled, ContextOverflow, EngineError, ModelLoadError, NotReady
-from ...models.resolve import ResolvedModel, check_gguf
+from ...models.resolve import CPU_CONTEXT_CAP, ResolvedModel, check_gguf
 from ...types import Chunk, GenerationRequest, Message
-from ..base import CPU_CONTEXT_CAP, Engine, model_fingerprint
+from ..base import Engine, model_fingerprint
 from ..jobs import Job, JobQueue
 from .batch import Batch, plan_step
 from .model import LlamaModel
