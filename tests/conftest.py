@@ -7,9 +7,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -36,21 +37,35 @@ class FakeApp:
     store: SQLiteStore
 
 
-def make_fake_app(tmp_path: Path, **engine_kwargs: object) -> FakeApp:
-    """Build an app over a FakeEngine and a fresh SQLite file."""
-    engine = FakeEngine(**engine_kwargs)  # type: ignore[arg-type]
-    store = SQLiteStore(tmp_path / "sessions.db")
-    app = create_app(Settings(engine="fake", db=tmp_path / "sessions.db"), engine=engine, store=store)
-    return FakeApp(app, app.test_client(), engine, store)
+MakeFakeApp = Callable[..., FakeApp]
 
 
 @pytest.fixture
-def fake(tmp_path: Path) -> Iterator[FakeApp]:
+def make_fake_app(tmp_path: Path) -> Iterator[MakeFakeApp]:
+    """Build apps over a FakeEngine and a SQLite file in tmp_path; every one is closed afterwards.
+
+    Keyword arguments go to the FakeEngine; `settings` to Settings; `db` names the database file
+    (the default one is shared by every app of a test, as a restarted server shares it).
+    """
+    built: list[FakeApp] = []
+
+    def build(settings: dict[str, Any] | None = None, db: str = "sessions.db", **engine_kwargs: Any) -> FakeApp:
+        engine = FakeEngine(**engine_kwargs)
+        store = SQLiteStore(tmp_path / db)
+        app = create_app(Settings(engine="fake", db=tmp_path / db, **(settings or {})), engine=engine, store=store)
+        built.append(FakeApp(app, app.test_client(), engine, store))
+        return built[-1]
+
+    yield build
+    for app in built:
+        app.engine.close()
+        app.store.close()
+
+
+@pytest.fixture
+def fake(make_fake_app: MakeFakeApp) -> FakeApp:
     """A fast app over the scripted engine."""
-    built = make_fake_app(tmp_path)
-    yield built
-    built.engine.close()
-    built.store.close()
+    return make_fake_app()
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,11 @@ from types import FrameType
 from .app import AppState, create_app
 from .chat.expiry import SessionExpirer
 from .chat.store import SQLiteStore, StoreError
-from .engines.base import GenerationRequest, Message, SamplingParams
 from .engines.registry import load_engine, resolve
 from .errors import ModelLoadError
 from .models.resolve import ResolvedModel
 from .settings import Settings
+from .types import GenerationRequest, Message, SamplingParams
 
 log = logging.getLogger("pureapi")
 

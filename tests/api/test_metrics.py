@@ -13,7 +13,7 @@ from pureapi.chat.store import SQLiteStore
 from pureapi.engines.fake import FakeEngine
 from pureapi.settings import Settings
 
-from ..conftest import FakeApp, make_fake_app
+from ..conftest import FakeApp, MakeFakeApp
 
 
 def scrape(client: object, **headers: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -55,45 +55,36 @@ def test_unmatched_routes_share_one_label(fake: FakeApp) -> None:
     assert m[("pureapi_requests_total", (("method", "GET"), ("route", "unmatched"), ("status", "404")))] == 3
 
 
-def test_running_and_waiting_generations_are_gauged(tmp_path: Path) -> None:
-    built = make_fake_app(tmp_path, token_delay=0.05)
-    try:
-        built.engine.enqueue("a b c d e f g h")
-        stream = built.client.post("/chat", json={"message": "hi", "stream": True}, buffered=False)
-        chunks = stream.response  # the body is produced as it is read
-        next(iter(chunks))
-        m = scrape(built.client)
-        assert m[("pureapi_generations_running", ())] == 1
-        assert m[("pureapi_queue_depth", ())] == 0
-        # A second generation waits for the one-at-a-time fake engine: it is queued, not running.
-        waiting = threading.Thread(target=lambda: built.client.post("/chat", json={"message": "b", "session_id": "b"}))
-        waiting.start()
-        deadline = time.monotonic() + 10
-        while scrape(built.client)[("pureapi_queue_depth", ())] != 1:
-            assert time.monotonic() < deadline, "the second generation never showed as queued"
-            time.sleep(0.01)
-        assert scrape(built.client)[("pureapi_generations_running", ())] == 1
-        stream.close()
-        waiting.join(timeout=30)
-        m = scrape(built.client)
-        assert m[("pureapi_generations_running", ())] == 0
-        assert m[("pureapi_generations_total", (("outcome", "stopped"),))] == 1
-    finally:
-        built.engine.close()
-        built.store.close()
+def test_running_and_waiting_generations_are_gauged(make_fake_app: MakeFakeApp) -> None:
+    built = make_fake_app(token_delay=0.05)
+    built.engine.enqueue("a b c d e f g h")
+    stream = built.client.post("/chat", json={"message": "hi", "stream": True}, buffered=False)
+    chunks = stream.response  # the body is produced as it is read
+    next(iter(chunks))
+    m = scrape(built.client)
+    assert m[("pureapi_generations_running", ())] == 1
+    assert m[("pureapi_queue_depth", ())] == 0
+    # A second generation waits for the one-at-a-time fake engine: it is queued, not running.
+    waiting = threading.Thread(target=lambda: built.client.post("/chat", json={"message": "b", "session_id": "b"}))
+    waiting.start()
+    deadline = time.monotonic() + 10
+    while scrape(built.client)[("pureapi_queue_depth", ())] != 1:
+        assert time.monotonic() < deadline, "the second generation never showed as queued"
+        time.sleep(0.01)
+    assert scrape(built.client)[("pureapi_generations_running", ())] == 1
+    stream.close()
+    waiting.join(timeout=30)
+    m = scrape(built.client)
+    assert m[("pureapi_generations_running", ())] == 0
+    assert m[("pureapi_generations_total", (("outcome", "stopped"),))] == 1
 
 
-def test_each_app_has_its_own_registry(tmp_path: Path) -> None:
-    a, b = make_fake_app(tmp_path / "a"), make_fake_app(tmp_path / "b")
-    try:
-        a.client.post("/chat", json={"message": "hi"})
-        assert ("pureapi_requests_total", (("method", "POST"), ("route", "/chat"), ("status", "200"))) not in scrape(
-            b.client
-        )
-    finally:
-        for x in (a, b):
-            x.engine.close()
-            x.store.close()
+def test_each_app_has_its_own_registry(make_fake_app: MakeFakeApp) -> None:
+    a, b = make_fake_app(db="a.db"), make_fake_app(db="b.db")
+    a.client.post("/chat", json={"message": "hi"})
+    assert ("pureapi_requests_total", (("method", "POST"), ("route", "/chat"), ("status", "200"))) not in scrape(
+        b.client
+    )
 
 
 def test_metrics_need_the_key_unless_public(tmp_path: Path) -> None:

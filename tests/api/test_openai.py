@@ -6,18 +6,16 @@ import json
 
 import pytest
 
-from pureapi.engines.base import Message
+from pureapi.api.openai import ChatCompletion, ChatCompletionChunk, ModelList
+from pureapi.types import Message
 
 from ..conftest import FakeApp
+from ..sse import sse_data
 
 
 def completion(fake: FakeApp, **body: object):  # type: ignore[no-untyped-def]
     body.setdefault("messages", [{"role": "user", "content": "hi"}])
     return fake.client.post("/v1/chat/completions", json=body)
-
-
-def events(response) -> list[str]:  # type: ignore[no-untyped-def]
-    return [line[6:] for line in response.get_data(as_text=True).splitlines() if line.startswith("data: ")]
 
 
 def test_completion_shape_and_usage(fake: FakeApp) -> None:
@@ -82,7 +80,7 @@ def test_streaming_chunks_end_with_done(fake: FakeApp) -> None:
     fake.engine.enqueue("x y")
     r = completion(fake, stream=True, stream_options={"include_usage": True})
     assert r.status_code == 200 and r.mimetype == "text/event-stream"
-    data = events(r)
+    data = sse_data(r)
     assert data[-1] == "[DONE]"
     chunks = [json.loads(d) for d in data[:-1]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -95,7 +93,7 @@ def test_streaming_chunks_end_with_done(fake: FakeApp) -> None:
 
 def test_mid_stream_failure_is_an_error_event_then_done(fake: FakeApp) -> None:
     fake.engine.enqueue(RuntimeError("boom"))
-    data = events(completion(fake, stream=True))
+    data = sse_data(completion(fake, stream=True))
     assert data[-1] == "[DONE]"
     assert "error" in json.loads(data[-2])
 
@@ -164,3 +162,19 @@ def test_sampling_extensions_are_validated(fake: FakeApp, body: dict[str, object
     r = completion(fake, **body)
     assert r.status_code == 400
     assert r.get_json()["error"]["param"] == next(iter(body))
+
+
+def test_responses_match_their_models(fake: FakeApp) -> None:
+    """The bodies and stream chunks are what the response models (and so /openapi.json) describe."""
+    fake.engine.enqueue("Hello there friend")
+    body = completion(fake).get_json()
+    assert ChatCompletion.model_validate(body).model_dump() == body
+    fake.engine.enqueue("Hello there friend")
+    data = sse_data(completion(fake, stream=True, stream_options={"include_usage": True}))
+    assert data[-1] == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate_json(d) for d in data[:-1]]
+    assert [c.choices[0].delta.content for c in chunks[:-1]] == ["", "Hello ", "there ", "friend", None]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 3
+    models = fake.client.get("/v1/models").get_json()
+    assert ModelList.model_validate(models).data[0].id == "fake-model"

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
 
-from pureapi.app import create_app
-from pureapi.chat.store import SQLiteStore
-from pureapi.engines.fake import FakeEngine
-from pureapi.settings import Settings
+from ..conftest import MakeFakeApp
 
 ROUTES = [
     ("GET", "/status", None),
@@ -25,22 +20,17 @@ ROUTES = [
 
 
 @pytest.fixture
-def make(tmp_path: Path) -> Iterator[Any]:
-    """Build test clients over a fake engine with the given settings; everything is closed afterwards."""
-    built: list[tuple[FakeEngine, SQLiteStore]] = []
+def make(make_fake_app: MakeFakeApp) -> Any:
+    """Build test clients over a fake engine with the given settings, each on its own database."""
+    count = 0
 
     def build(**settings: Any) -> FlaskClient:
-        engine = FakeEngine()
-        store = SQLiteStore(tmp_path / f"s{len(built)}.db")
-        built.append((engine, store))
-        app = create_app(Settings(engine="fake", **settings), engine=engine, store=store)
-        client: FlaskClient = app.test_client()
+        nonlocal count
+        count += 1
+        client: FlaskClient = make_fake_app(settings=settings, db=f"s{count}.db").client
         return client
 
-    yield build
-    for engine, store in built:
-        engine.close()
-        store.close()
+    return build
 
 
 def call(client: FlaskClient, method: str, path: str, body: Any, **headers: str) -> Any:

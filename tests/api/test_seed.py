@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from pureapi.engines.base import Message
+from pureapi.types import Message
 
-from ..conftest import FakeApp, make_fake_app
+from ..conftest import FakeApp, MakeFakeApp
+from ..sse import sse_events
 
 
 def chat(fake: FakeApp, **body: object):  # type: ignore[no-untyped-def]
@@ -58,15 +58,14 @@ def test_history_keeps_at_most_20_rounds_oldest_dropped(fake: FakeApp) -> None:
     assert fake.engine.prompts[-1][0] == Message("user", "message 2")
 
 
-def test_rounds_that_do_not_fit_the_context_are_dropped_oldest_first(tmp_path: Path) -> None:
-    app = make_fake_app(tmp_path, context_length=60)
+def test_rounds_that_do_not_fit_the_context_are_dropped_oldest_first(make_fake_app: MakeFakeApp) -> None:
+    app = make_fake_app(context_length=60)
     for _ in range(5):
         app.engine.enqueue("word " * 8)
         assert app.client.post("/chat", json={"message": "ten words " * 5, "max_tokens": 10}).status_code == 200
     prompt = app.engine.prompts[-1]
     assert len(prompt) < 9 and prompt[-1].role == "user"
     assert len(app.engine.encode_chat(prompt)) + 10 <= 60
-    app.engine.close()
 
 
 def test_reset_clears_the_conversation(fake: FakeApp) -> None:
@@ -92,7 +91,7 @@ def test_streaming_sends_deltas_then_the_full_body(fake: FakeApp) -> None:
     fake.engine.enqueue("Hello there friend")
     r = chat(fake, message="hi", stream=True)
     assert r.status_code == 200 and r.mimetype == "text/event-stream"
-    events = [json.loads(line[6:]) for line in r.get_data(as_text=True).splitlines() if line.startswith("data: ")]
+    events = sse_events(r)
     assert [e["delta"] for e in events[:-1]] == ["Hello ", "there ", "friend"]
     assert events[-1] == {"message": "hi", "response": "Hello there friend", "status": "success"}
     assert fake.client.get("/status").get_json()["conversation_length"] == 2
@@ -110,7 +109,7 @@ def test_a_failed_generation_leaves_history_unchanged(fake: FakeApp) -> None:
 def test_a_failure_mid_stream_is_an_error_event_and_history_is_unchanged(fake: FakeApp) -> None:
     fake.engine.enqueue(RuntimeError("boom"))
     r = chat(fake, message="x", stream=True)
-    events = [json.loads(line[6:]) for line in r.get_data(as_text=True).splitlines() if line.startswith("data: ")]
+    events = sse_events(r)
     assert "error" in events[-1]
     assert fake.store.history("default")[0] == []
 
@@ -164,11 +163,9 @@ def test_malformed_bodies(fake: FakeApp, data: str | bytes, content_type: str, s
     assert isinstance(r.get_json()["error"], str)
 
 
-def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
-    app = make_fake_app(tmp_path)
-    r = app.client.post("/chat", json={"message": "x" * 2_000_000})
+def test_body_over_the_limit_is_413(fake: FakeApp) -> None:
+    r = fake.client.post("/chat", json={"message": "x" * 2_000_000})
     assert r.status_code == 413 and "too large" in r.get_json()["error"]
-    app.engine.close()
 
 
 def test_unknown_route_and_method_are_json(fake: FakeApp) -> None:
@@ -187,22 +184,23 @@ def test_health_is_503_and_chat_is_503_while_loading(tmp_path: Path) -> None:
     from pureapi.chat.store import SQLiteStore
     from pureapi.settings import Settings
 
-    app = create_app(Settings(engine="fake"), store=SQLiteStore(tmp_path / "s.db"))
+    store = SQLiteStore(tmp_path / "s.db")
+    app = create_app(Settings(engine="fake"), store=store)
     client = app.test_client()
     assert client.get("/health").status_code == 503
     r = client.post("/chat", json={"message": "hi"})
     assert r.status_code == 503 and "loading" in r.get_json()["error"]
     assert r.headers["Retry-After"]
+    store.close()
 
 
-def test_history_survives_a_new_app_on_the_same_store(tmp_path: Path) -> None:
-    first = make_fake_app(tmp_path)
+def test_history_survives_a_new_app_on_the_same_store(make_fake_app: MakeFakeApp) -> None:
+    first = make_fake_app()
     first.engine.enqueue("remembered")
     first.client.post("/chat", json={"message": "keep me"})
     first.engine.close()
     first.store.close()
-    second = make_fake_app(tmp_path)
+    second = make_fake_app()
     assert second.client.get("/status").get_json()["conversation_length"] == 2
     second.client.post("/chat", json={"message": "next"})
     assert second.engine.prompts[-1][:2] == [Message("user", "keep me"), Message("assistant", "remembered")]
-    second.engine.close()

@@ -22,9 +22,12 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from pureapi.app import create_app
 from pureapi.chat.store import SQLiteStore
-from pureapi.engines.base import Message
 from pureapi.engines.fake import FakeEngine
 from pureapi.settings import Settings
+from pureapi.types import Message
+
+from ..conftest import FakeApp
+from ..sse import sse_data, sse_events
 
 MAX_ROUNDS = 3
 SESSIONS = ["default", "a", "b.c", "user@host:1"]
@@ -58,11 +61,6 @@ BAD_BODIES: list[Any] = [
     "[" * 5000,
     b'{"message": "\xc3\x28"}',
 ]
-
-
-def events(response: Any) -> list[Any]:
-    text = response.get_data(as_text=True)
-    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
 
 
 class SessionHistory(RuleBasedStateMachine):
@@ -109,7 +107,7 @@ class SessionHistory(RuleBasedStateMachine):
         r = self.client.post("/chat", json=self.body(session, message, stream=stream, temperature=0))
         assert r.status_code == 200, r.get_data(as_text=True)
         if stream:
-            got = events(r)
+            got = sse_events(r)
             assert "".join(e["delta"] for e in got[:-1]) == reply
             final = got[-1]
         else:
@@ -160,7 +158,7 @@ class SessionHistory(RuleBasedStateMachine):
         if stream:
             # The status line went out with the first chunk; the failure is the last event.
             assert r.status_code == 200
-            got = events(r)
+            got = sse_events(r)
             assert set(got[-1]) == {"error"} and "scripted" in got[-1]["error"]
             assert all("delta" in e for e in got[:-1])
         else:
@@ -173,8 +171,7 @@ class SessionHistory(RuleBasedStateMachine):
         body = {"messages": [{"role": "user", "content": message}], "stream": stream}
         r = self.client.post("/v1/chat/completions", json=body)
         if stream:
-            text = r.get_data(as_text=True)
-            data = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+            data = sse_data(r)
             assert data[-1] == "[DONE]"
             error = json.loads(data[-2])["error"]
             assert set(error) == {"message", "type", "param", "code"} and "scripted" in error["message"]
@@ -306,22 +303,14 @@ SessionHistory.TestCase.settings = settings(
 TestSessionHistory = SessionHistory.TestCase
 
 
-def test_sse_events_survive_naive_line_splitting(tmp_path: Path) -> None:
+def test_sse_events_survive_naive_line_splitting(fake: FakeApp) -> None:
     """Text with U+2028, U+0085 and friends still gives one event per line to str.splitlines()."""
-    engine = FakeEngine()
-    store = SQLiteStore(tmp_path / "s.db")
-    client = create_app(Settings(engine="fake"), engine=engine, store=store).test_client()
     tricky = "a\u2028b \x85c \u2029d \x1ce \x0bf \r\ng"
-    try:
-        engine.enqueue(tricky)
-        got = events(client.post("/chat", json={"message": tricky, "stream": True}))
-        assert got[-1] == {"message": tricky, "response": tricky, "status": "success"}
-        engine.enqueue(tricky)
-        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "stream": True})
-        data = [line[6:] for line in r.get_data(as_text=True).splitlines() if line.startswith("data: ")]
-        assert data[-1] == "[DONE]"
-        text = "".join(json.loads(d)["choices"][0]["delta"].get("content", "") for d in data[:-1])
-        assert text == tricky
-    finally:
-        engine.close()
-        store.close()
+    fake.engine.enqueue(tricky)
+    got = sse_events(fake.client.post("/chat", json={"message": tricky, "stream": True}))
+    assert got[-1] == {"message": tricky, "response": tricky, "status": "success"}
+    fake.engine.enqueue(tricky)
+    body = {"messages": [{"role": "user", "content": "x"}], "stream": True}
+    events = sse_events(fake.client.post("/v1/chat/completions", json=body))
+    assert events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == tricky

@@ -25,6 +25,7 @@ import pytest
 import requests
 
 from ..conftest import ROOT, Server, free_port, start_server
+from ..sse import data_lines, sse_data, sse_events
 
 pytestmark = pytest.mark.real
 
@@ -411,7 +412,7 @@ def test_overload_gets_503_with_retry_after_and_health_stays_fast(smol: Started)
         else:
             assert status == 200, (status, text[:300])
             if stream:
-                data = [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+                data = sse_data(text)
                 last = data[-1] if surface == "v1" else json.loads(data[-1])
                 assert last == "[DONE]" if surface == "v1" else last["status"] == "success", text[-300:]
                 assert '"error"' not in text
@@ -487,7 +488,7 @@ def test_concurrent_turns_on_one_session_are_ordered(smol: Started) -> None:
             r = requests.post(url + "/chat", json=body, timeout=300)
             assert r.status_code == 200, r.text
             if stream:
-                events = [json.loads(line[6:]) for line in r.text.split("\n") if line.startswith("data: ")]
+                events = sse_events(r)
                 replies[message] = events[-1]["response"]
             else:
                 replies[message] = r.json()["response"]
@@ -518,7 +519,7 @@ def test_a_reset_during_a_generation_keeps_the_late_reply_out(smol: Started) -> 
     assert next(line for line in lines if line.startswith(b"data: "))
     reset = requests.post(url + "/reset", json={"session_id": session}, timeout=30)
     assert reset.status_code == 200
-    rest = [json.loads(line[6:]) for line in lines if line.startswith(b"data: ")]
+    rest = [json.loads(d) for d in data_lines(lines)]
     assert rest[-1]["status"] == "success"  # the client still gets its reply...
     # ...but it does not land in the fresh history.
     assert requests.get(url + "/status", params={"session_id": session}).json()["conversation_length"] == 0

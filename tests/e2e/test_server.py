@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from ..conftest import ROOT, Server, start_server
+from ..sse import sse_events
 
 pytestmark = pytest.mark.real
 
@@ -57,7 +58,7 @@ def test_the_readme_curl_commands_work_as_written(smol: Server) -> None:
         path = re.search(r"localhost:5000(/[a-z0-9/]*)", command).group(1)  # type: ignore[union-attr]
         seen.add(path)
         if '"stream": true' in command:
-            events = [json.loads(line[6:]) for line in out.splitlines() if line.startswith("data: ")]
+            events = sse_events(out)
             assert events[-1]["status"] == "success" and events[-1]["response"]
             assert "".join(e["delta"] for e in events[:-1]) == events[-1]["response"]
             continue

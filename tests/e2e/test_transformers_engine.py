@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pureapi.engines.base import GenerationRequest, Message, SamplingParams
 from pureapi.engines.transformers import TransformersEngine
 from pureapi.models.resolve import ResolvedModel
 from pureapi.settings import Settings
+from pureapi.types import GenerationRequest, Message, SamplingParams
 
 pytestmark = pytest.mark.real
 
@@ -102,11 +102,15 @@ def test_sampling_with_a_seed_is_reproducible(engine: TransformersEngine) -> Non
 def test_closing_the_stream_cancels_and_the_next_request_runs(engine: TransformersEngine) -> None:
     ids = engine.encode_chat([Message("user", "Write a long story about a dragon.")])
     request = GenerationRequest(ids, SamplingParams(400, 0.0))
+    before = engine.stats["generated_tokens"]
     stream = engine.generate(request)
     next(stream)
     stream.close()  # type: ignore[attr-defined]
     assert request.cancel.is_set()
-    assert "Paris" in greedy(engine, [Message("user", "What is the capital of France?")])
+    # One worker: this reply runs only once the cancelled one has stopped.
+    assert "Paris" in greedy(engine, [Message("user", "What is the capital of France?")], max_tokens=24)
+    # The cancelled one stopped within a token or two instead of running on towards 400.
+    assert engine.stats["generated_tokens"] - before < 24 + 10
 
 
 def test_memory_is_the_model_size(engine: TransformersEngine) -> None:

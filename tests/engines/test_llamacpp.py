@@ -16,13 +16,15 @@ import pytest
 
 from pureapi.chat.sessions import SessionService
 from pureapi.chat.store import SQLiteStore
-from pureapi.engines.base import Chunk, GenerationRequest, Message, SamplingParams
 from pureapi.engines.llamacpp import LlamaCppEngine
 from pureapi.engines.registry import load_engine
 from pureapi.engines.transformers import TransformersEngine
 from pureapi.errors import BadRequest, ContextOverflow, ModelLoadError, NotReady, Overloaded
 from pureapi.models.resolve import ResolvedModel
 from pureapi.settings import Settings
+from pureapi.types import Chunk, GenerationRequest, Message, SamplingParams
+
+from ..races import race_generate_with_close
 
 pytestmark = pytest.mark.real
 
@@ -30,7 +32,7 @@ SLOTS = 4
 SLOT_CTX = 1024
 
 # Is greedy output bit-identical however llama.cpp groups tokens into batches? Measured (see the
-# llamacpp module docstring): yes for SmolLM2's Q4_1 weights; no for Qwen2.5-Coder's Q5_0/Q4_K/Q6_K
+# docs/design.md): yes for SmolLM2's Q4_1 weights; no for Qwen2.5-Coder's Q5_0/Q4_K/Q6_K
 # weights, whose GEMM kernels round differently with the number of rows (logits move by up to ~0.5).
 # There a batched reply may leave the solo one at a near-tie: at the first differing token, the
 # float32 reference must rank the two candidates within NEAR_TIE logits (measured: 0.05 to 0.12).
@@ -462,13 +464,15 @@ def test_a_turn_queued_before_its_reset_leaves_no_state_behind(gguf: Path, tmp_p
         assert text and last.finish_reason is not None  # the old turn still answers its client
         assert service.history("S") == []  # but does not land in the reset session
         collect(service.chat("T", "Describe Rome in detail.", greedy_params(20)))  # takes S's slot
-        assert engine._saved_tokens("S") is None
+        assert engine.prompt_cache.tokens("S") is None
     finally:
         engine.close()  # writes every session still holding a slot
         store.close()
-    assert engine._disk is not None
-    assert engine._disk.tokens("S") is None
-    assert engine._disk.tokens("X") and engine._disk.tokens("T")  # the other sessions' states are kept
+    assert engine.prompt_cache.disk is not None
+    assert engine.prompt_cache.disk.tokens("S") is None
+    assert engine.prompt_cache.disk.tokens("X") and engine.prompt_cache.disk.tokens(
+        "T"
+    )  # the other sessions' states are kept
 
 
 def test_a_turn_after_a_reset_is_the_sessions_again(gguf: Path, tmp_path: Path) -> None:
@@ -482,7 +486,7 @@ def test_a_turn_after_a_reset_is_the_sessions_again(gguf: Path, tmp_path: Path) 
         service.reset("S")
         collect(service.chat("S", "Write a long story about rain.", greedy_params(20)))
         collect(service.chat("T", "Describe Rome in detail.", greedy_params(20)))  # takes S's slot
-        saved = engine._saved_tokens("S")
+        saved = engine.prompt_cache.tokens("S")
         assert saved is not None
         text = engine.model.detokenize(saved)
         assert "about rain" in text and "dragon" not in text  # the new conversation, not the forgotten one
@@ -500,7 +504,7 @@ def test_saved_states_stay_within_their_byte_bound(gguf: Path) -> None:
             ids = single.encode_chat([Message("user", f"Write a long story about {topic}.")])
             reply(single, ids, 80, session_id=f"s{i}")
             assert 0 <= single.saved_state_bytes <= bound_mb * 1024 * 1024
-        saved = list(single._saved)
+        saved = single.prompt_cache.sessions()
     finally:
         single.close()
     # Each session but the last lost the slot and was saved; the oldest were dropped to fit.
@@ -523,6 +527,10 @@ def test_cancel_frees_the_slot(gguf: Path) -> None:
         assert single.stats["generated_tokens"] < 3 + 8 + 10
     finally:
         single.close()
+
+
+def test_generate_racing_close_always_ends(gguf: Path) -> None:
+    race_generate_with_close(lambda: load(gguf, n_parallel=2, max_queue=2), rounds=3)
 
 
 def test_overload_is_refused_at_once(gguf: Path) -> None:
@@ -589,8 +597,8 @@ def test_flash_attention_can_be_turned_off(gguf: Path, reference: TransformersEn
         )
         built = load_engine(settings, ResolvedModel(gguf.stem, gguf))
         try:
-            assert isinstance(built, LlamaCppEngine) and built._disk is not None
-            folders.append(built._disk.folder)
+            assert isinstance(built, LlamaCppEngine) and built.prompt_cache.disk is not None
+            folders.append(built.prompt_cache.disk.folder)
             if flash == "off":
                 ids = built.encode_chat([Message("user", "Write a haiku about the sea.")])
                 tokens = built.model.tokenize(reply(built, ids, 20))

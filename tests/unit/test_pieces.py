@@ -9,10 +9,12 @@ import pytest
 
 from pureapi.chat.sessions import fit_window, rounds_of
 from pureapi.chat.store import MIGRATIONS, SQLiteStore, StoreError
-from pureapi.engines.base import Chunk, Message, StopMatcher, render_segments, with_stops
+from pureapi.chat.streams import StopMatcher, with_stops
+from pureapi.engines._template import render_segments
 from pureapi.errors import ContextOverflow, ModelLoadError
 from pureapi.models.resolve import check_gguf, resolve_model
 from pureapi.settings import Settings, add_settings_arguments, settings_from_args
+from pureapi.types import Chunk, Message
 
 
 def feed_all(stops: list[str], pieces: list[str]) -> tuple[str, bool]:

@@ -6,7 +6,8 @@ import ctypes
 import os
 from pathlib import Path
 
-from pureapi.engines._state_files import MAGIC, StateFiles, fingerprint
+from pureapi.engines.base import model_fingerprint
+from pureapi.engines.llamacpp.state_files import MAGIC, StateFiles
 
 
 def state(data: bytes) -> ctypes.Array[ctypes.c_uint8]:
@@ -58,8 +59,8 @@ def test_interrupted_writes_are_cleaned_up(tmp_path: Path) -> None:
 def test_fingerprint_changes_with_the_model_file_and_settings(tmp_path: Path) -> None:
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF" + bytes(100))
-    base = fingerprint(model, "0.3.36", True)
-    assert base == fingerprint(model, "0.3.36", True)
-    assert base != fingerprint(model, "0.3.37", True) != fingerprint(model, "0.3.36", False)
+    base = model_fingerprint(model, "0.3.36", True)
+    assert base == model_fingerprint(model, "0.3.36", True)
+    assert base != model_fingerprint(model, "0.3.37", True) != model_fingerprint(model, "0.3.36", False)
     model.write_bytes(b"GGUF" + bytes(101))
-    assert fingerprint(model, "0.3.36", True) != base
+    assert model_fingerprint(model, "0.3.36", True) != base

@@ -10,8 +10,9 @@ from flask import Response, current_app, request, stream_with_context
 from pydantic import BaseModel, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from ..chat.sessions import SessionService
-from ..engines.base import Chunk, close_stream
+from ..chat.streams import close_stream
 from ..errors import BadRequest, Cancelled, PureAPIError, UnsupportedMediaType
+from ..types import Chunk
 
 # Field definitions written once for both surfaces.
 Temperature = Annotated[

@@ -9,10 +9,21 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 from flask import Blueprint, Response, jsonify
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_serializer,
+)
 
-from ..engines.base import Chunk, Message, SamplingParams
 from ..errors import BadRequest
+from ..types import Chunk, Message, SamplingParams
 from .common import (
     MAX_STOP,
     MaxTokens,
@@ -104,6 +115,110 @@ class ChatCompletionRequest(BaseModel):
         return value
 
 
+class ResponseMessage(BaseModel):
+    """The assistant's reply."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    """The one choice of a completion (n is always 1)."""
+
+    index: int = 0
+    message: ResponseMessage
+    logprobs: None = None
+    finish_reason: str = Field(description="stop (end of turn or a stop string) or length (max_tokens or the context).")
+
+
+class PromptTokensDetails(BaseModel):
+    """Where the prompt's tokens came from."""
+
+    cached_tokens: int = Field(description="Prompt tokens whose KV cache was reused rather than computed.")
+
+
+class Usage(BaseModel):
+    """Token counts of one completion."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+    @classmethod
+    def of(cls, last: Chunk) -> Usage:
+        """The usage a stream's last chunk reports."""
+        return cls(
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            total_tokens=last.prompt_tokens + last.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=last.cached_tokens),
+        )
+
+
+class ChatCompletion(BaseModel):
+    """Response of POST /v1/chat/completions without streaming."""
+
+    id: str
+    created: int
+    model: str
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    """What a chunk adds to the reply: the role first, then text; the last chunk's delta is empty."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _present_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChunkChoice(BaseModel):
+    """The one choice of a streamed chunk; the last one has finish_reason."""
+
+    index: int = 0
+    delta: Delta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE event of a streamed completion; with include_usage, a last one with usage and no choices."""
+
+    id: str
+    created: int
+    model: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChunkChoice]
+    usage: Usage | None = Field(None, description="Present (null until the last chunk) only with include_usage.")
+
+
+class ModelCard(BaseModel):
+    """The served model."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "pureapi"
+
+
+class ModelList(BaseModel):
+    """Response of GET /v1/models."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def _dump(model: BaseModel) -> dict[str, Any]:
+    # Fields left at their defaults are still sent; `usage` is sent only where it was given.
+    return model.model_dump(exclude={"usage"} if "usage" not in model.model_fields_set else set())
+
+
 def _stops(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
@@ -132,54 +247,38 @@ def chat_completions() -> Response:
     service = sessions()
     engine = service.engine()
     stream = primed(service.stateless(messages, params, fill=requested is None))
-    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
+    meta: dict[str, Any] = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": engine.model_name,
+    }
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(_stream(meta, stream, include_usage))
     text, last = drain(stream)
-    return jsonify(
-        {
-            **meta,
-            "object": "chat.completion",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": last.finish_reason or "stop",
-                }
-            ],
-            "usage": _usage(last),
-        }
+    completion = ChatCompletion(
+        **meta,
+        choices=[Choice(message=ResponseMessage(content=text), finish_reason=last.finish_reason or "stop")],
+        usage=Usage.of(last),
     )
-
-
-def _usage(last: Chunk) -> dict[str, Any]:
-    return {
-        "prompt_tokens": last.prompt_tokens,
-        "completion_tokens": last.completion_tokens,
-        "total_tokens": last.prompt_tokens + last.completion_tokens,
-        # How much of the prompt came from the KV cache (a continued conversation, a shared prefix).
-        "prompt_tokens_details": {"cached_tokens": last.cached_tokens},
-    }
+    return jsonify(_dump(completion))
 
 
 def _stream(meta: dict[str, Any], chunks: Iterator[Chunk], include_usage: bool) -> Iterator[str]:
-    base = {**meta, "object": "chat.completion.chunk"}
+    def event(delta: Delta, finish: str | None = None) -> str:
+        choice = ChunkChoice(delta=delta, finish_reason=finish)
+        extra: dict[str, Any] = {"usage": None} if include_usage else {}
+        return sse(_dump(ChatCompletionChunk(**meta, choices=[choice], **extra)))
 
-    def event(delta: dict[str, Any], finish: str | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return sse({**base, "choices": [choice], **({"usage": None} if include_usage else {})})
-
-    yield event({"role": "assistant", "content": ""})
+    yield event(Delta(role="assistant", content=""))
     try:
         for chunk in chunks:
             if chunk.text:
-                yield event({"content": chunk.text})
+                yield event(Delta(content=chunk.text))
             if chunk.finish_reason is not None:
-                yield event({}, chunk.finish_reason)
+                yield event(Delta(), chunk.finish_reason)
                 if include_usage:
-                    yield sse({**base, "choices": [], "usage": _usage(chunk)})
+                    yield sse(_dump(ChatCompletionChunk(**meta, choices=[], usage=Usage.of(chunk))))
     except Exception as exc:
         log.warning("stream failed: %s", exc)
         yield sse({"error": {"message": error_text(exc), "type": "server_error", "param": None, "code": None}})
@@ -189,9 +288,4 @@ def _stream(meta: dict[str, Any], chunks: Iterator[Chunk], include_usage: bool) 
 @bp.get("/models")
 def models() -> Response:
     engine = sessions().engine()
-    return jsonify(
-        {
-            "object": "list",
-            "data": [{"id": engine.model_name, "object": "model", "created": 0, "owned_by": "pureapi"}],
-        }
-    )
+    return jsonify(ModelList(data=[ModelCard(id=engine.model_name)]).model_dump())

@@ -53,18 +53,6 @@ SSE_EVENT = {
     "required": ["data"],
     "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
 }
-COMPLETION = {
-    "type": "object",
-    "required": ["id", "object", "created", "model", "choices", "usage"],
-    "properties": {
-        "id": {"type": "string"},
-        "object": {"const": "chat.completion"},
-        "created": {"type": "integer"},
-        "model": {"type": "string"},
-        "choices": {"type": "array"},
-        "usage": {"type": "object"},
-    },
-}
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -84,6 +72,15 @@ def build_spec() -> dict[str, Any]:
     body_errors = (400, 401, 413, 415, 503)
     # Each server-sent event: a `data:` line holding JSON ("[DONE]" ends an OpenAI stream).
     sse = {"text/event-stream": {"schema": SSE_EVENT}}
+    chunk = spec.ref(openai.ChatCompletionChunk)
+    openai_sse = {
+        "text/event-stream": {
+            "schema": {
+                **SSE_EVENT,
+                "description": f"Each event's data: a ChatCompletionChunk ({chunk['$ref']}) or an error; then [DONE].",
+            }
+        }
+    }
     chat_ok = {"description": "The reply", "content": {**_json(spec.ref(seed.ChatResponse)), **sse}}
     paths: dict[str, Any] = {
         "/chat": {
@@ -139,7 +136,7 @@ def build_spec() -> dict[str, Any]:
                 "responses": {
                     "200": {
                         "description": "A completion, or SSE chunks ending in [DONE]",
-                        "content": {**_json(COMPLETION), **sse},
+                        "content": {**_json(spec.ref(openai.ChatCompletion)), **openai_sse},
                     },
                     **_errors(OPENAI_ERROR, *body_errors),
                 },
@@ -148,7 +145,10 @@ def build_spec() -> dict[str, Any]:
         "/v1/models": {
             "get": {
                 "summary": "The served model",
-                "responses": {"200": {"description": "Model list"}, **_errors(OPENAI_ERROR, 401, 503)},
+                "responses": {
+                    "200": {"description": "Model list", "content": _json(spec.ref(openai.ModelList))},
+                    **_errors(OPENAI_ERROR, 401, 503),
+                },
             }
         },
     }

@@ -12,9 +12,9 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 from ..chat.sessions import DEFAULT_SESSION
-from ..engines.base import Chunk, SamplingParams
 from ..errors import BadRequest
 from ..models import hardware
+from ..types import Chunk, SamplingParams
 from .common import (
     MaxTokens,
     SessionId,

@@ -9,9 +9,11 @@ from contextlib import ExitStack, closing, contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ..engines.base import Chunk, Engine, GenerationRequest, Message, SamplingParams, close_stream, with_stops
+from ..engines.base import Engine
 from ..errors import BadRequest, Conflict, ContextOverflow, NotFound, NotReady, Overloaded
+from ..types import Chunk, GenerationRequest, Message, SamplingParams
 from .store import SessionInfo, SessionStore
+from .streams import close_stream, with_stops
 
 if TYPE_CHECKING:
     from ..metrics import Metrics

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..engines.base import Message
+from ..types import Message
 
 
 class StoreError(Exception):

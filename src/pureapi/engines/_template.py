@@ -8,12 +8,17 @@ ImmutableSandboxedEnvironment with the same options, helpers and filters as tran
 from __future__ import annotations
 
 import json
+import re
+import secrets
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ..types import Message
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -63,3 +68,33 @@ class ChatTemplate:
             eos_token=self.eos_token,
             add_generation_prompt=True,
         )
+
+
+_PLACEHOLDER = "\u27e6pureapi-{nonce}-{i}\u27e7"
+
+
+def render_segments(
+    render: Callable[[list[dict[str, str]]], str], messages: Sequence[Message]
+) -> list[tuple[bool, str]]:
+    """Render a chat template with placeholders for the content, then split the result.
+
+    Returns (is_user_text, text) pieces in order, so that an engine can tokenize the template's
+    own text with special tokens parsed and the messages' text with special tokens as plain text:
+    a user who types `<|im_start|>` gets those characters, not a control token.
+    """
+    nonce = secrets.token_hex(6)
+    holders = [_PLACEHOLDER.format(nonce=nonce, i=i) for i in range(len(messages))]
+    rendered = render([{"role": m.role, "content": h} for m, h in zip(messages, holders, strict=True)])
+    pattern = re.compile("\u27e6pureapi-" + nonce + r"-(\d+)\u27e7")
+    pieces: list[tuple[bool, str]] = []
+    pos = 0
+    for match in pattern.finditer(rendered):
+        if match.start() > pos:
+            pieces.append((False, rendered[pos : match.start()]))
+        content = messages[int(match.group(1))].content
+        if content:
+            pieces.append((True, content))
+        pos = match.end()
+    if pos < len(rendered):
+        pieces.append((False, rendered[pos:]))
+    return pieces

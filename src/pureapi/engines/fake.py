@@ -9,7 +9,9 @@ import time
 from collections.abc import Sequence
 
 from ..errors import EngineError
-from .base import Message, QueuedEngine, SamplingParams, _Job
+from ..types import Message, SamplingParams
+from .base import QueuedEngine
+from .jobs import Job
 
 _WORD = re.compile(r"\S+\s*|\s+")
 
@@ -60,7 +62,7 @@ class FakeEngine(QueuedEngine):
     def memory_allocated(self) -> int:
         return 0
 
-    def _run(self, job: _Job) -> None:
+    def _run(self, job: Job) -> None:
         self.params.append(job.request.params)
         with self._script_lock:
             item = self._script.popleft() if self._script else None

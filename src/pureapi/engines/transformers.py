@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -14,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
-from ..models.resolve import ResolvedModel
-from .base import GenerationRequest, Message, QueuedEngine, _Job, render_segments
+from ..models.resolve import CPU_CONTEXT_CAP, ResolvedModel
+from ..types import GenerationRequest, Message
+from ._template import render_segments
+from .base import QueuedEngine, model_fingerprint
+from .jobs import Job
 
 log = logging.getLogger(__name__)
 
 # Tokens that end an assistant turn in the Qwen (ChatML) and Llama 3 families, besides the EOS.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>")
-CPU_CONTEXT_CAP = 8192
 
 
 def pick_device(device: str) -> str:
@@ -35,14 +36,6 @@ def pick_device(device: str) -> str:
     if device != "cpu" and not device.startswith("cuda"):
         raise ModelLoadError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
     return device
-
-
-def _cache_key(path: Path) -> str:
-    import transformers
-
-    st = path.stat()
-    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
-    return f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 
 class TransformersEngine(QueuedEngine):
@@ -64,6 +57,7 @@ class TransformersEngine(QueuedEngine):
         gen_eos = model.generation_config.eos_token_id
         ends |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.end_ids = sorted(i for i in ends if i is not None)
+        self.stats: dict[str, int] = {"generated_tokens": 0}  # for tests; written only by the worker
         self.start()
 
     @classmethod
@@ -84,7 +78,9 @@ class TransformersEngine(QueuedEngine):
         if resolved.is_gguf:
             folder, gguf_file = resolved.path.parent, resolved.path.name
             if cache_dir is not None:
-                cached = cache_dir / _cache_key(resolved.path)
+                import transformers
+
+                cached = cache_dir / model_fingerprint(resolved.path, transformers.__version__)
                 if not (cached / "config.json").is_file():
                     _convert_gguf(resolved.path, cached)
                 folder, gguf_file = cached, None
@@ -130,7 +126,7 @@ class TransformersEngine(QueuedEngine):
             return int(sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())))
         return int(self.model.get_memory_footprint())
 
-    def _run(self, job: _Job) -> None:
+    def _run(self, job: Job) -> None:
         import torch
         from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
@@ -156,17 +152,20 @@ class TransformersEngine(QueuedEngine):
             )
         if p.seed is not None:
             torch.manual_seed(p.seed)
-        with torch.inference_mode():
-            self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=p.max_tokens,
-                eos_token_id=self.end_ids,
-                pad_token_id=self.end_ids[0],
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([_Cancelled()]),
-                **sampling,
-            )
+        try:
+            with torch.inference_mode():
+                self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=p.max_tokens,
+                    eos_token_id=self.end_ids,
+                    pad_token_id=self.end_ids[0],
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_Cancelled()]),
+                    **sampling,
+                )
+        finally:
+            self.stats["generated_tokens"] += streamer.count
         if req.cancel.is_set():
             return
         streamer.flush()
@@ -192,7 +191,7 @@ class _OpenAIPenalties:
 class _Streamer:
     """Receives token ids from `generate` and emits text deltas as soon as they are whole characters."""
 
-    def __init__(self, tokenizer: Any, job: _Job, end_ids: set[int]):
+    def __init__(self, tokenizer: Any, job: Job, end_ids: set[int]):
         self.tokenizer = tokenizer
         self.job = job
         self.end_ids = end_ids

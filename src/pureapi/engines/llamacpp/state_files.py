@@ -5,7 +5,7 @@ that a session whose slot and RAM copy are gone (evicted, or the server restarte
 turn restored instead of prefilled. A state is only ever used through the common token prefix
 with the new prompt, so a stale one (an older turn, a reset session) can cost a restore but never
 change an answer. States of one model file and llama.cpp build live in a folder of their own (the
-fingerprint), since KV bytes mean nothing to another model.
+model fingerprint), since KV bytes mean nothing to another model.
 
 File layout: MAGIC, then the token count (uint32, little-endian), the tokens (int32 each), then
 the state bytes to the end of the file. Names are a hash of the session id, never the id itself.
@@ -28,13 +28,6 @@ log = logging.getLogger(__name__)
 MAGIC = b"PUREKV1\n"
 _COUNT = struct.Struct("<I")
 SUFFIX = ".kv"
-
-
-def fingerprint(model_path: Path, *extra: object) -> str:
-    """A folder name for one model file (name, size, mtime) and the engine settings that shape its KV."""
-    st = model_path.stat()
-    key = repr((model_path.name, st.st_size, st.st_mtime_ns, *extra))
-    return f"{model_path.stem[:40]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 class StateFiles:

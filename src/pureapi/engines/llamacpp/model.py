@@ -14,9 +14,9 @@ from typing import Any
 
 import jinja2
 
-from ..errors import BadRequest, ModelLoadError
-from ._template import ChatTemplate
-from .base import Message, render_segments
+from ...errors import BadRequest, ModelLoadError
+from ...types import Message
+from .._template import ChatTemplate, render_segments
 
 _backend_lock = threading.Lock()  # llama_backend_init and llama_log_set are process-global, not thread-safe
 _log_callback: Any = None  # kept referenced: llama.cpp calls it from C for the life of the process

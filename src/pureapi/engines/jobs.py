@@ -1,0 +1,123 @@
+"""The one job lifecycle every engine uses: a bounded waiting queue, and a job's stream of chunks.
+
+Invariants:
+1. A job is numbered and queued under the queue's lock, which `close` also takes: a job is either
+   refused at once (`NotReady`, `Overloaded`) or queued before the close, and then it is failed by
+   the close or taken by a worker. No job waits on a closed queue.
+2. A job gets exactly one terminal `finish` or `fail`; its reader's `stream()` ends there.
+3. Closing a stream early (client gone, stop string hit) sets the request's `cancel`, which the
+   worker sees at its next token.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+from collections.abc import Iterator
+
+from ..errors import Cancelled, NotReady, Overloaded
+from ..types import Chunk, GenerationRequest
+
+
+class Job:
+    """One generation handed to a worker; the worker calls emit/finish/fail, the request thread reads stream()."""
+
+    def __init__(self, request: GenerationRequest, number: int):
+        self.request = request
+        self.number = number  # submission order
+        # The session whose KV the job may keep: None once that session was reset before the job started.
+        self.session = request.session_id
+        self.cached_tokens = 0  # set by an engine that reuses KV, when the job starts
+        self._out: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()
+
+    def emit(self, text: str, completion_tokens: int) -> None:
+        """Send generated text (nothing when empty)."""
+        if text:
+            self._out.put(Chunk(text, None, len(self.request.prompt_ids), completion_tokens, self.cached_tokens))
+
+    def finish(self, reason: str, completion_tokens: int) -> None:
+        """End the stream with a finish reason."""
+        self._out.put(Chunk("", reason, len(self.request.prompt_ids), completion_tokens, self.cached_tokens))
+
+    def fail(self, exc: BaseException) -> None:
+        """End the stream with an error, raised to its reader."""
+        self._out.put(exc)
+
+    def stream(self) -> Iterator[Chunk]:
+        """The job's chunks up to the last; closing it early cancels the generation."""
+        try:
+            while True:
+                item = self._out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            self.request.cancel.set()
+
+
+class JobQueue:
+    """The bounded queue of jobs waiting for an engine's worker."""
+
+    def __init__(self, max_queue: int):
+        # Bounded so that overload is answered with 503 at once instead of an ever-growing wait.
+        self._max = max_queue
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._submitted = 0
+        self._closed = False
+        # Guards the waiting jobs, the numbering and `closed` (invariant 1); wakes a waiting `take`.
+        self._cond = threading.Condition()
+
+    @property
+    def closed(self) -> bool:
+        """True once `close` was called: every later `submit` is refused."""
+        return self._closed
+
+    def submit(self, request: GenerationRequest) -> Job:
+        """Queue a request; raises NotReady once closed and Overloaded when the queue is full."""
+        with self._cond:
+            if self._closed:
+                raise NotReady("the model is not loaded")
+            if len(self._waiting) >= self._max:
+                raise Overloaded("server busy: the generation queue is full, retry later")
+            self._submitted += 1
+            job = Job(request, self._submitted)
+            self._waiting.append(job)
+            self._cond.notify()
+        return job
+
+    def take(self, timeout: float | None = None) -> Job | None:
+        """The oldest waiting job; None once closed, or after `timeout` seconds with none (0: no wait)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._waiting or self._closed, timeout) or self._closed:
+                return None
+            return self._waiting.popleft()
+
+    def unclaim(self, session_id: str) -> int:
+        """Waiting jobs of the session stop being its (a reset); returns the last job number submitted."""
+        with self._cond:
+            for job in self._waiting:
+                if job.session == session_id:
+                    job.session = None
+            return self._submitted
+
+    def fail_all(self, reason: str) -> None:
+        """Cancel and fail every waiting job."""
+        with self._cond:
+            jobs = list(self._waiting)
+            self._waiting.clear()
+        for job in jobs:
+            job.request.cancel.set()
+            job.fail(Cancelled(reason))
+
+    def close(self, reason: str = "server shutting down") -> bool:
+        """Refuse new jobs, fail the waiting ones and wake the worker; False if it was already closed."""
+        with self._cond:
+            if self._closed:
+                return False
+            self._closed = True
+            self._cond.notify_all()
+        self.fail_all(reason)
+        return True

@@ -1,0 +1,102 @@
+"""Slots (one KV sequence each) and the choice of a free slot for a prompt: pure, testable without weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..jobs import Job
+
+# A prefix another slot holds is copied (a memcpy of its KV) when it spares at least this much prefill.
+MIN_COPIED_TOKENS = 16
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two sequences share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class Slot:
+    """One KV sequence and the job (if any) that is using it."""
+
+    id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds
+    session_id: str | None = None  # the session last served, for affinity
+    last_used: int = 0  # scheduler tick of the last admission or release (LRU)
+    job: Job | None = None
+    admitted: int = 0  # admission order, for fair prefill
+    pending: list[int] = field(default_factory=list)  # prompt tokens still to prefill
+    next_token: int | None = None  # sampled, emitted, not yet decoded
+    opening: list[int] = field(default_factory=list)  # the next turn's opening, to decode when idle
+    generated: int = 0
+    sampler: Any = None
+    decoder: Any = None  # incremental UTF-8 decoder: holds back an incomplete character
+
+
+def choose_slot(
+    free: Sequence[Slot],
+    slots: Sequence[Slot],
+    prompt: Sequence[int],
+    session: str | None,
+    saved_tokens: Callable[[str], list[int] | None],
+) -> Slot:
+    """Choose a free slot for a prompt, keeping as much useful KV cache as possible.
+
+    The slot that last served this session wins. Else, when the session's saved state
+    (`saved_tokens`) shares more of the prompt than any free slot, the slot whose cache is cheapest
+    to lose (the restore overwrites it). Else the slot with the longest common prefix, if reusing it
+    throws nothing away (it holds the whole prompt, so what follows is only an earlier reply to it,
+    or its cache ends inside the prompt). Else, when some slot (busy ones too) shares a prefix worth
+    copying, the cheapest slot (the prefix is copied into it, and the other slot keeps its
+    history). Else the slot that saves more prefill than it throws away, else an empty slot, else
+    the least recently used one.
+    """
+    cheapest = min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
+    if session is not None:
+        for slot in free:
+            if slot.session_id == session:
+                return slot
+    commons = {s.id: common_prefix(s.cached, prompt) for s in slots}
+    if session is not None:
+        saved = saved_tokens(session)
+        if saved is not None:
+            restorable = common_prefix(saved, prompt)
+            if all(commons[s.id] < restorable for s in free):
+                return cheapest
+
+    def lost(slot: Slot) -> int:
+        if commons[slot.id] >= len(prompt) - 1:
+            # The whole prompt is cached: what follows it is an earlier reply to this very
+            # prompt (a regenerate or a repeat), which the new reply replaces, not a history.
+            return 0
+        return len(slot.cached) - commons[slot.id]
+
+    keeping = [s for s in free if commons[s.id] > 0 and lost(s) == 0]
+    if keeping:
+        return max(keeping, key=lambda s: (commons[s.id], -s.last_used))
+    if max(commons.values()) - commons[cheapest.id] >= MIN_COPIED_TOKENS:
+        return cheapest
+    best = max(free, key=lambda s: (commons[s.id] - lost(s), -s.last_used))
+    return best if commons[best.id] > lost(best) else cheapest
+
+
+def compaction_swap(slots: Sequence[Slot]) -> tuple[Slot, Slot] | None:
+    """The next swap that closes a hole between active slots, or None when they are consecutive.
+
+    An active slot at one end trades places with the hole nearest the other end: the highest with
+    the lowest hole, or the lowest with the highest hole, whichever pair holds fewer tokens to copy.
+    `slots` is ordered by id, and a slot's id is its position.
+    """
+    active = [s.id for s in slots if s.job is not None]
+    if len(active) < 2 or active[-1] - active[0] + 1 == len(active):
+        return None
+    holes = [i for i in range(active[0], active[-1]) if slots[i].job is None]
+    pairs = [(slots[active[-1]], slots[holes[0]]), (slots[active[0]], slots[holes[-1]])]
+    return min(pairs, key=lambda pair: len(pair[0].cached) + len(pair[1].cached))

@@ -1,0 +1,52 @@
+"""The domain types every layer shares: chat messages, sampling parameters, requests and chunks."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat message."""
+
+    role: str
+    content: str
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one reply; temperature 0 means greedy."""
+
+    max_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
+    repeat_penalty: float = 1.0  # 1: off; divides the logits of tokens already in the reply
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+
+@dataclass
+class GenerationRequest:
+    """A tokenized prompt and its sampling parameters."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    cancel: threading.Event = field(default_factory=threading.Event)
+    session_id: str | None = None
+
+
+@dataclass
+class Chunk:
+    """A piece of generated text with the token counts so far; the last one has finish_reason."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was reused rather than computed (OpenAI's cached_tokens)
