@@ -89,6 +89,12 @@ def send(page: Any, text: str) -> None:
     page.press("#input", "Enter")
 
 
+def wait_reply(page: Any, timeout: float = 120_000) -> None:
+    """Wait until the reply has streamed in; if the page showed an error instead, fail with it."""
+    page.wait_for_selector("#messages li.assistant:not(.streaming), #notice:not([hidden])", timeout=timeout)
+    assert page.is_hidden("#notice"), page.inner_text("#notice")
+
+
 def test_streamed_reply_sessions_and_reset_on_the_real_model(browser: Any, smol: Server) -> None:
     opened = open_page(browser, smol.url)
     page = opened.page
@@ -98,10 +104,10 @@ def test_streamed_reply_sessions_and_reset_on_the_real_model(browser: Any, smol:
     send(page, "What is the capital of France?")
     # (The page's CSP forbids eval, so the waits are locators rather than JavaScript predicates.)
     expect(page.locator("#messages li.assistant.streaming")).to_have_text(re.compile(r"\S"), timeout=120_000)
-    page.wait_for_selector("#messages li.assistant:not(.streaming)", timeout=120_000)
+    wait_reply(page)
     reply = page.inner_text("#messages li.assistant")
     stored = requests.get(f"{smol.url}/v1/sessions/{first}", timeout=30).json()
-    assert stored["messages"][-1]["content"] == reply and "Paris" in reply
+    assert stored["messages"][-1]["content"] == reply  # (sampled at the default temperature: any text)
     assert page.inner_text("#status-model") != "…" and "tokens/s" in page.inner_text("#status-speed")
     assert page.inner_text("#session-title").startswith("What is the capital")
     screenshot(page, "web-chat-smollm2")
@@ -111,7 +117,7 @@ def test_streamed_reply_sessions_and_reset_on_the_real_model(browser: Any, smol:
     expect(page.locator("#sessions li.active")).not_to_have_attribute("data-id", first)
     assert page.locator("#messages li").count() == 0
     send(page, "Say hello.")
-    page.wait_for_selector("#messages li.assistant:not(.streaming)", timeout=120_000)
+    wait_reply(page)
     page.click(f"#sessions li[data-id={first!r}]")
     expect(page.locator("#sessions li.active")).to_have_attribute("data-id", first)
     expect(page.locator("#messages li")).to_have_count(2)
@@ -133,7 +139,7 @@ def test_the_key_is_asked_for_and_kept_in_the_browser(browser: Any, fake_server:
     page.dispatch_event("#api-key", "change")
     page.wait_for_selector("#sessions li.active")
     send(page, "one two")
-    page.wait_for_selector("#messages li.assistant:not(.streaming)")
+    wait_reply(page)
     assert page.inner_text("#messages li.assistant") == "You said: one two"
     page.reload()  # the key survives a reload
     page.wait_for_selector("#messages li.assistant")
