@@ -89,9 +89,13 @@ def send(page: Any, text: str) -> None:
     page.press("#input", "Enter")
 
 
-def wait_reply(page: Any, timeout: float = 120_000) -> None:
+def wait_reply(page: Any, timeout: float = 300_000) -> None:
     """Wait until the reply has streamed in; if the page showed an error instead, fail with it."""
-    page.wait_for_selector("#messages li.assistant:not(.streaming), #notice:not([hidden])", timeout=timeout)
+    try:
+        page.wait_for_selector("#messages li.assistant:not(.streaming), #notice:not([hidden])", timeout=timeout)
+    except Exception:
+        screenshot(page, "web-chat-timeout")
+        raise
     assert page.is_hidden("#notice"), page.inner_text("#notice")
 
 
@@ -101,7 +105,7 @@ def test_streamed_reply_sessions_and_reset_on_the_real_model(browser: Any, smol:
     page.wait_for_selector("#sessions li.active")
     first = page.eval_on_selector("#sessions li.active", "e => e.dataset.id")
     # The reply streams in: the partial reply is seen before the stream ends.
-    send(page, "What is the capital of France?")
+    send(page, "What is the capital of France? Answer in one sentence.")
     # (The page's CSP forbids eval, so the waits are locators rather than JavaScript predicates.)
     expect(page.locator("#messages li.assistant.streaming")).to_have_text(re.compile(r"\S"), timeout=120_000)
     wait_reply(page)
@@ -121,7 +125,7 @@ def test_streamed_reply_sessions_and_reset_on_the_real_model(browser: Any, smol:
     page.click(f"#sessions li[data-id={first!r}]")
     expect(page.locator("#sessions li.active")).to_have_attribute("data-id", first)
     expect(page.locator("#messages li")).to_have_count(2)
-    assert page.inner_text("#messages li.user") == "What is the capital of France?"
+    assert page.inner_text("#messages li.user") == "What is the capital of France? Answer in one sentence."
 
     # Reset clears the view and the server's history.
     page.click("#reset")
