@@ -44,6 +44,13 @@ class ForbiddenHost(PureAPIError):
     type = "permission_error"
 
 
+class NotFound(PureAPIError):
+    """A named thing (a stored response, a conversation, an item) does not exist."""
+
+    status = 404
+    type = "invalid_request_error"
+
+
 class UnsupportedMediaType(PureAPIError):
     """The body is not JSON."""
 

@@ -84,6 +84,12 @@ class Settings(BaseModel):
         "states: those the RAM cache drops, and all of them at shutdown, so a session's next turn after an "
         "eviction or a restart is restored instead of prefilled again (oldest dropped first); 0 disables.",
     )
+    response_ttl: int = Field(
+        30 * 24 * 3600,
+        ge=0,
+        description="Seconds a stored response (POST /v1/responses with store) is kept; expired ones cannot be "
+        "retrieved or continued. 0 keeps them forever. Conversations are kept until deleted.",
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
     cache_dir: Path | None = Field(
         None, description="Where converted GGUF weights are cached. Default: the user cache directory."
