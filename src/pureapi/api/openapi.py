@@ -164,8 +164,8 @@ def _stateful_paths(spec: _Spec, body_errors: tuple[int, ...], sse: dict[str, An
     def ok(model: type[BaseModel], description: str) -> dict[str, Any]:
         return {"200": {"description": description, "content": _json(spec.ref(model))}, **errors}
 
-    def body(model: type[BaseModel]) -> dict[str, Any]:
-        return {"required": True, "content": _json(spec.ref(model))}
+    def body(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
+        return {"required": required, "content": _json(spec.ref(model))}
 
     paging = [
         {"name": name, "in": "query", "required": False, "schema": schema}
@@ -200,7 +200,7 @@ def _stateful_paths(spec: _Spec, body_errors: tuple[int, ...], sse: dict[str, An
         "/v1/conversations": {
             "post": {
                 "summary": "Create a conversation",
-                "requestBody": body(conversations.ConversationCreate),
+                "requestBody": body(conversations.ConversationCreate, required=False),
                 "responses": ok(conversations.ConversationObject, "The conversation"),
             }
         },
