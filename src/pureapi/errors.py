@@ -79,6 +79,20 @@ class EngineError(PureAPIError):
     type = "server_error"
 
 
+class BadGateway(PureAPIError):
+    """The upstream server (remote engine) is unreachable or failed."""
+
+    status = 502
+    type = "server_error"
+
+
+class GatewayTimeout(PureAPIError):
+    """The upstream server (remote engine) did not answer in time."""
+
+    status = 504
+    type = "server_error"
+
+
 class Cancelled(PureAPIError):
     """The generation was cancelled (client went away, reset, shutdown)."""
 

@@ -34,8 +34,22 @@ class Settings(BaseModel):
         description="Model: an alias (smollm2, qwen, llama, ...), a Hugging Face id, "
         "a local HF model folder or a .gguf file. Default: the embedded SmolLM2-135M-Instruct.",
     )
-    engine: Literal["auto", "transformers", "llamacpp", "fake"] = Field(
-        "auto", description="Inference engine; auto picks the best one for the model and device."
+    engine: Literal["auto", "transformers", "llamacpp", "remote", "fake"] = Field(
+        "auto",
+        description="Inference engine; auto picks the best one for the model and device; remote forwards "
+        "generation to --upstream.",
+    )
+    upstream: str | None = Field(
+        None,
+        description="Remote engine: base URL of an OpenAI-compatible server (vLLM, llama-server, pureapi), "
+        "for example http://gpu-box:8000/v1.",
+    )
+    upstream_key: str | None = Field(None, description="Remote engine: API key sent to the upstream.")
+    upstream_model: str | None = Field(
+        None, description="Remote engine: the upstream's model to use. Default: the first it lists."
+    )
+    upstream_timeout: float = Field(
+        300.0, gt=0, le=86_400, description="Remote engine: seconds the upstream may stay silent before a 504."
     )
     device: str = Field("auto", description="auto (CUDA if available, else CPU), cpu, cuda or cuda:N.")
     host: str = Field("127.0.0.1", description="Address to bind.")
@@ -133,7 +147,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         annotation = field.annotation
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
         default = os.environ.get(ENV_PREFIX + name.upper(), field.get_default(call_default_factory=True))
-        shown = "******" if name == "api_key" and default else default
+        shown = "******" if name in ("api_key", "upstream_key") and default else default
         help_text = f"{field.description} (default: {shown}; env {ENV_PREFIX}{name.upper()})"
         if get_origin(annotation) is Literal:
             kwargs["choices"] = list(get_args(annotation))

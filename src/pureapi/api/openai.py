@@ -192,6 +192,15 @@ def models() -> Response:
     return jsonify(
         {
             "object": "list",
-            "data": [{"id": engine.model_name, "object": "model", "created": 0, "owned_by": "pureapi"}],
+            "data": [
+                {
+                    "id": engine.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "pureapi",
+                    # vLLM's field: a remote engine in front of this server sizes its history window by it.
+                    "max_model_len": engine.context_length,
+                }
+            ],
         }
     )

@@ -259,7 +259,7 @@ def create_response() -> Response:
     top_p = 1.0 if body.top_p is None else float(body.top_p)
     engine = sessions().engine()
     requested = body.max_output_tokens
-    params = SamplingParams(max_tokens=requested or engine.context_length // 2, temperature=temperature, top_p=top_p)
+    params = SamplingParams(max_tokens=requested or 0, temperature=temperature, top_p=top_p)
     turn = Turn(
         input=[m.message() for m in items],
         params=params,

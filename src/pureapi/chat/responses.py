@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..engines.base import Chunk, Engine, Message, SamplingParams
@@ -64,7 +64,7 @@ class Turn:
     """What one POST /v1/responses asks for, validated."""
 
     input: list[Message]
-    params: SamplingParams
+    params: SamplingParams  # max_tokens 0: the rest of the context
     instructions: str | None = None
     previous_response_id: str | None = None
     conversation_id: str | None = None
@@ -126,16 +126,23 @@ class ResponseService:
         head += [m for m in turn.input if m.role == "system"]
         tail = [m for m in turn.input if m.role != "system"]
 
-        def prompt(engine: Engine) -> list[int]:
+        def prompt(engine: Engine) -> tuple[list[int], SamplingParams]:
             history = self._history(turn)
-            return fit_window(
+            ids = fit_window(
                 lambda messages: engine.encode_chat([*head, *messages]),
                 engine.context_length,
                 history,
                 tail,
-                turn.params.max_tokens,
+                turn.params.max_tokens or 1,
                 "input",
             )
+            # Without max_output_tokens the reply may use the rest of the context, as in chat completions.
+            params = (
+                turn.params
+                if turn.params.max_tokens
+                else replace(turn.params, max_tokens=engine.context_length - len(ids))
+            )
+            return ids, params
 
         def commit(text: str, last: Chunk) -> None:
             response = render(Outcome(text, last))
@@ -151,7 +158,7 @@ class ResponseService:
 
         self.check(turn)
         lock = f"conversation:{turn.conversation_id}" if turn.conversation_id else None
-        return self.sessions.run(prompt, turn.params, commit, lock=lock, session_id=turn.conversation_id)
+        return self.sessions.run(prompt, commit, lock=lock, session_id=turn.conversation_id)
 
     def input_items(self, response_id: str) -> list[Item]:
         """A stored response's input items, oldest first."""

@@ -204,8 +204,7 @@ class SessionService:
 
     def run(
         self,
-        prompt: Callable[[Engine], list[int]],
-        params: SamplingParams,
+        prompt: Callable[[Engine], tuple[list[int], SamplingParams]],
         on_finish: Callable[[str, Chunk], None],
         *,
         lock: str | None = None,
@@ -213,9 +212,10 @@ class SessionService:
     ) -> Iterator[Chunk]:
         """Generate one turn of a conversation kept elsewhere (the Responses API). Early errors raise here.
 
-        With lock, turns under that key run one after another; prompt(engine) builds the prompt ids once
-        the lock is held, and on_finish(reply, last chunk) runs before the last chunk is yielded, still
-        under the lock: a turn is committed only when its reply completed.
+        With lock, turns under that key run one after another. prompt(engine) builds the prompt ids and
+        the sampling parameters (max_tokens may depend on the prompt's length) once the lock is held;
+        on_finish(reply, last chunk) runs before the last chunk is yielded, still under the lock: a turn
+        is committed only when its reply completed.
         """
         engine = self.engine()
         hold = ExitStack()
@@ -223,7 +223,7 @@ class SessionService:
         try:
             if lock is not None:
                 hold.enter_context(self._locks.hold(lock, TURN_WAIT_SECONDS))
-            ids = prompt(engine)
+            ids, params = prompt(engine)
             stream = self._generate(engine, hold, GenerationRequest(ids, params, session_id=session_id))
         except BaseException:
             hold.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..errors import ModelLoadError
 from ..models.resolve import ResolvedModel, resolve_model
 from ..settings import Settings, default_cache_dir
 from .base import Engine
@@ -47,6 +48,22 @@ def _llamacpp(settings: Settings, model: ResolvedModel) -> Engine:
     )
 
 
+def _remote(settings: Settings, model: ResolvedModel) -> Engine:
+    from .remote import RemoteEngine
+
+    if not settings.upstream:
+        raise ModelLoadError("--engine remote needs --upstream URL (an OpenAI-compatible server)")
+    engine = RemoteEngine.connect(
+        settings.upstream,
+        key=settings.upstream_key,
+        model=settings.upstream_model,
+        context_length=settings.ctx_size,
+        timeout=settings.upstream_timeout,
+    )
+    engine.slots = settings.parallel or engine.slots
+    return engine
+
+
 def _fake(settings: Settings, model: ResolvedModel) -> Engine:
     from .fake import FakeEngine
 
@@ -56,6 +73,7 @@ def _fake(settings: Settings, model: ResolvedModel) -> Engine:
 ENGINES: dict[str, Callable[[Settings, ResolvedModel], Engine]] = {
     "transformers": _transformers,
     "llamacpp": _llamacpp,
+    "remote": _remote,
     "fake": _fake,
 }
 
@@ -85,8 +103,8 @@ def _cuda_in_play(device: str) -> bool:
 
 def resolve(settings: Settings) -> ResolvedModel:
     """Resolve --model to local files (fast checks and downloads happen here, before serving)."""
-    if settings.engine == "fake":
-        return ResolvedModel(name="fake-model", path=settings.weights_cache_dir())
+    if settings.engine in ("fake", "remote"):  # no local weights: the remote engine asks its upstream
+        return ResolvedModel(name=f"{settings.engine}-model", path=settings.weights_cache_dir())
     return resolve_model(settings.model)
 
 
