@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import openai
 import pytest
 import requests
-from waitress.server import create_server
 
 from pureapi.app import create_app
 from pureapi.chat.store import SQLiteStore
 from pureapi.engines.fake import FakeEngine
 from pureapi.settings import Settings
 
-from ..conftest import Server, start_server
+from ..conftest import Server, serve_in_thread, start_server
 
 
 def client(server: Server) -> openai.OpenAI:
@@ -75,11 +73,7 @@ def test_a_stream_cut_short_stores_nothing(tmp_path: Path) -> None:
     engine = FakeEngine(token_delay=0.005)
     store = SQLiteStore(tmp_path / "s.db")
     app = create_app(Settings(engine="fake", db=tmp_path / "s.db"), engine=engine, store=store)
-    server = create_server(app, host="127.0.0.1", port=0, threads=4)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.effective_port}"  # type: ignore[union-attr]
-    try:
+    with serve_in_thread(app) as url:
         api = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         conv = api.conversations.create()
         engine.enqueue(" ".join(f"w{i}" for i in range(3000)))
@@ -99,10 +93,8 @@ def test_a_stream_cut_short_stores_nothing(tmp_path: Path) -> None:
         assert texts == ["after", "You said: after"]
         with store.reading() as db:
             assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 1
-    finally:
-        server.close()
-        engine.close()
-        store.close()
+    engine.close()
+    store.close()
 
 
 @pytest.mark.real

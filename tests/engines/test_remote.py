@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,6 @@ from pathlib import Path
 import openai
 import pytest
 import requests
-from waitress.server import create_server
 
 from pureapi.app import create_app
 from pureapi.chat.store import SQLiteStore
@@ -23,7 +21,7 @@ from pureapi.engines.remote import RemoteEngine
 from pureapi.errors import BadGateway, GatewayTimeout
 from pureapi.settings import Settings
 
-from ..conftest import ROOT, Server, free_port, start_server
+from ..conftest import ROOT, Server, free_port, serve_in_thread, start_server
 
 
 @pytest.fixture
@@ -103,16 +101,9 @@ def test_closing_the_stream_stops_the_upstream_generation(tmp_path: Path) -> Non
     slow = FakeEngine(token_delay=0.01)
     store = SQLiteStore(tmp_path / "up.db")
     app = create_app(Settings(engine="fake", db=tmp_path / "up.db"), engine=slow, store=store)
-    server = create_server(app, host="127.0.0.1", port=0, threads=4)
-    threading.Thread(target=server.run, daemon=True).start()
-    engine = RemoteEngine.connect(
-        f"http://127.0.0.1:{server.effective_port}",  # type: ignore[union-attr]
-        key=None,
-        model=None,
-        context_length=None,
-        timeout=30,
-    )
-    try:
+    with serve_in_thread(app) as url:
+        engine = RemoteEngine.connect(url, key=None, model=None, context_length=None, timeout=30)
+        assert engine.context_length == slow.context_length  # from the upstream's max_model_len
         slow.enqueue(" ".join(f"w{i}" for i in range(2000)), "done")
         stream = engine.generate(GenerationRequest(engine.encode_chat([Message("user", "go")]), SamplingParams(4000)))
         assert next(stream).text == "w0 "
@@ -122,27 +113,21 @@ def test_closing_the_stream_stops_the_upstream_generation(tmp_path: Path) -> Non
         after = engine.generate(GenerationRequest(engine.encode_chat([Message("user", "x")]), SamplingParams(8)))
         assert "".join(c.text for c in after) == "done"
         assert time.monotonic() - started < 10, "the upstream kept generating the abandoned reply"
-    finally:
         engine.close()
-        server.close()
-        slow.close()
-        store.close()
+    slow.close()
+    store.close()
 
 
 def test_an_upstream_that_breaks_off_is_a_502(tmp_path: Path) -> None:
     slow = FakeEngine(token_delay=0.01)
     store = SQLiteStore(tmp_path / "up.db")
     app = create_app(Settings(engine="fake", db=tmp_path / "up.db"), engine=slow, store=store)
-    server = create_server(app, host="127.0.0.1", port=0, threads=4)
-    threading.Thread(target=server.run, daemon=True).start()
-    engine = RemoteEngine(f"http://127.0.0.1:{server.effective_port}", model="fake-model")  # type: ignore[union-attr]
-    try:
+    with serve_in_thread(app) as url:
+        engine = RemoteEngine(url, model="fake-model")
         slow.enqueue(RuntimeError("upstream engine died"))
         stream = engine.generate(GenerationRequest(engine.encode_chat([Message("user", "go")]), SamplingParams(50)))
         with pytest.raises(BadGateway, match="failed mid-reply: scripted failure"):
             list(stream)
-    finally:
         engine.close()
-        server.close()
-        slow.close()
-        store.close()
+    slow.close()
+    store.close()
