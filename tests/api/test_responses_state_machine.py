@@ -56,6 +56,11 @@ class ResponseChains(RuleBasedStateMachine):
         window = turns[-MAX_ROUNDS:]
         return [m for u, a in window for m in (Message("user", u), Message("assistant", a))] + [Message("user", text)]
 
+    def script(self, parent: str, reply: str | BaseException) -> None:
+        """Queue the engine's reply for a turn that will reach it (one continuing a deleted response will not)."""
+        if parent not in self.deleted:
+            self.engine.enqueue(reply)
+
     @rule(target=stored, text=words, reply=words)
     def start_chain(self, text: str, reply: str) -> str:
         self.engine.enqueue(reply)
@@ -66,7 +71,7 @@ class ResponseChains(RuleBasedStateMachine):
 
     @rule(target=stored, parent=stored, text=words, reply=words)
     def continue_chain(self, parent: str, text: str, reply: str) -> str:
-        self.engine.enqueue(reply)
+        self.script(parent, reply)
         r = self.client.post("/v1/responses", json={"input": text, "previous_response_id": parent})
         if parent in self.deleted:
             assert r.status_code == 404
@@ -78,7 +83,7 @@ class ResponseChains(RuleBasedStateMachine):
 
     @rule(parent=stored, text=words, stream=st.booleans())
     def fail_a_turn(self, parent: str, text: str, stream: bool) -> None:
-        self.engine.enqueue(RuntimeError("boom"))
+        self.script(parent, RuntimeError("boom"))
         r = self.client.post("/v1/responses", json={"input": text, "previous_response_id": parent, "stream": stream})
         r.get_data()
         if parent not in self.deleted and not stream:
@@ -86,7 +91,7 @@ class ResponseChains(RuleBasedStateMachine):
 
     @rule(parent=stored, text=words)
     def abandon_a_stream(self, parent: str, text: str) -> None:
-        self.engine.enqueue("one two three four")
+        self.script(parent, "one two three four")
         r = self.client.post("/v1/responses", json={"input": text, "previous_response_id": parent, "stream": True})
         if r.status_code == 200:
             chunks = iter(r.response)
