@@ -312,3 +312,24 @@ def test_a_chain_survives_a_new_app_on_the_same_file(tmp_path: Path, turns: int)
         finally:
             fake.engine.close()
             fake.store.close()
+
+
+def test_a_sessions_database_from_before_the_responses_api_migrates(tmp_path: Path) -> None:
+    import sqlite3
+
+    from pureapi.chat.store import MIGRATIONS
+
+    old = sqlite3.connect(tmp_path / "s.db")
+    old.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")
+    old.execute("INSERT INTO sessions (id, epoch, created_at, updated_at) VALUES ('s', 0, 0, 0)")
+    old.execute("INSERT INTO messages (session_id, role, content, created_at) VALUES ('s', 'user', 'kept', 0)")
+    old.commit()
+    old.close()
+    store = SQLiteStore(tmp_path / "s.db")
+    try:
+        assert store.history("s")[0] == [Message("user", "kept")]
+        with store.reading() as db:
+            assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+            assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 0
+    finally:
+        store.close()

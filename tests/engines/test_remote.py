@@ -131,3 +131,34 @@ def test_an_upstream_that_breaks_off_is_a_502(tmp_path: Path) -> None:
         engine.close()
     slow.close()
     store.close()
+
+
+@pytest.mark.real
+def test_a_real_model_answers_the_same_through_the_front(tmp_path: Path) -> None:
+    """SmolLM2 upstream: a greedy session turn through the front equals the same conversation sent upstream."""
+    up = start_server([], tmp_path / "up.db", tmp_path / "up.log")
+    front = start_server(["--engine", "remote", "--upstream", up.url], tmp_path / "f.db", tmp_path / "f.log", 120)
+    try:
+        assert requests.get(front.url + "/status", timeout=30).json()["model_name"] == "SmolLM2-135M-Instruct.Q4_1"
+        greedy = {"temperature": 0, "max_tokens": 24}
+        turns = ["My name is Ada.", "What is my name?"]
+        replies = [
+            requests.post(front.url + "/chat", json={"message": t, "session_id": "s", **greedy}, timeout=120).json()
+            for t in turns
+        ]
+        direct = requests.post(
+            up.url + "/v1/chat/completions",
+            json={
+                "messages": [
+                    {"role": "user", "content": turns[0]},
+                    {"role": "assistant", "content": replies[0]["response"]},
+                    {"role": "user", "content": turns[1]},
+                ],
+                **greedy,
+            },
+            timeout=120,
+        ).json()
+        assert replies[1]["response"] == direct["choices"][0]["message"]["content"]
+    finally:
+        assert front.stop() == 0
+        assert up.stop() == 0
