@@ -10,8 +10,8 @@ while [ $# -gt 0 ]; do
     --llama) args+=(--model llama) ;;
     -h|--help)
       echo "usage: $0 [--qwen | --llama | --model NAME] [--port N] [pure_model_api.py flags]"
-      echo "  --qwen   serve Qwen/Qwen2.5-7B-Instruct"
-      echo "  --llama  serve meta-llama/Llama-3.1-8B-Instruct"
+      echo "  --qwen   serve Qwen2.5-7B-Instruct (its Q4_K_M GGUF on a CPU, bf16 on a GPU that holds it)"
+      echo "  --llama  serve Llama-3.1-8B-Instruct (bartowski Q4_K_M GGUF on a CPU, bf16 on a GPU)"
       echo "  with neither, the embedded SmolLM2-135M-Instruct"
       exec "$python" "$here/pure_model_api.py" --help ;;
     *) args+=("$1") ;;

@@ -1,4 +1,4 @@
-"""Command line: `pureapi serve` runs the server, `pureapi chat` the interactive client."""
+"""Command line: `pureapi serve` runs the server, `pureapi chat` the client, `pull`/`models` manage models."""
 
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ def run_serve(argv: list[str] | None = None, prog: str = "pureapi serve") -> int
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if settings.log_level != "debug":  # downloads log every HTTP request at info; progress bars say enough
+        for noisy in ("httpx", "httpx2", "httpcore"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     from .server import serve
 
     return serve(settings)
@@ -44,12 +47,21 @@ def main(argv: list[str] | None = None) -> int:
         prog="pureapi", description="pureapi: a chat API server for Qwen and Llama models."
     )
     parser.add_argument("--version", action="version", version=f"pureapi {__version__}")
-    parser.add_argument("command", choices=["serve", "chat"], help="serve: run the server; chat: interactive client")
-    if not argv or argv[0] not in ("serve", "chat"):
+    commands = ["serve", "chat", "pull", "models"]
+    parser.add_argument(
+        "command",
+        choices=commands,
+        help="serve: run the server; chat: interactive client; pull: download a model; models: list the catalogue",
+    )
+    if not argv or argv[0] not in commands:
         parser.parse_args(argv[:1])  # prints usage / version and exits
     command, rest = argv[0], argv[1:]
     if command == "serve":
         return run_serve(rest)
+    if command in ("pull", "models"):
+        from .models import commands as model_commands
+
+        return model_commands.pull(rest) if command == "pull" else model_commands.models(rest)
     from .client import main as client_main
 
     return client_main(rest)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 ENV_PREFIX = "PUREAPI_"
 
@@ -50,6 +50,21 @@ class Settings(BaseModel):
     )
     upstream_timeout: float = Field(
         300.0, gt=0, le=86_400, description="Remote engine: seconds the upstream may stay silent before a 504."
+    )
+    quant: str | None = Field(
+        None,
+        description="GGUF quantization to download for a catalogue model or a -GGUF repo (Q4_K_M, Q5_K_M, Q8_0, "
+        "...). Default: Q4_K_M.",
+    )
+    fit_check: Literal["on", "off"] = Field(
+        "on",
+        description="Before loading, estimate weights + KV cache (--ctx-size x --parallel) against free RAM or "
+        "GPU memory and refuse in one line what cannot fit; off: try anyway.",
+    )
+    max_memory: str | None = Field(
+        None,
+        description="Memory the model may use (8GB, 7.5GiB, 512MiB): caps what the fit check counts as free. "
+        "Default: all the free RAM or GPU memory.",
     )
     device: str = Field("auto", description="auto (CUDA if available, else CPU), cpu, cuda or cuda:N.")
     host: str = Field("127.0.0.1", description="Address to bind.")
@@ -122,6 +137,21 @@ class Settings(BaseModel):
         "(a DNS-rebinding defence).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    @field_validator("max_memory")
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        if value is not None:
+            from .models.fit import parse_size
+
+            parse_size(value)  # raises ValueError with the accepted forms
+        return value
+
+    def max_memory_bytes(self) -> int | None:
+        """--max-memory in bytes."""
+        from .models.fit import parse_size
+
+        return None if self.max_memory is None else parse_size(self.max_memory)
 
     def db_path(self) -> Path:
         """The sessions database path, defaulted."""

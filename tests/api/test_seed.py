@@ -40,7 +40,9 @@ def test_history_is_sent_to_the_model_and_status_counts_it(fake: FakeApp) -> Non
         Message("user", "second"),
     ]
     status = fake.client.get("/status").get_json()
+    devices = status.pop("devices")
     assert status == {"model_name": "fake-model", "device": "cpu", "conversation_length": 4, "memory_allocated": 0}
+    assert devices[0]["name"] == "ram" and 0 < devices[0]["free_bytes"] <= devices[0]["total_bytes"]
 
 
 def test_history_keeps_at_most_20_rounds_oldest_dropped(fake: FakeApp) -> None:

@@ -66,7 +66,7 @@ def test_the_readme_curl_commands_work_as_written(smol: Server) -> None:
             assert set(body) == {"message", "response", "status"} and body["status"] == "success"
             assert body["response"].strip()
         elif path == "/status":
-            assert set(body) == {"model_name", "device", "conversation_length", "memory_allocated"}
+            assert set(body) == {"model_name", "device", "conversation_length", "memory_allocated", "devices"}
             assert body["model_name"] == "SmolLM2-135M-Instruct.Q4_1" and body["device"] == "cpu"
             assert body["memory_allocated"] > 100_000_000
         elif path == "/reset":

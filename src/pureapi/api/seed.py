@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_
 
 from ..chat.sessions import DEFAULT_SESSION
 from ..engines.base import Chunk, SamplingParams
+from ..models import hardware
 from .common import (
     MaxTokens,
     SessionId,
@@ -72,6 +73,14 @@ class StatusQuery(BaseModel):
     session_id: SessionId | None = None
 
 
+class DeviceMemory(BaseModel):
+    """One memory pool of the machine: RAM, or one GPU."""
+
+    name: str = Field(description="ram, or cuda:N with the GPU's name")
+    total_bytes: int
+    free_bytes: int
+
+
 class StatusResponse(BaseModel):
     """Body of GET /status."""
 
@@ -79,6 +88,7 @@ class StatusResponse(BaseModel):
     device: str
     conversation_length: int
     memory_allocated: int
+    devices: list[DeviceMemory] = Field(description="RAM and each GPU, with free memory now")
 
 
 @bp.post("/chat")
@@ -124,8 +134,16 @@ def status() -> Response:
             device=engine.device,
             conversation_length=len(service.history(query.session_id or DEFAULT_SESSION)),
             memory_allocated=engine.memory_allocated(),
+            devices=_devices(),
         ).model_dump()
     )
+
+
+def _devices() -> list[DeviceMemory]:
+    hw = hardware.detect_cached()
+    pools = [DeviceMemory(name="ram", total_bytes=hw.ram_total, free_bytes=hw.ram_free)]
+    pools += [DeviceMemory(name=f"cuda:{g.index} {g.name}", total_bytes=g.total, free_bytes=g.free) for g in hw.gpus]
+    return pools
 
 
 @bp.get("/health")

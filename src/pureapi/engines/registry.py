@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 from ..errors import ModelLoadError
-from ..models.resolve import ResolvedModel, resolve_model
+from ..models import hardware
+from ..models.resolve import ResolvedModel, build_need, check_fit, choose_build, fetch_build
 from ..settings import Settings, default_cache_dir
 from .base import Engine
 
@@ -33,7 +36,7 @@ def _llamacpp(settings: Settings, model: ResolvedModel) -> Engine:
         threads=settings.cpu_threads,
         verdicts=default_cache_dir() / "preflight",
     )
-    parallel = settings.parallel or min(4, settings.threads)
+    parallel = _slots(settings)
     return LlamaCppEngine.load(
         model,
         n_threads=settings.cpu_threads,
@@ -79,33 +82,57 @@ ENGINES: dict[str, Callable[[Settings, ResolvedModel], Engine]] = {
 
 
 def choose_engine(settings: Settings, model: ResolvedModel) -> str:
-    """The engine `--engine auto` picks: llama.cpp for a GGUF file unless CUDA is in play, else transformers.
+    """The engine `--engine auto` picks: the one the model's build is for, else by file type and device.
 
     On a CPU, llama.cpp runs the quantized weights several times faster than transformers runs
     them dequantized to float32, and starts in a fraction of a second instead of converting.
     """
     if settings.engine != "auto":
         return settings.engine
+    if model.engine is not None:
+        return model.engine
     if model.is_gguf and not _cuda_in_play(settings.device):
         return "llamacpp"
     return "transformers"
 
 
 def _cuda_in_play(device: str) -> bool:
+    # Asked of the driver, not of torch: a CUDA torch import costs ~0.5 GB where the answer is no.
     if device == "cpu":
         return False
     if device.startswith("cuda"):
         return True
-    import torch
+    return bool(hardware.gpus())
 
-    return bool(torch.cuda.is_available())
+
+def _slots(settings: Settings) -> int:
+    return settings.parallel or min(4, settings.threads)
 
 
 def resolve(settings: Settings) -> ResolvedModel:
-    """Resolve --model to local files (fast checks and downloads happen here, before serving)."""
+    """Resolve --model to local files: choose the build for this machine, check it fits, then download.
+
+    The fit check runs before a byte of weights is downloaded or read, so a model too big for the
+    machine is one line and exit 1 instead of the OOM killer.
+    """
     if settings.engine in ("fake", "remote"):  # no local weights: the remote engine asks its upstream
         return ResolvedModel(name=f"{settings.engine}-model", path=settings.weights_cache_dir())
-    return resolve_model(settings.model)
+    hw = hardware.detect(want_gpus=settings.device != "cpu")
+    build = choose_build(
+        settings.model, hw, engine=settings.engine, device=settings.device, quant=settings.quant, ctx=settings.ctx_size
+    )
+    limits: dict[str, Any] = {
+        "ctx": settings.ctx_size,
+        "slots": _slots(settings),
+        "max_memory": settings.max_memory_bytes(),
+    }
+    if settings.fit_check == "on":
+        check_fit(build, hw, **limits)
+    model = fetch_build(build)
+    if settings.fit_check == "on" and build_need(build, settings.ctx_size, _slots(settings)) is None:
+        # A repo outside the catalogue is sized from its files once they are here, before loading.
+        check_fit(replace(build, local=model.path), hw, **limits)
+    return model
 
 
 def load_engine(settings: Settings, model: ResolvedModel) -> Engine:
