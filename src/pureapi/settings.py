@@ -88,7 +88,8 @@ class Settings(BaseModel):
         ge=1,
         le=256,
         description="llama.cpp engine: generations decoded together in one batch (slots), each with its own "
-        "--ctx-size window of KV cache. Default: min(4, --threads).",
+        "--ctx-size window of KV cache. Default: min(4, --threads). Remote engine: generations sent upstream at "
+        "once (default 16).",
     )
     cpu_threads: int | None = Field(
         None, ge=1, le=1024, description="llama.cpp engine: CPU threads that compute. Default: the number of cores."
