@@ -9,6 +9,8 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from .chat.response_store import ResponseStore
+from .chat.responses import ResponseService
 from .chat.sessions import SessionService
 from .chat.store import SessionStore, SQLiteStore
 from .engines.base import Engine
@@ -26,11 +28,15 @@ class AppState:
     store: SessionStore
     engine: Engine | None = None
     sessions: SessionService = field(init=False)
+    responses: ResponseService = field(init=False)
 
     def __post_init__(self) -> None:
         self.sessions = SessionService(
             self.store, lambda: self.engine, self.settings.max_rounds, self.settings.max_queue
         )
+        if not isinstance(self.store, SQLiteStore):
+            raise TypeError("the Responses API keeps its state in the SQLite session store")
+        self.responses = ResponseService(ResponseStore(self.store), self.sessions, self.settings.response_ttl)
 
 
 def create_app(
@@ -45,12 +51,14 @@ def create_app(
     app.extensions["pureapi"] = state
 
     from . import security
-    from .api import openai, openapi, seed
+    from .api import conversations, openai, openapi, responses, seed
 
     security.install(app, settings)
 
     app.register_blueprint(seed.bp)
     app.register_blueprint(openai.bp)
+    app.register_blueprint(responses.bp)
+    app.register_blueprint(conversations.bp)
     app.register_blueprint(openapi.bp)
 
     app.register_error_handler(PureAPIError, _pureapi_error)

@@ -44,6 +44,13 @@ class ForbiddenHost(PureAPIError):
     type = "permission_error"
 
 
+class NotFound(PureAPIError):
+    """A named thing (a stored response, a conversation, an item) does not exist."""
+
+    status = 404
+    type = "invalid_request_error"
+
+
 class UnsupportedMediaType(PureAPIError):
     """The body is not JSON."""
 
@@ -69,6 +76,20 @@ class EngineError(PureAPIError):
     """The engine failed while generating."""
 
     status = 500
+    type = "server_error"
+
+
+class BadGateway(PureAPIError):
+    """The upstream server (remote engine) is unreachable or failed."""
+
+    status = 502
+    type = "server_error"
+
+
+class GatewayTimeout(PureAPIError):
+    """The upstream server (remote engine) did not answer in time."""
+
+    status = 504
     type = "server_error"
 
 

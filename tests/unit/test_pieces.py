@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pureapi.chat.sessions import fit_window, rounds_of
-from pureapi.chat.store import SQLiteStore, StoreError
+from pureapi.chat.store import MIGRATIONS, SQLiteStore, StoreError
 from pureapi.chat.streams import StopMatcher, with_stops
 from pureapi.engines._template import render_segments
 from pureapi.errors import ContextOverflow, ModelLoadError
@@ -102,7 +102,7 @@ def test_store_appends_rounds_atomically_and_respects_resets(tmp_path: Path) -> 
     store.close()
     reopened = SQLiteStore(tmp_path / "s.db")
     assert len(reopened.history("x")[0]) == 6
-    assert sqlite3.connect(tmp_path / "s.db").execute("PRAGMA user_version").fetchone()[0] == 1
+    assert sqlite3.connect(tmp_path / "s.db").execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 
 
 def test_corrupt_store_file_is_a_clear_error(tmp_path: Path) -> None:

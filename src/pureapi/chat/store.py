@@ -6,6 +6,8 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..types import Message
@@ -51,6 +53,32 @@ MIGRATIONS = [
         created_at REAL NOT NULL
     );
     CREATE INDEX messages_by_session ON messages(session_id, id);
+    """,
+    # The Responses and Conversations APIs (chat/responses.py): a response keeps its own turn (input
+    # items and output text) and points at the previous one; a conversation is an ordered item list.
+    """
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        metadata TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE conversation_items (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        item TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX conversation_items_by_conversation ON conversation_items(conversation_id, seq);
+    CREATE TABLE responses (
+        id TEXT PRIMARY KEY,
+        previous_id TEXT,
+        body TEXT NOT NULL,
+        input TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL
+    );
+    CREATE INDEX responses_by_expiry ON responses(expires_at) WHERE expires_at IS NOT NULL;
     """,
 ]
 
@@ -146,6 +174,24 @@ class SQLiteStore(SessionStore):
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """The connection inside one write transaction: committed if the block ends, rolled back if it raises."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection for a few reads, with no other thread's statements in between."""
+        with self._lock:
+            yield self._db
 
     def close(self) -> None:
         with self._lock:
