@@ -6,8 +6,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,3 +130,24 @@ def start_server(
         time.sleep(0.25)
     proc.kill()
     raise RuntimeError(f"server not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@contextmanager
+def serve_in_thread(app: Flask) -> Iterator[str]:
+    """Serve an app with waitress on a thread of this process (to drive its engine from the test); yields the URL."""
+    from waitress.server import create_server
+
+    server = create_server(app, host="127.0.0.1", port=0, threads=4, channel_request_lookahead=1)
+
+    def run() -> None:
+        with suppress(OSError, ValueError):  # the loop's sockets are closed from the test's thread at the end
+            server.run()
+
+    thread = threading.Thread(target=run, name="test-waitress", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.effective_port}"  # type: ignore[union-attr]
+    finally:
+        server.task_dispatcher.shutdown(timeout=5)
+        server.close()
+        thread.join(timeout=5)

@@ -9,6 +9,8 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from .chat.response_store import ResponseStore
+from .chat.responses import ResponseService
 from .chat.sessions import SessionService
 from .chat.store import SessionStore, SQLiteStore
 from .engines.base import Engine
@@ -29,6 +31,7 @@ class AppState:
     load_seconds: float | None = None  # how long the engine took to load, once it has
     sessions: SessionService = field(init=False)
     metrics: Metrics = field(init=False)
+    responses: ResponseService = field(init=False)
 
     def __post_init__(self) -> None:
         self.sessions = SessionService(
@@ -36,6 +39,9 @@ class AppState:
         )
         self.metrics = Metrics(self)
         self.sessions.metrics = self.metrics
+        if not isinstance(self.store, SQLiteStore):
+            raise TypeError("the Responses API keeps its state in the SQLite session store")
+        self.responses = ResponseService(ResponseStore(self.store), self.sessions, self.settings.response_ttl)
 
 
 def create_app(
@@ -50,7 +56,7 @@ def create_app(
     app.extensions["pureapi"] = state
 
     from . import logs, metrics, security
-    from .api import openai, openapi, seed, sessions, web
+    from .api import conversations, openai, openapi, responses, seed, sessions, web
 
     logs.install(app)  # first, so that even a request the guard refuses has an id
     metrics.install(app, state.metrics)
@@ -58,6 +64,8 @@ def create_app(
 
     app.register_blueprint(seed.bp)
     app.register_blueprint(openai.bp)
+    app.register_blueprint(responses.bp)
+    app.register_blueprint(conversations.bp)
     app.register_blueprint(openapi.bp)
     app.register_blueprint(sessions.bp)
     app.register_blueprint(web.bp)

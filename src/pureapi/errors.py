@@ -45,10 +45,10 @@ class ForbiddenHost(PureAPIError):
 
 
 class NotFound(PureAPIError):
-    """The named resource (a session) does not exist."""
+    """A named thing (a stored response, a conversation, an item) does not exist."""
 
     status = 404
-    type = "not_found_error"
+    type = "invalid_request_error"
 
 
 class Conflict(PureAPIError):
@@ -83,6 +83,20 @@ class EngineError(PureAPIError):
     """The engine failed while generating."""
 
     status = 500
+    type = "server_error"
+
+
+class BadGateway(PureAPIError):
+    """The upstream server (remote engine) is unreachable or failed."""
+
+    status = 502
+    type = "server_error"
+
+
+class GatewayTimeout(PureAPIError):
+    """The upstream server (remote engine) did not answer in time."""
+
+    status = 504
     type = "server_error"
 
 

@@ -34,8 +34,22 @@ class Settings(BaseModel):
         description="Model: an alias (smollm2, qwen, llama, ...), a Hugging Face id, "
         "a local HF model folder or a .gguf file. Default: the embedded SmolLM2-135M-Instruct.",
     )
-    engine: Literal["auto", "transformers", "llamacpp", "fake"] = Field(
-        "auto", description="Inference engine; auto picks the best one for the model and device."
+    engine: Literal["auto", "transformers", "llamacpp", "remote", "fake"] = Field(
+        "auto",
+        description="Inference engine; auto picks the best one for the model and device; remote forwards "
+        "generation to --upstream.",
+    )
+    upstream: str | None = Field(
+        None,
+        description="Remote engine: base URL of an OpenAI-compatible server (vLLM, llama-server, pureapi), "
+        "for example http://gpu-box:8000/v1.",
+    )
+    upstream_key: str | None = Field(None, description="Remote engine: API key sent to the upstream.")
+    upstream_model: str | None = Field(
+        None, description="Remote engine: the upstream's model to use. Default: the first it lists."
+    )
+    upstream_timeout: float = Field(
+        300.0, gt=0, le=86_400, description="Remote engine: seconds the upstream may stay silent before a 504."
     )
     quant: str | None = Field(
         None,
@@ -74,7 +88,8 @@ class Settings(BaseModel):
         ge=1,
         le=256,
         description="llama.cpp engine: generations decoded together in one batch (slots), each with its own "
-        "--ctx-size window of KV cache. Default: min(4, --threads).",
+        "--ctx-size window of KV cache. Default: min(4, --threads). Remote engine: generations sent upstream at "
+        "once (default 16).",
     )
     cpu_threads: int | None = Field(
         None, ge=1, le=1024, description="llama.cpp engine: CPU threads that compute. Default: the number of cores."
@@ -98,6 +113,12 @@ class Settings(BaseModel):
         description="llama.cpp engine: MiB of disk beside the sessions database (<db>.kv/) for sessions' KV "
         "states: those the RAM cache drops, and all of them at shutdown, so a session's next turn after an "
         "eviction or a restart is restored instead of prefilled again (oldest dropped first); 0 disables.",
+    )
+    response_ttl: int = Field(
+        30 * 24 * 3600,
+        ge=0,
+        description="Seconds a stored response (POST /v1/responses with store) is kept; expired ones cannot be "
+        "retrieved or continued. 0 keeps them forever. Conversations are kept until deleted.",
     )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
     cache_dir: Path | None = Field(
@@ -169,7 +190,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         annotation = field.annotation
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
         default = os.environ.get(ENV_PREFIX + name.upper(), field.get_default(call_default_factory=True))
-        shown = "******" if name == "api_key" and default else default
+        shown = "******" if name in ("api_key", "upstream_key") and default else default
         help_text = f"{field.description} (default: {shown}; env {ENV_PREFIX}{name.upper()})"
         if get_origin(annotation) is Literal:
             kwargs["choices"] = list(get_args(annotation))

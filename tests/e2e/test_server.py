@@ -92,7 +92,12 @@ def test_the_readme_curl_commands_work_as_written(smol: Server) -> None:
             assert body["choices"][0]["message"]["content"]
         elif path == "/v1/models":
             assert body["data"][0]["id"] == "SmolLM2-135M-Instruct.Q4_1"
+        elif path == "/v1/responses":
+            assert body["status"] in ("completed", "incomplete") and body["output"][0]["content"][0]["text"]
+        elif path == "/v1/conversations":
+            assert body["object"] == "conversation" and body["metadata"] == {"topic": "colours"}
     assert {"/chat", "/status", "/reset", "/health", "/v1/chat/completions", "/v1/models", "/metrics"} <= seen
+    assert {"/v1/responses", "/v1/conversations"} <= seen
     assert {"/v1/sessions", "/v1/sessions/trip", "/v1/sessions/trip/fork"} <= seen
 
 

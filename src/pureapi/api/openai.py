@@ -205,6 +205,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "pureapi"
+    # vLLM's field: a remote engine in front of this server sizes its history window by it.
+    max_model_len: int | None = None
 
 
 class ModelList(BaseModel):
@@ -288,4 +290,5 @@ def _stream(meta: dict[str, Any], chunks: Iterator[Chunk], include_usage: bool) 
 @bp.get("/models")
 def models() -> Response:
     engine = sessions().engine()
-    return jsonify(ModelList(data=[ModelCard(id=engine.model_name)]).model_dump())
+    card = ModelCard(id=engine.model_name, max_model_len=engine.context_length)
+    return jsonify(ModelList(data=[card]).model_dump())

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel
 
 from .. import __version__
-from . import openai, seed, sessions
+from . import conversations, openai, responses, seed, sessions
 
 bp = Blueprint("openapi", __name__)
 
@@ -159,6 +160,7 @@ def build_spec() -> dict[str, Any]:
             "responses": {"200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}},
         }
     }
+    paths.update(_stateful_paths(spec, body_errors, sse))
     return {
         "openapi": "3.1.0",
         "info": {"title": "pureapi", "version": __version__},
@@ -229,6 +231,96 @@ def _sessions_paths(spec: _Spec) -> dict[str, Any]:
             }
         },
     }
+
+
+def _stateful_paths(spec: _Spec, body_errors: tuple[int, ...], sse: dict[str, Any]) -> dict[str, Any]:
+    """The Responses and Conversations APIs."""
+    errors = _errors(OPENAI_ERROR, 400, 401, 503) | {
+        "404": {"description": "Not found", "content": _json(OPENAI_ERROR)}
+    }
+
+    def ok(model: type[BaseModel], description: str) -> dict[str, Any]:
+        return {"200": {"description": description, "content": _json(spec.ref(model))}, **errors}
+
+    def body(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
+        return {"required": required, "content": _json(spec.ref(model))}
+
+    paging = [
+        {"name": name, "in": "query", "required": False, "schema": schema}
+        for name, schema in responses.ListQuery.model_json_schema()["properties"].items()
+    ]
+    paths: dict[str, Any] = {
+        "/v1/responses": {
+            "post": {
+                "summary": "Create a response, optionally continuing a stored one or a conversation",
+                "requestBody": body(responses.ResponseRequest),
+                "responses": {
+                    "200": {
+                        "description": "The response, or its named SSE events",
+                        "content": {**_json(spec.ref(responses.ResponseObject)), **sse},
+                    },
+                    **_errors(OPENAI_ERROR, *body_errors),
+                    "404": {"description": "Unknown previous response or conversation", "content": _json(OPENAI_ERROR)},
+                },
+            }
+        },
+        "/v1/responses/{response_id}": {
+            "get": {"summary": "A stored response", "responses": ok(responses.ResponseObject, "The response")},
+            "delete": {"summary": "Forget a stored response", "responses": ok(responses.ResponseDeleted, "Deleted")},
+        },
+        "/v1/responses/{response_id}/input_items": {
+            "get": {
+                "summary": "A stored response's input items",
+                "parameters": paging,
+                "responses": ok(responses.ItemList, "A page of items"),
+            }
+        },
+        "/v1/conversations": {
+            "post": {
+                "summary": "Create a conversation",
+                "requestBody": body(conversations.ConversationCreate, required=False),
+                "responses": ok(conversations.ConversationObject, "The conversation"),
+            }
+        },
+        "/v1/conversations/{conversation_id}": {
+            "get": {"summary": "A conversation", "responses": ok(conversations.ConversationObject, "The conversation")},
+            "post": {
+                "summary": "Replace a conversation's metadata",
+                "requestBody": body(conversations.ConversationUpdate),
+                "responses": ok(conversations.ConversationObject, "The conversation"),
+            },
+            "delete": {
+                "summary": "Delete a conversation and its items",
+                "responses": ok(conversations.ConversationDeleted, "Deleted"),
+            },
+        },
+        "/v1/conversations/{conversation_id}/items": {
+            "get": {
+                "summary": "A page of a conversation's items",
+                "parameters": paging,
+                "responses": ok(responses.ItemList, "A page of items"),
+            },
+            "post": {
+                "summary": "Append items",
+                "requestBody": body(conversations.ItemsCreate),
+                "responses": ok(responses.ItemList, "The items added"),
+            },
+        },
+        "/v1/conversations/{conversation_id}/items/{item_id}": {
+            "get": {"summary": "One item", "responses": {"200": {"description": "The item"}, **errors}},
+            "delete": {
+                "summary": "Remove one item",
+                "responses": ok(conversations.ConversationObject, "The conversation"),
+            },
+        },
+    }
+    for path, item in paths.items():
+        names = re.findall(r"{(\w+)}", path)
+        if names:
+            item["parameters"] = [
+                {"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in names
+            ]
+    return paths
 
 
 @bp.get("/openapi.json")

@@ -60,7 +60,7 @@ def rounds_of(history: Sequence[Message]) -> list[tuple[Message, Message]]:
 def fit_window(
     encode: Callable[[Sequence[Message]], list[int]],
     context_length: int,
-    rounds: Sequence[tuple[Message, Message]],
+    rounds: Sequence[Sequence[Message]],
     tail: Sequence[Message],
     max_tokens: int,
     prompt_param: str = "message",
@@ -260,6 +260,45 @@ class SessionService:
             hold.close()
             raise
         return self._released(stream, hold, admitted)
+
+    def run(
+        self,
+        prompt: Callable[[Engine], tuple[list[int], SamplingParams]],
+        on_finish: Callable[[str, Chunk], None],
+        *,
+        lock: str | None = None,
+        session_id: str | None = None,
+    ) -> Iterator[Chunk]:
+        """Generate one turn of a conversation kept elsewhere (the Responses API). Early errors raise here.
+
+        With lock, turns under that key run one after another. prompt(engine) builds the prompt ids and
+        the sampling parameters (max_tokens may depend on the prompt's length) once the lock is held;
+        on_finish(reply, last chunk) runs before the last chunk is yielded, still under the lock: a turn
+        is committed only when its reply completed.
+        """
+        engine = self.engine()
+        admitted = time.monotonic()
+        hold = ExitStack()
+        hold.enter_context(self._admit(engine).slot())
+        try:
+            if lock is not None:
+                hold.enter_context(self._locks.hold(lock, TURN_WAIT_SECONDS))
+            ids, params = prompt(engine)
+            stream = self._generate(engine, hold, GenerationRequest(ids, params, session_id=session_id))
+        except BaseException:
+            hold.close()
+            raise
+        return self._finished(self._released(stream, hold, admitted), on_finish)
+
+    @staticmethod
+    def _finished(chunks: Generator[Chunk, None, None], on_finish: Callable[[str, Chunk], None]) -> Iterator[Chunk]:
+        parts: list[str] = []
+        with closing(chunks):
+            for chunk in chunks:
+                parts.append(chunk.text)
+                if chunk.finish_reason is not None:
+                    on_finish("".join(parts), chunk)
+                yield chunk
 
     def _generate(self, engine: Engine, hold: ExitStack, request: GenerationRequest) -> Iterator[Chunk]:
         """Start a tracked generation (shutdown can cancel it) with the request's stop strings applied."""

@@ -7,6 +7,8 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,32 @@ MIGRATIONS = [
         created_at REAL NOT NULL
     );
     CREATE INDEX messages_by_session ON messages(session_id, id);
+    """,
+    # The Responses and Conversations APIs (chat/responses.py): a response keeps its own turn (input
+    # items and output text) and points at the previous one; a conversation is an ordered item list.
+    """
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        metadata TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE conversation_items (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        item TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX conversation_items_by_conversation ON conversation_items(conversation_id, seq);
+    CREATE TABLE responses (
+        id TEXT PRIMARY KEY,
+        previous_id TEXT,
+        body TEXT NOT NULL,
+        input TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL
+    );
+    CREATE INDEX responses_by_expiry ON responses(expires_at) WHERE expires_at IS NOT NULL;
     """,
     # The sessions API: titles, metadata, a per-session system prompt, and idempotent turns.
     """
@@ -252,17 +280,28 @@ class SQLiteStore(SessionStore):
                 self._db.execute("ROLLBACK")
                 raise
 
-    def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
-        """Run statements in one transaction; their row counts."""
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """The connection inside one write transaction: committed if the block ends, rolled back if it raises."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                counts = [self._db.execute(sql, args).rowcount for sql, args in statements]
+                yield self._db
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return counts
+
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection for a few reads, with no other thread's statements in between."""
+        with self._lock:
+            yield self._db
+
+    def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
+        """Run statements in one transaction; their row counts."""
+        with self.transaction() as db:
+            return [db.execute(sql, args).rowcount for sql, args in statements]
 
     def count_sessions(self) -> int:
         with self._lock:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from ..errors import ModelLoadError
 from ..models import hardware
 from ..models.resolve import ResolvedModel, build_need, check_fit, choose_build, fetch_build
 from ..settings import Settings, default_cache_dir
@@ -50,6 +51,22 @@ def _llamacpp(settings: Settings, model: ResolvedModel) -> Engine:
     )
 
 
+def _remote(settings: Settings, model: ResolvedModel) -> Engine:
+    from .remote import RemoteEngine
+
+    if not settings.upstream:
+        raise ModelLoadError("--engine remote needs --upstream URL (an OpenAI-compatible server)")
+    engine = RemoteEngine.connect(
+        settings.upstream,
+        key=settings.upstream_key,
+        model=settings.upstream_model,
+        context_length=settings.ctx_size,
+        timeout=settings.upstream_timeout,
+    )
+    engine.slots = settings.parallel or engine.slots
+    return engine
+
+
 def _fake(settings: Settings, model: ResolvedModel) -> Engine:
     from .fake import FakeEngine
 
@@ -59,6 +76,7 @@ def _fake(settings: Settings, model: ResolvedModel) -> Engine:
 ENGINES: dict[str, Callable[[Settings, ResolvedModel], Engine]] = {
     "transformers": _transformers,
     "llamacpp": _llamacpp,
+    "remote": _remote,
     "fake": _fake,
 }
 
@@ -97,8 +115,8 @@ def resolve(settings: Settings) -> ResolvedModel:
     The fit check runs before a byte of weights is downloaded or read, so a model too big for the
     machine is one line and exit 1 instead of the OOM killer.
     """
-    if settings.engine == "fake":
-        return ResolvedModel(name="fake-model", path=settings.weights_cache_dir())
+    if settings.engine in ("fake", "remote"):  # no local weights: the remote engine asks its upstream
+        return ResolvedModel(name=f"{settings.engine}-model", path=settings.weights_cache_dir())
     hw = hardware.detect(want_gpus=settings.device != "cpu")
     build = choose_build(
         settings.model, hw, engine=settings.engine, device=settings.device, quant=settings.quant, ctx=settings.ctx_size

@@ -1,0 +1,211 @@
+"""An engine that forwards generation to an OpenAI-compatible upstream (vLLM, llama-server, another pureapi).
+
+pureapi keeps the sessions, the Responses state, auth, limits and the seed API; the upstream does the
+batching on its GPUs. The engine interface speaks token ids, which only the upstream's tokenizer could
+produce, so `encode_chat` returns a *prompt handle*: a list whose first id names the messages kept here
+and whose length is a deliberately high estimate of their token count (3 bytes per token), so that the
+history window errs on the side of dropping an old turn rather than overflowing the upstream's context.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import requests
+
+from ..errors import BadGateway, BadRequest, Cancelled, EngineError, GatewayTimeout, ModelLoadError, Overloaded
+from ..types import Chunk, GenerationRequest, Message
+from .base import Engine
+
+BYTES_PER_TOKEN = 3  # below the ~4 of English text in BPE vocabularies: the estimate stays high
+TOKENS_PER_MESSAGE = 8  # the chat template's role markers
+MAX_HANDLES = 4096  # prompts built but not yet generated (fit_window builds a few per turn)
+CONNECT_TIMEOUT = 10.0
+
+
+class RemoteEngine(Engine):
+    """Generation by an upstream's /v1/chat/completions, streamed; closing the stream closes the upstream's."""
+
+    name = "remote"
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        key: str | None = None,
+        model: str | None = None,
+        context_length: int = 8192,
+        slots: int = 16,
+        timeout: float = 300.0,
+    ):
+        self.upstream = upstream.rstrip("/")
+        if not self.upstream.endswith("/v1"):
+            self.upstream += "/v1"
+        self.key = key
+        self.model_name = model or ""
+        self.device = f"remote ({self.upstream})"
+        self.context_length = context_length
+        self.slots = slots  # generations the upstream runs at once, as far as admission here is concerned
+        self.timeout = timeout
+        self._http = requests.Session()
+        # Guards the prompt handles, which request threads add and read concurrently.
+        self._lock = threading.Lock()
+        self._prompts: collections.OrderedDict[int, list[Message]] = collections.OrderedDict()
+        self._ids = itertools.count(1)
+
+    @classmethod
+    def connect(
+        cls, upstream: str, *, key: str | None, model: str | None, context_length: int | None, timeout: float
+    ) -> RemoteEngine:
+        """Ask the upstream for its model (and its context, where it says, as vLLM does); one-line errors."""
+        engine = cls(upstream, key=key, model=model, timeout=timeout)
+        try:
+            r = engine._http.get(engine.upstream + "/models", headers=engine._headers(), timeout=CONNECT_TIMEOUT)
+        except requests.RequestException as exc:
+            raise ModelLoadError(f"upstream {engine.upstream}: cannot reach it ({type(exc).__name__})") from None
+        if r.status_code != 200:
+            raise ModelLoadError(f"upstream {engine.upstream}: GET /models answered {r.status_code}: {_message(r)}")
+        models = r.json().get("data") or []
+        if not models:
+            raise ModelLoadError(f"upstream {engine.upstream}: serves no model")
+        chosen = next((m for m in models if m.get("id") == model), None) if model else models[0]
+        if chosen is None:
+            names = ", ".join(str(m.get("id")) for m in models)
+            raise ModelLoadError(f"upstream {engine.upstream}: no model '{model}' (it serves {names})")
+        engine.model_name = str(chosen["id"])
+        engine.context_length = context_length or int(chosen.get("max_model_len") or 8192)
+        return engine
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        estimate = sum(len(m.content.encode()) // BYTES_PER_TOKEN + TOKENS_PER_MESSAGE for m in messages) + 1
+        with self._lock:
+            handle = next(self._ids)
+            self._prompts[handle] = list(messages)
+            while len(self._prompts) > MAX_HANDLES:
+                self._prompts.popitem(last=False)
+        return [handle] + [0] * (estimate - 1)
+
+    def memory_allocated(self) -> int:
+        return 0
+
+    def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
+        with self._lock:
+            messages = self._prompts.pop(request.prompt_ids[0], None) if request.prompt_ids else None
+        if messages is None:
+            raise EngineError("remote engine: the prompt was not built by this engine's encode_chat")
+        body = self._body(messages, request)
+        try:
+            response = self._http.post(
+                self.upstream + "/chat/completions",
+                json=body,
+                headers=self._headers(),
+                stream=True,
+                timeout=(CONNECT_TIMEOUT, self.timeout),
+            )
+        except requests.Timeout:
+            raise GatewayTimeout(f"upstream {self.upstream} did not answer within {self.timeout:g}s") from None
+        except requests.RequestException as exc:
+            raise BadGateway(f"upstream {self.upstream} is unreachable ({type(exc).__name__})") from None
+        if response.status_code != 200:
+            with response:
+                raise _mapped(response, self.upstream)
+        return self._read(response, request, len(request.prompt_ids))
+
+    def _body(self, messages: list[Message], request: GenerationRequest) -> dict[str, Any]:
+        p = request.params
+        body: dict[str, Any] = {
+            "model": self.model_name,
+            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "max_tokens": p.max_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        # Stop strings are applied here (SessionService), so the upstream's reply is cut the same way.
+        optional = {
+            "seed": p.seed,
+            "presence_penalty": p.presence_penalty or None,
+            "frequency_penalty": p.frequency_penalty or None,
+            "top_k": p.top_k or None,  # vLLM's and llama.cpp's extensions
+            "min_p": p.min_p or None,
+            "repetition_penalty": p.repeat_penalty if p.repeat_penalty != 1.0 else None,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return body
+
+    def _read(self, response: requests.Response, request: GenerationRequest, estimate: int) -> Iterator[Chunk]:
+        completion = 0
+        finish: str | None = None
+        prompt_tokens, cached = estimate, 0
+        try:
+            for line in response.iter_lines(decode_unicode=False):
+                if request.cancel.is_set():
+                    raise Cancelled("generation cancelled")
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:]
+                if data == b"[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    raise BadGateway(f"upstream failed mid-reply: {_error_text(event['error'])}")
+                usage = event.get("usage")
+                if usage:
+                    prompt_tokens = int(usage.get("prompt_tokens", prompt_tokens))
+                    completion = int(usage.get("completion_tokens", completion))
+                    cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+                for choice in event.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content") or ""
+                    if text:
+                        completion += 1
+                        yield Chunk(text, None, prompt_tokens, completion, cached)
+                    finish = choice.get("finish_reason") or finish
+        except requests.Timeout:
+            raise GatewayTimeout(f"upstream {self.upstream} went silent for {self.timeout:g}s mid-reply") from None
+        except (requests.RequestException, ValueError) as exc:
+            raise BadGateway(f"upstream {self.upstream} broke off the reply ({type(exc).__name__})") from None
+        finally:
+            # Closing the connection is how the upstream learns that its client went away: it stops generating.
+            response.close()
+        if finish is None:
+            raise BadGateway(f"upstream {self.upstream} ended the reply without a finish reason")
+        yield Chunk("", finish, prompt_tokens, completion, cached)
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    return str(error)
+
+
+def _message(response: requests.Response) -> str:
+    try:
+        return _error_text(response.json().get("error")) if response.content else response.reason
+    except ValueError:
+        return response.text[:200] or response.reason
+
+
+def _mapped(response: requests.Response, upstream: str) -> Exception:
+    """An upstream's refusal as our error: its 4xx about the request stay 400s, the rest are the gateway's."""
+    status, text = response.status_code, _message(response)
+    if status in (429, 503):
+        return Overloaded(f"upstream {upstream} is busy ({status}): {text}")
+    if status == 504:
+        return GatewayTimeout(f"upstream {upstream} timed out: {text}")
+    if status in (400, 413, 422):
+        return BadRequest(f"upstream {upstream} rejected the request: {text}")
+    if status in (401, 403):
+        return BadGateway(f"upstream {upstream} refused pureapi's key ({status}): {text}")
+    return BadGateway(f"upstream {upstream} answered {status}: {text}")
