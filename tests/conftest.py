@@ -125,7 +125,7 @@ def start_server(
         try:
             if requests.get(url + "/health", timeout=2).status_code == 200:
                 return Server(url, proc, db, log)
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # refused while starting, or slow under load
             pass
         time.sleep(0.25)
     proc.kill()

@@ -226,7 +226,9 @@ def test_start_api_sh_serves_and_passes_flags(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("flag", "model"), [("--qwen", "Qwen/Qwen2.5-7B-Instruct"), ("--llama", "meta-llama/Llama-3.1-8B-Instruct")]
+    ("flag", "model"),
+    # On a machine without a GPU the aliases resolve to their GGUF builds (models/catalogue.py).
+    [("--qwen", "'Qwen/Qwen2.5-7B-Instruct-GGUF'"), ("--llama", "'bartowski/Meta-Llama-3.1-8B-Instruct-GGUF'")],
 )
 def test_start_api_sh_aliases_fail_offline_with_one_line(tmp_path: Path, flag: str, model: str) -> None:
     result = subprocess.run(
