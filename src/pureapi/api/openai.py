@@ -106,6 +106,54 @@ class ChatCompletionRequest(BaseModel):
     n: StrictInt = Field(1, ge=1, le=1, description="Only 1 is supported.")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    # Refused rather than ignored until they are built: a client that asks for JSON, tools or
+    # logprobs must not get prose that merely looks like an answer.
+    tools: list[dict[str, Any]] | None = Field(None, description="Not supported yet: a non-empty list is a 400.")
+    tool_choice: StrictStr | dict[str, Any] | None = Field(
+        None, description='Not supported yet: only "none" or "auto" (with no tools) are accepted.'
+    )
+    response_format: dict[str, Any] | None = Field(
+        None, description='Not supported yet: only {"type": "text"} is accepted.'
+    )
+    logprobs: StrictBool | None = Field(None, description="Not supported yet: true is a 400.")
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20, description="Not supported yet: above 0 is a 400.")
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if value:
+            raise ValueError("tool calling is not supported yet; send the request without tools")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if value not in (None, "none", "auto"):
+            raise ValueError("tool calling is not supported yet; only 'none' or 'auto' are accepted")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type") != "text":
+            raise ValueError(
+                f"type {value.get('type')!r} is not supported yet (structured output); only 'text' is accepted"
+            )
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("logprobs are not supported yet; send false or leave it out")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_top_logprobs(cls, value: int | None) -> int | None:
+        if value:
+            raise ValueError("logprobs are not supported yet; send 0 or leave it out")
+        return value
 
     @field_validator("stop")
     @classmethod
