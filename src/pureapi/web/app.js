@@ -6,6 +6,9 @@ const KEY_STORE = "pureapi.apiKey";
 const SESSION_STORE = "pureapi.session";
 let current = null; // the open session's id
 let busy = false; // a reply is streaming
+// Bumped by every openSession and every send: a session read overtaken by a later one, or by a
+// message sent meanwhile, must not replace what is on the page.
+let opening = 0;
 
 class ApiError extends Error {
   constructor(status, message) {
@@ -77,7 +80,9 @@ async function loadSessions() {
 }
 
 async function openSession(id) {
+  const ticket = ++opening;
   const session = await (await api(`/v1/sessions/${encodeURIComponent(id)}`)).json();
+  if (ticket !== opening) return;
   current = id;
   localStorage.setItem(SESSION_STORE, id);
   $("session-title").textContent = session.title || session.id;
@@ -136,6 +141,7 @@ async function readEvents(response, onEvent) {
 async function send(text) {
   if (!current) await newSession();
   const session = current;
+  opening += 1;
   busy = true;
   $("send").disabled = true;
   notice("");
