@@ -9,7 +9,6 @@ drop its connection once, part-way, to exercise resume. Every request is logged 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from collections.abc import Iterator
@@ -18,6 +17,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+from .models import sha256_of
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -42,14 +43,6 @@ class Hub:
     def downloads(self, name: str) -> list[str | None]:
         """Range headers of the GETs of a file (None: from the start)."""
         return [rng for method, path, rng in self.log if method == "GET" and path.endswith("/" + name)]
-
-
-def _etag(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
@@ -121,7 +114,9 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
                 msg = "Entry not found"
                 return self._json(404, {"error": msg}, {"X-Error-Code": "EntryNotFound", "X-Error-Message": msg})
             size = local.stat().st_size
-            etag = etags.setdefault(local, _etag(local))
+            if local not in etags:  # hash each file once, not on every request
+                etags[local] = sha256_of(local)
+            etag = etags[local]
             start = 0
             rng = self.headers.get("Range")
             if rng and self.command == "GET" and rng.startswith("bytes="):

