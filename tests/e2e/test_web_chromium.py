@@ -119,7 +119,7 @@ def test_streamed_reply_sessions_and_reset_on_the_real_model(browser: Any, smol:
     # A second session, then back to the first: each shows its own messages.
     page.click("#new-session")
     expect(page.locator("#sessions li.active")).not_to_have_attribute("data-id", first)
-    assert page.locator("#messages li").count() == 0
+    expect(page.locator("#messages li")).to_have_count(0)
     send(page, "Say hello.")
     wait_reply(page)
     page.click(f"#sessions li[data-id={first!r}]")

@@ -95,7 +95,11 @@ async function openSession(id) {
 
 async function newSession() {
   const session = await (await api("/v1/sessions", { method: "POST", json: {} })).json();
+  // A new session is empty: show it so at once, before the list and the session are re-read.
   current = session.id;
+  ++opening;
+  $("messages").replaceChildren();
+  $("session-title").textContent = session.title || session.id;
   await loadSessions();
   await openSession(session.id);
 }
