@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .chat.response_store import ResponseStore
@@ -39,6 +39,7 @@ class AppState:
         )
         self.metrics = Metrics(self)
         self.sessions.metrics = self.metrics
+        self.sessions.cache_scope = lambda: g.get("cache_scope", "") if has_request_context() else ""
         if not isinstance(self.store, SQLiteStore):
             raise TypeError("the Responses API keeps its state in the SQLite session store")
         self.responses = ResponseService(ResponseStore(self.store), self.sessions, self.settings.response_ttl)

@@ -26,13 +26,14 @@ ENGINE_HELP = {
     "slots_free": "llama.cpp slots idle now.",
     "kv_cache_hits_total": "Generations that reused some prompt KV (slot, copy or restored state) instead of "
     "computing the whole prompt.",
+    "kv_cache_misses_total": "Generations that reused no prompt KV.",
     "reused_tokens_total": "Prompt tokens whose KV was reused rather than computed.",
-    "restored_tokens_ram_total": "Prompt tokens restored from sessions' states saved in RAM.",
-    "restored_tokens_disk_total": "Prompt tokens restored from sessions' states saved on disk.",
-    "restored_bytes_ram_total": "Bytes of sessions' states restored from RAM.",
-    "restored_bytes_disk_total": "Bytes of sessions' states restored from disk.",
-    "saved_state_bytes_ram": "Bytes of sessions' KV states held in RAM now.",
-    "saved_state_bytes_disk": "Bytes of sessions' KV states held on disk now.",
+    "restored_tokens_ram_total": "Prompt tokens restored from KV states saved in RAM.",
+    "restored_tokens_disk_total": "Prompt tokens restored from KV states saved on disk.",
+    "restored_bytes_ram_total": "Bytes of KV states restored from RAM.",
+    "restored_bytes_disk_total": "Bytes of KV states restored from disk.",
+    "saved_state_bytes_ram": "Bytes of saved KV states held in RAM now.",
+    "saved_state_bytes_disk": "Bytes of saved KV states held on disk now.",
 }
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import re
 
-from flask import Flask, request
+from flask import Flask, g, request
 
 from .errors import ForbiddenHost, Unauthorized
 from .settings import Settings
@@ -59,6 +60,9 @@ def install(app: Flask, settings: Settings) -> None:
             matched |= hmac.compare_digest(given, key)
         if not matched:
             raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+        if settings.kv_cache_scope == "key":
+            # Cached KV is shared only among requests with this key (a hash: the key stays out of memory dumps).
+            g.cache_scope = hashlib.sha256(given).hexdigest()[:16]
 
     if settings.cors_origins:
         from flask_cors import CORS

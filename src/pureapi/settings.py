@@ -103,16 +103,23 @@ class Settings(BaseModel):
         256,
         ge=0,
         le=1_000_000,
-        description="llama.cpp engine: MiB of RAM for the KV state of sessions whose slot was taken by another "
-        "conversation, so their next turn is restored instead of prefilled again (oldest dropped first); 0 disables.",
+        description="llama.cpp engine: MiB of RAM for the KV states of conversations whose slot another prompt "
+        "took, found again by their tokens, so that the next turn (a session's, or a stateless client's that "
+        "resends the history) is restored instead of prefilled again (least recently used dropped first); "
+        "0 disables.",
     )
     kv_disk_mb: int = Field(
         1024,
         ge=0,
         le=100_000_000,
-        description="llama.cpp engine: MiB of disk beside the sessions database (<db>.kv/) for sessions' KV "
-        "states: those the RAM cache drops, and all of them at shutdown, so a session's next turn after an "
+        description="llama.cpp engine: MiB of disk beside the sessions database (<db>.kv/) for KV states: "
+        "those the RAM cache drops, and all of them at shutdown, so a conversation's next turn after an "
         "eviction or a restart is restored instead of prefilled again (oldest dropped first); 0 disables.",
+    )
+    kv_cache_scope: Literal["key", "global"] = Field(
+        "key",
+        description="llama.cpp engine: who shares cached KV when --api-key is set. key: only requests with the "
+        "same API key (another key's client cannot tell from response times what was cached); global: all.",
     )
     response_ttl: int = Field(
         30 * 24 * 3600,

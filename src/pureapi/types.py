@@ -39,6 +39,8 @@ class GenerationRequest:
     params: SamplingParams
     cancel: threading.Event = field(default_factory=threading.Event)
     session_id: str | None = None
+    # Who may share KV cached from this prompt: requests of the same scope (an API key's, or "" for all).
+    cache_scope: str = ""
 
 
 @dataclass

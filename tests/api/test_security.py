@@ -7,6 +7,8 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
+from pureapi.types import GenerationRequest
+
 from ..conftest import MakeFakeApp
 
 ROUTES = [
@@ -92,6 +94,41 @@ def test_unknown_routes_need_the_key_too(make: Any) -> None:
     assert client.get("/nope").status_code == 401
     r = client.get("/v1/nope", headers={"Authorization": "Bearer secret"})
     assert_envelope(r, 404, "/v1/nope")
+
+
+@pytest.mark.parametrize(
+    ("settings", "same_key_shares", "keys_share"),
+    [
+        ({"api_key": ["k-one", "k-two"]}, True, False),
+        ({"api_key": ["k-one", "k-two"], "kv_cache_scope": "global"}, True, True),
+    ],
+    ids=["per-key", "global"],
+)
+def test_cached_kv_is_shared_per_key_by_default(
+    make_fake_app: MakeFakeApp, monkeypatch: pytest.MonkeyPatch, settings: Any, same_key_shares: bool, keys_share: bool
+) -> None:
+    """Every generation carries its request's cache scope: the engine shares cached KV only within one."""
+    fake = make_fake_app(settings=settings)
+    scopes: list[str] = []
+    generate = fake.engine.generate
+
+    def spy(request: GenerationRequest) -> Any:
+        scopes.append(request.cache_scope)
+        return generate(request)
+
+    monkeypatch.setattr(fake.engine, "generate", spy)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    for key in ["k-one", "k-one", "k-two"]:
+        fake.engine.enqueue("ok")
+        r = fake.client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200, r.get_data(as_text=True)
+    fake.engine.enqueue("ok")
+    assert (
+        fake.client.post("/chat", json={"message": "hi"}, headers={"Authorization": "Bearer k-two"}).status_code == 200
+    )
+    assert (scopes[0] == scopes[1]) is same_key_shares
+    assert (scopes[1] == scopes[2]) is keys_share and scopes[2] == scopes[3]
+    assert all("k-one" not in s and "k-two" not in s for s in scopes)  # a hash, never the key
 
 
 def test_without_keys_no_auth_is_asked(make: Any) -> None:

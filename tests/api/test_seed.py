@@ -93,7 +93,9 @@ def test_streaming_sends_deltas_then_the_full_body(fake: FakeApp) -> None:
     assert r.status_code == 200 and r.mimetype == "text/event-stream"
     events = sse_events(r)
     assert [e["delta"] for e in events[:-1]] == ["Hello ", "there ", "friend"]
+    usage = events[-1].pop("usage")
     assert events[-1] == {"message": "hi", "response": "Hello there friend", "status": "success"}
+    assert usage["completion_tokens"] == 3 and usage["prompt_tokens"] > 0 and usage["cached_tokens"] == 0
     assert fake.client.get("/status").get_json()["conversation_length"] == 2
 
 

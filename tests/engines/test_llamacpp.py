@@ -350,29 +350,36 @@ def test_shared_system_prompt_is_copied_from_another_slot(
     assert_same_greedy(model_name, fresh, reference, ids_b, got, reply(fresh, ids_b, 24))
 
 
-def evicted_session_turn(engine: LlamaCppEngine) -> tuple[list[int], str, dict[str, int]]:
-    """Session A's first turn, session B's (which takes A's only slot), then A's second turn.
+def evicted_session_turn(engine: LlamaCppEngine, sessions: bool = True) -> tuple[list[int], str, dict[str, int]]:
+    """Conversation A's first turn, B's (which takes A's only slot), then A's second turn.
 
-    Returns A's second prompt, its greedy reply and the stats deltas of that second turn.
+    With sessions they are sessions A and B; without, stateless requests that resend the history
+    (as OpenAI clients do). Returns A's second prompt, its greedy reply and the stats deltas of that
+    second turn.
     """
+    a: dict[str, str] = {"session_id": "A"} if sessions else {}
+    b: dict[str, str] = {"session_id": "B"} if sessions else {}
     first = [Message("user", "Write a long story about a dragon.")]
     ids1 = engine.encode_chat(first)
-    answer = reply(engine, ids1, 40, session_id="A")
-    reply(engine, engine.encode_chat([Message("user", "Describe the city of Rome in detail.")]), 40, session_id="B")
+    answer = reply(engine, ids1, 40, **a)
+    reply(engine, engine.encode_chat([Message("user", "Describe the city of Rome in detail.")]), 40, **b)
     ids2 = engine.encode_chat([*first, Message("assistant", answer), Message("user", "Make it shorter.")])
     assert ids2[: len(ids1)] == ids1
     before = dict(engine.stats)
-    second = reply(engine, ids2, 40, session_id="A")
+    second = reply(engine, ids2, 40, **a)
     return ids2, second, {k: engine.stats[k] - before[k] for k in before}
 
 
-def test_evicted_session_is_restored_from_ram(
-    model_name: str, gguf: Path, fresh: LlamaCppEngine, reference: TransformersEngine
+@pytest.mark.parametrize("sessions", [True, False], ids=["sessions", "stateless"])
+def test_evicted_conversation_is_restored_from_ram(
+    model_name: str, gguf: Path, fresh: LlamaCppEngine, reference: TransformersEngine, sessions: bool
 ) -> None:
+    """The KV of a conversation whose slot was taken is found again by its tokens: a session's next
+    turn and a stateless client's resent history alike."""
     single = load(gguf, n_parallel=1, kv_cache_mb=64)
     plain_memory = single.memory_allocated()
     try:
-        ids2, second, delta = evicted_session_turn(single)
+        ids2, second, delta = evicted_session_turn(single, sessions)
         assert single.stats["saved_states"] >= 2  # A when B took the slot, then B when A took it back
         assert single.saved_state_bytes > 0  # B's state waits; A's left the cache when restored
         assert single.memory_allocated() == plain_memory + single.saved_state_bytes  # /status counts it
@@ -396,10 +403,13 @@ def test_evicted_session_is_prefilled_again_without_the_ram_cache(gguf: Path) ->
     assert delta["prefilled_tokens"] > len(ids2) // 2
 
 
-def test_evicted_session_is_restored_from_disk_without_the_ram_cache(gguf: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sessions", [True, False], ids=["sessions", "stateless"])
+def test_evicted_conversation_is_restored_from_disk_without_the_ram_cache(
+    gguf: Path, tmp_path: Path, sessions: bool
+) -> None:
     single = load(gguf, n_parallel=1, kv_cache_mb=0, state_dir=tmp_path, kv_disk_mb=64)
     try:
-        _, _, delta = evicted_session_turn(single)
+        _, _, delta = evicted_session_turn(single, sessions)
         assert single.saved_state_bytes == 0  # nothing in RAM: the states went straight to disk
         assert len(list(tmp_path.rglob("*.kv"))) == 1  # B's, waiting; A's was consumed by its restore
     finally:
@@ -408,14 +418,21 @@ def test_evicted_session_is_restored_from_disk_without_the_ram_cache(gguf: Path,
     assert delta["prefilled_tokens"] < 30
 
 
-def test_session_state_survives_a_restart(
-    model_name: str, gguf: Path, tmp_path: Path, fresh: LlamaCppEngine, reference: TransformersEngine
+@pytest.mark.parametrize("sessions", [True, False], ids=["sessions", "stateless"])
+def test_conversation_state_survives_a_restart(
+    model_name: str,
+    gguf: Path,
+    tmp_path: Path,
+    fresh: LlamaCppEngine,
+    reference: TransformersEngine,
+    sessions: bool,
 ) -> None:
+    a: dict[str, str] = {"session_id": "A"} if sessions else {}
     first = [Message("user", "Write a long story about a dragon.")]
     before_restart = load(gguf, n_parallel=1, state_dir=tmp_path, kv_disk_mb=64)
     try:
         ids1 = before_restart.encode_chat(first)
-        answer = reply(before_restart, ids1, 40, session_id="A")
+        answer = reply(before_restart, ids1, 40, **a)
     finally:
         before_restart.close()  # writes A's state beside the store
     files = list(tmp_path.rglob("*.kv"))
@@ -423,13 +440,30 @@ def test_session_state_survives_a_restart(
     restarted = load(gguf, n_parallel=1, state_dir=tmp_path, kv_disk_mb=64)
     try:
         ids2 = restarted.encode_chat([*first, Message("assistant", answer), Message("user", "Make it shorter.")])
-        second = reply(restarted, ids2, 40, session_id="A")
+        second = reply(restarted, ids2, 40, **a)
         stats = dict(restarted.stats)
     finally:
         restarted.close()
     assert stats["restored_tokens"] >= len(ids1)
     assert stats["prefilled_tokens"] < 30
     assert_same_greedy(model_name, fresh, reference, ids2, second, reply(fresh, ids2, 40))
+
+
+def test_another_scope_never_reuses_the_kv(gguf: Path) -> None:
+    """With per-key scopes, a prompt another API key sent is prefilled, not restored or reused."""
+    single = load(gguf, n_parallel=1, kv_cache_mb=64)
+    ids = single.encode_chat([Message("user", "Write a long story about a dragon.")])
+
+    def turn(prompt: list[int], scope: str) -> Chunk:
+        return collect(single.generate(GenerationRequest(prompt, greedy_params(8), cache_scope=scope)))[1]
+
+    try:
+        turn(ids, "key-1")
+        assert turn(ids, "key-2").cached_tokens == 0  # the slot holds key-1's KV: not for key-2
+        assert turn(ids, "key-1").cached_tokens == len(ids) - 1  # key-1's own, restored
+        assert turn(ids, "").cached_tokens == 0  # no scope is no key's
+    finally:
+        single.close()
 
 
 def test_forgotten_session_leaves_no_state_behind(gguf: Path, tmp_path: Path) -> None:
@@ -464,15 +498,22 @@ def test_a_turn_queued_before_its_reset_leaves_no_state_behind(gguf: Path, tmp_p
         assert text and last.finish_reason is not None  # the old turn still answers its client
         assert service.history("S") == []  # but does not land in the reset session
         collect(service.chat("T", "Describe Rome in detail.", greedy_params(20)))  # takes S's slot
-        assert engine.prompt_cache.tokens("S") is None
+        forgotten = engine.encode_chat(
+            [
+                Message("user", "Write a long story about a dragon."),
+                Message("assistant", "Once upon a time there was a dragon."),
+                Message("user", "Go on, in more detail."),
+            ]
+        )
+        assert all(tokens[: len(forgotten)] != forgotten for tokens, _, _ in engine.prompt_cache.entries())
     finally:
-        engine.close()  # writes every session still holding a slot
+        engine.close()  # writes every state still in a slot
         store.close()
-    assert engine.prompt_cache.disk is not None
-    assert engine.prompt_cache.disk.tokens("S") is None
-    assert engine.prompt_cache.disk.tokens("X") and engine.prompt_cache.disk.tokens(
-        "T"
-    )  # the other sessions' states are kept
+    disk = engine.prompt_cache.disk
+    assert disk is not None
+    kept = disk.index().values()
+    assert all(meta.tokens[: len(forgotten)] != forgotten for meta in kept)
+    assert {s for meta in kept for s in meta.sessions} == {"X", "T"}  # the other sessions' states are kept
 
 
 def test_a_turn_after_a_reset_is_the_sessions_again(gguf: Path, tmp_path: Path) -> None:
@@ -486,8 +527,7 @@ def test_a_turn_after_a_reset_is_the_sessions_again(gguf: Path, tmp_path: Path) 
         service.reset("S")
         collect(service.chat("S", "Write a long story about rain.", greedy_params(20)))
         collect(service.chat("T", "Describe Rome in detail.", greedy_params(20)))  # takes S's slot
-        saved = engine.prompt_cache.tokens("S")
-        assert saved is not None
+        (saved,) = [tokens for tokens, _, sessions in engine.prompt_cache.entries() if "S" in sessions]
         text = engine.model.detokenize(saved)
         assert "about rain" in text and "dragon" not in text  # the new conversation, not the forgotten one
     finally:
@@ -504,7 +544,7 @@ def test_saved_states_stay_within_their_byte_bound(gguf: Path) -> None:
             ids = single.encode_chat([Message("user", f"Write a long story about {topic}.")])
             reply(single, ids, 80, session_id=f"s{i}")
             assert 0 <= single.saved_state_bytes <= bound_mb * 1024 * 1024
-        saved = single.prompt_cache.sessions()
+        saved = [session for _, _, sessions in single.prompt_cache.entries() for session in sessions]
     finally:
         single.close()
     # Each session but the last lost the slot and was saved; the oldest were dropped to fit.

@@ -139,12 +139,22 @@ def chat() -> Response:
 
 def _stream(message: str, chunks: Iterator[Chunk]) -> Iterator[str]:
     parts: list[str] = []
+    last: Chunk | None = None
     try:
         for chunk in chunks:
+            last = chunk
             if chunk.text:
                 parts.append(chunk.text)
                 yield sse({"delta": chunk.text})
-        yield sse(ChatResponse(message=message, response="".join(parts)).model_dump())
+        final: dict[str, object] = ChatResponse(message=message, response="".join(parts)).model_dump()
+        if last is not None:
+            # What the turn cost, and how much of the prompt's KV was reused rather than computed.
+            final["usage"] = {
+                "prompt_tokens": last.prompt_tokens,
+                "completion_tokens": last.completion_tokens,
+                "cached_tokens": last.cached_tokens,
+            }
+        yield sse(final)
     except Exception as exc:
         log.warning("stream failed: %s", exc)
         yield sse({"error": error_text(exc)})

@@ -135,6 +135,8 @@ class SessionService:
         self._producing = 0  # generations past their first chunk, for the metrics
         self._closing = False
         self.metrics: Metrics | None = None  # set by create_app
+        # The KV-cache scope of the request being served (its API key's, or ""): set by create_app.
+        self.cache_scope: Callable[[], str] = lambda: ""
 
     def _admit(self, engine: Engine) -> _Admission:
         if self._admission is None:
@@ -302,6 +304,7 @@ class SessionService:
 
     def _generate(self, engine: Engine, hold: ExitStack, request: GenerationRequest) -> Iterator[Chunk]:
         """Start a tracked generation (shutdown can cancel it) with the request's stop strings applied."""
+        request.cache_scope = self.cache_scope()
         hold.enter_context(self._tracked(request))
         return with_stops(engine.generate(request), request.params.stop)
 

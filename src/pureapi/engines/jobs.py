@@ -28,6 +28,8 @@ class Job:
         self.number = number  # submission order
         # The session whose KV the job may keep: None once that session was reset before the job started.
         self.session = request.session_id
+        # False once that session was reset before the job started: its KV must then outlive it nowhere.
+        self.savable = True
         self.cached_tokens = 0  # set by an engine that reuses KV, when the job starts
         self._out: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()
 
@@ -96,11 +98,14 @@ class JobQueue:
             return self._waiting.popleft()
 
     def unclaim(self, session_id: str) -> int:
-        """Waiting jobs of the session stop being its (a reset); returns the last job number submitted."""
+        """Waiting jobs of the session stop being its, and their KV is kept nowhere (a reset).
+
+        Returns the last job number submitted, for a job already taken off the queue.
+        """
         with self._cond:
             for job in self._waiting:
                 if job.session == session_id:
-                    job.session = None
+                    job.session, job.savable = None, False
             return self._submitted
 
     def fail_all(self, reason: str) -> None:

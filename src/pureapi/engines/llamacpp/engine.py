@@ -6,8 +6,9 @@ the batch and the samplers. Each step it admits waiting jobs into free slots (`s
 moves the active slots next to each other, builds one batch (`batch.plan_step`: a decode token per
 generating slot, then prompt chunks), calls `llama_decode` once, and samples every slot that has
 logits with that request's own sampler chain. KV is reused from the slot's own cache, from a
-session's saved state (`prompt_cache`), or copied from another slot that shares the prefix; when
-idle, the opening of a finished conversation's next turn is decoded ahead. docs/design.md explains
+saved state that shares the prompt's prefix (`prompt_cache`: a slot's KV is saved there, found by
+its tokens, before another prompt overwrites it), or copied from another slot that shares the
+prefix; when idle, the opening of a finished conversation's next turn is decoded ahead. docs/design.md explains
 each mechanism and records what was measured.
 
 Scheduler invariants:
@@ -27,10 +28,12 @@ Scheduler invariants:
    long prompt is spread over several steps while the other slots keep generating.
 6. A cancelled job is dropped at the start of the next step; the KV it built stays in its slot
    as cache for a later prompt with the same prefix.
-7. A saved state holds exactly the KV of its `tokens`, copied while invariant 2 held; a session's
-   state is saved only while no slot has been admitted for it since. After a reset no slot keeps KV
-   under the session for a turn that began before it: slots lose the claim at the next admission,
-   and a turn still queued at the reset is admitted as no session's.
+7. A saved state holds exactly the KV of its `tokens`, copied while invariant 2 held, and is
+   saved under the scope and session of the prompts that built it. After a reset no slot keeps KV
+   under the session for a turn that began before it: slots lose the claim (and are no longer
+   saved) at the next admission, and a turn still queued at the reset is admitted as no session's,
+   into a slot that is never saved.
+   A slot admitted for a prompt of another scope keeps none of its KV (prompt_cache invariant 3).
 8. `self._slots` is ordered by `id`, a slot's sequence id. Ids change only in `_swap`, between
    steps, and the KV moves with them. Before every decode `_compact` has given the active slots
    consecutive ids (unless llama.cpp refused to copy a state).
@@ -125,12 +128,13 @@ class LlamaCppEngine(Engine):
             "generated_tokens": 0,
             "steps": 0,
             "kv_cache_hits": 0,  # turns that reused some KV
+            "kv_cache_misses": 0,  # turns that reused none
             "restored_tokens_ram": 0,
             "restored_tokens_disk": 0,
             "restored_bytes_ram": 0,
             "restored_bytes_disk": 0,
         }
-        # Sessions' KV states that lost their slot (RAM, then disk), and every session's at shutdown.
+        # Slots' KV states saved before another prompt took the slot (RAM, then disk), and all at shutdown.
         self.prompt_cache = PromptCache(kv_cache_mb * 1024 * 1024, disk)
         # Sessions reset since the scheduler's last admission -> the last job number submitted before.
         self._forgotten: dict[str, int] = {}
@@ -157,9 +161,9 @@ class LlamaCppEngine(Engine):
     ) -> LlamaCppEngine:
         """Load a GGUF file; n_ctx is the total context, split evenly over the n_parallel slots.
 
-        kv_cache_mb bounds the RAM that evicted sessions' KV states may take (0: none are kept);
-        kv_disk_mb the disk they spill to under state_dir, where every session's state is also
-        written at close, so that it survives a restart (0 or no state_dir: not on disk).
+        kv_cache_mb bounds the RAM that saved KV states (of slots another prompt took) may take (0:
+        none are kept); kv_disk_mb the disk they spill to under state_dir, where every slot's state
+        is also written at close, so that it survives a restart (0 or no state_dir: not on disk).
         Flash attention is llama.cpp's default on CPU (faster; see docs/design.md).
         """
         path = resolved.path
@@ -219,6 +223,7 @@ class LlamaCppEngine(Engine):
             "slots_active": active,
             "slots_free": len(self._slots) - active,
             "kv_cache_hits_total": stats["kv_cache_hits"],
+            "kv_cache_misses_total": stats["kv_cache_misses"],
             "reused_tokens_total": stats["reused_tokens"],
             "restored_tokens_ram_total": stats["restored_tokens_ram"],
             "restored_tokens_disk_total": stats["restored_tokens_disk"],
@@ -315,8 +320,12 @@ class LlamaCppEngine(Engine):
                 continue
             forgotten = self._apply_forgets()  # before a slot is picked by its session
             if job.session in forgotten and job.number <= forgotten[job.session]:
-                job.session = None  # submitted before its session's reset: its KV is not the session's
-            slot = choose_slot(free, self._slots, job.request.prompt_ids, job.session, self.prompt_cache.tokens)
+                # Submitted before its session's reset: its KV (the forgotten conversation) is nobody's.
+                job.session, job.savable = None, False
+            prompt, scope = job.request.prompt_ids, job.request.cache_scope
+            found = self.prompt_cache.find(prompt, scope) if self.prompt_cache.enabled else None
+            saved = min(found.common, len(prompt) - 1) if found is not None else 0
+            slot = choose_slot(free, self._slots, prompt, job.session, scope, saved)
             try:
                 self._start(slot, job)
             except Exception as exc:  # one bad admission must not stop the scheduler
@@ -326,14 +335,13 @@ class LlamaCppEngine(Engine):
                 self._release(slot)
 
     def _start(self, slot: Slot, job: Job) -> None:
-        llc, prompt, session = self._llc, job.request.prompt_ids, job.session
+        llc, prompt, session, scope = self._llc, job.request.prompt_ids, job.session, job.request.cache_scope
         # Keep the KV of the common prefix, but always re-decode the last prompt token for its logits.
-        keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1)
-        if slot.session_id is not None and slot.session_id != session:
-            # The slot's session loses it: keep its history for its next turn (before the trim below).
-            self._save(slot, len(slot.cached) - keep)
-        restored = self._restore(slot, session, prompt, keep)
-        copied = not restored and self._copy_prefix(slot, prompt, keep)
+        keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1) if slot.scope == scope else 0
+        # What the slot is about to lose is saved first, found later by its tokens (before the trim below).
+        self._save(slot, len(slot.cached) - keep)
+        restored = self._restore(slot, prompt, scope, keep)
+        copied = not restored and self._copy_prefix(slot, prompt, scope, keep)
         if restored or copied:
             keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1)
         if keep < len(slot.cached) and not llc.llama_memory_seq_rm(self._mem, slot.id, keep, -1):
@@ -342,12 +350,14 @@ class LlamaCppEngine(Engine):
         del slot.cached[keep:]
         self.stats["reused_tokens"] += keep
         self.stats["kv_cache_hits"] += keep > 0
+        self.stats["kv_cache_misses"] += keep == 0
         if restored:
             self.stats["restored_tokens"] += keep
             self.stats[f"restored_tokens_{self.prompt_cache.taken_from}"] += keep
         elif copied:
             self.stats["copied_tokens"] += keep
-        slot.job, slot.session_id, slot.opening = job, session, []
+        # Everything the slot now holds is a prefix of this prompt: its sender's to keep.
+        slot.job, slot.session_id, slot.scope, slot.savable, slot.opening = job, session, scope, job.savable, []
         job.cached_tokens = keep
         slot.admitted = slot.last_used = next(self._ticks)
         slot.pending = list(prompt[keep:])
@@ -368,19 +378,18 @@ class LlamaCppEngine(Engine):
         return buf
 
     def _save(self, slot: Slot, lost: int) -> None:
-        """Keep the slot's sequence state under its session: in RAM, spilling the oldest to disk."""
-        session = slot.session_id
-        if session is None or lost < MIN_SAVED_TOKENS or not self.prompt_cache.enabled:
+        """Keep the slot's sequence state, found later by its tokens: in RAM, spilling the oldest to disk."""
+        if lost < MIN_SAVED_TOKENS or not slot.savable or not self.prompt_cache.enabled:
             return
         buf = self._seq_state(slot.id)
         if buf is None:
             return
         # A copy of cached: the slot's list changes with the next trim and decode.
-        self.prompt_cache.put(session, list(slot.cached), buf)
-        self.stats["saved_states"] += 1
+        if self.prompt_cache.put(list(slot.cached), buf, slot.scope, slot.session_id):
+            self.stats["saved_states"] += 1
 
     def forget(self, session_id: str) -> None:
-        """A reset: drop the session's saved states now, and its slot's claim at the scheduler's next step.
+        """A reset: drop the states only the session reached now, and its slot's claim at the next step.
 
         A turn of the session that is still waiting (queued before the reset) runs for its client, but
         as no session's: its KV, the forgotten conversation, must not be kept under the session.
@@ -388,7 +397,7 @@ class LlamaCppEngine(Engine):
         with self._forget_lock:
             # The scheduler reads a job's session only after taking it off the queue.
             self._forgotten[session_id] = self._jobs.unclaim(session_id)
-        self.prompt_cache.drop(session_id)
+        self.prompt_cache.forget(session_id)
 
     def _apply_forgets(self) -> dict[str, int]:
         """Scheduler thread: slots of forgotten sessions stop being theirs (so their KV is never saved).
@@ -399,40 +408,42 @@ class LlamaCppEngine(Engine):
         with self._forget_lock:
             forgotten, self._forgotten = self._forgotten, {}
         for session in forgotten:
-            self.prompt_cache.drop(session)  # again: a spill racing the reset may have written it since
+            self.prompt_cache.forget(session)  # again: a spill racing the reset may have written it since
         for slot in self._slots:
             if slot.session_id in forgotten:
-                slot.session_id, slot.opening = None, []
+                slot.session_id, slot.savable, slot.opening = None, False, []
         return forgotten
 
     def _persist(self) -> None:
-        """Shutdown: write every session's state, RAM cache and slots alike, to disk (oldest first)."""
-        disk = self.prompt_cache.disk
-        if disk is None:
+        """Shutdown: write every state, RAM cache and slots alike, to disk (oldest first)."""
+        cache = self.prompt_cache
+        if cache.disk is None:
             return
         self._apply_forgets()
-        states = self.prompt_cache.drain()
+        entries = cache.drain()
         for slot in sorted(self._slots, key=lambda s: s.last_used):
-            if slot.session_id is not None and len(slot.cached) >= MIN_SAVED_TOKENS:
+            if slot.savable and len(slot.cached) >= MIN_SAVED_TOKENS:
                 buf = self._seq_state(slot.id)
                 if buf is not None:
-                    states.append((slot.session_id, list(slot.cached), buf))
-        for entry in states:
-            disk.put(*entry)
+                    entries.append(cache.entry(list(slot.cached), buf, slot.scope, slot.session_id))
+        cache.persist(entries)
 
-    def _restore(self, slot: Slot, session: str | None, prompt: Sequence[int], keep: int) -> bool:
-        """Put the session's saved state into the slot if it covers more of the prompt than `keep`.
+    def _restore(self, slot: Slot, prompt: Sequence[int], scope: str, keep: int) -> bool:
+        """Put the saved state sharing the longest prefix with the prompt into the slot, if it beats `keep`.
 
-        The saved entry is dropped either way: the slot now serves the session, and its KV (restored
-        or newer) supersedes the saved copy.
+        A state the prompt uses whole leaves the cache (the slot holds it now, and saves it again,
+        longer, when it is next taken); one the prompt shares only part of stays for its own
+        conversation, and the slot keeps a trimmed copy.
         """
-        entry = self.prompt_cache.take(session) if session is not None else None
-        if entry is None:
+        if not self.prompt_cache.enabled:
             return False
-        tokens, buf = entry
-        if min(common_prefix(tokens, prompt), len(prompt) - 1) <= keep:
+        found = self.prompt_cache.find(prompt, scope)
+        if found is None or min(found.common, len(prompt) - 1) <= keep:
             return False
-        loaded = self._load_state(slot, tokens, buf)
+        buf = self.prompt_cache.read(found, take=found.common >= len(found.tokens))
+        if buf is None:
+            return False
+        loaded = self._load_state(slot, list(found.tokens), buf)  # a copy: the entry may stay cached
         if loaded:
             self.stats[f"restored_bytes_{self.prompt_cache.taken_from}"] += len(buf)
         return loaded
@@ -447,7 +458,7 @@ class LlamaCppEngine(Engine):
         slot.cached = tokens  # invariant 2: exactly the tokens whose KV was saved
         return True
 
-    def _copy_prefix(self, slot: Slot, prompt: Sequence[int], keep: int) -> bool:
+    def _copy_prefix(self, slot: Slot, prompt: Sequence[int], scope: str, keep: int) -> bool:
         """Copy another slot's KV into this one when it shares at least MIN_COPIED_TOKENS more of the prompt.
 
         The other slot keeps its cache (a conversation sharing only a system prompt evicts nobody),
@@ -458,7 +469,7 @@ class LlamaCppEngine(Engine):
         """
         best, common = None, keep
         for other in self._slots:
-            if other is not slot:
+            if other is not slot and other.scope == scope:
                 c = min(common_prefix(other.cached, prompt), len(prompt) - 1)
                 if c > common:
                     best, common = other, c

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,13 +13,20 @@ MIN_COPIED_TOKENS = 16
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens two sequences share."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    """How many leading tokens two sequences share (list slices compare in C: a bisection, not a loop)."""
+    a = a if isinstance(a, list) else list(a)
+    b = b if isinstance(b, list) else list(b)
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 @dataclass
@@ -29,6 +36,8 @@ class Slot:
     id: int
     cached: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds
     session_id: str | None = None  # the session last served, for affinity
+    scope: str = ""  # the cache scope of the prompts its KV came from (invariant 3 of prompt_cache)
+    savable: bool = True  # False once its session was reset: its KV is then nobody's to keep
     last_used: int = 0  # scheduler tick of the last admission or release (LRU)
     job: Job | None = None
     admitted: int = 0  # admission order, for fair prefill
@@ -45,31 +54,28 @@ def choose_slot(
     slots: Sequence[Slot],
     prompt: Sequence[int],
     session: str | None,
-    saved_tokens: Callable[[str], list[int] | None],
+    scope: str,
+    saved: int,
 ) -> Slot:
     """Choose a free slot for a prompt, keeping as much useful KV cache as possible.
 
-    The slot that last served this session wins. Else, when the session's saved state
-    (`saved_tokens`) shares more of the prompt than any free slot, the slot whose cache is cheapest
-    to lose (the restore overwrites it). Else the slot with the longest common prefix, if reusing it
-    throws nothing away (it holds the whole prompt, so what follows is only an earlier reply to it,
-    or its cache ends inside the prompt). Else, when some slot (busy ones too) shares a prefix worth
-    copying, the cheapest slot (the prefix is copied into it, and the other slot keeps its
-    history). Else the slot that saves more prefill than it throws away, else an empty slot, else
-    the least recently used one.
+    The slot that last served this session wins. Else, when a saved state shares more of the prompt
+    (`saved` tokens) than any free slot, the slot whose cache is cheapest to lose (the restore
+    overwrites it; its own KV is saved first). Else the slot with the longest common prefix, if
+    reusing it throws nothing away (it holds the whole prompt, so what follows is only an earlier
+    reply to it, or its cache ends inside the prompt). Else, when some slot (busy ones too) shares
+    a prefix worth copying, the cheapest slot (the prefix is copied into it, and the other slot
+    keeps its history). Else the slot that saves more prefill than it throws away, else an empty
+    slot, else the least recently used one. Only slots of the prompt's scope count as sharing.
     """
     cheapest = min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
     if session is not None:
         for slot in free:
-            if slot.session_id == session:
+            if slot.session_id == session and slot.scope == scope:
                 return slot
-    commons = {s.id: common_prefix(s.cached, prompt) for s in slots}
-    if session is not None:
-        saved = saved_tokens(session)
-        if saved is not None:
-            restorable = common_prefix(saved, prompt)
-            if all(commons[s.id] < restorable for s in free):
-                return cheapest
+    commons = {s.id: common_prefix(s.cached, prompt) if s.scope == scope else 0 for s in slots}
+    if saved > 0 and all(commons[s.id] < saved for s in free):
+        return cheapest
 
     def lost(slot: Slot) -> int:
         if commons[slot.id] >= len(prompt) - 1:
