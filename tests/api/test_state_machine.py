@@ -110,6 +110,7 @@ class SessionHistory(RuleBasedStateMachine):
             got = sse_events(r)
             assert "".join(e["delta"] for e in got[:-1]) == reply
             final = got[-1]
+            assert set(final.pop("usage")) == {"prompt_tokens", "completion_tokens", "cached_tokens"}
         else:
             final = r.get_json()
         assert final == {"message": message, "response": reply, "status": "success"}
@@ -308,7 +309,12 @@ def test_sse_events_survive_naive_line_splitting(fake: FakeApp) -> None:
     tricky = "a\u2028b \x85c \u2029d \x1ce \x0bf \r\ng"
     fake.engine.enqueue(tricky)
     got = sse_events(fake.client.post("/chat", json={"message": tricky, "stream": True}))
-    assert got[-1] == {"message": tricky, "response": tricky, "status": "success"}
+    assert "usage" in got[-1] and got[-1] | {"usage": None} == {
+        "message": tricky,
+        "response": tricky,
+        "status": "success",
+        "usage": None,
+    }
     fake.engine.enqueue(tricky)
     body = {"messages": [{"role": "user", "content": "x"}], "stream": True}
     events = sse_events(fake.client.post("/v1/chat/completions", json=body))
