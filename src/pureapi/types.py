@@ -52,3 +52,4 @@ class Chunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV was reused rather than computed (OpenAI's cached_tokens)
+    stop: str | None = None  # the stop string that ended the reply (Anthropic's stop_sequence), if one did

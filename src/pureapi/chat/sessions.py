@@ -76,6 +76,13 @@ def fit_window(
         ids = encode(messages)
         if len(ids) + max_tokens <= context_length:
             return ids
+    return fit_prompt(ids, context_length, max_tokens, prompt_param)
+
+
+def fit_prompt(ids: list[int], context_length: int, max_tokens: int, prompt_param: str = "prompt") -> list[int]:
+    """The prompt's ids if they fit the context with max_tokens left for the reply; else ContextOverflow."""
+    if len(ids) + max_tokens <= context_length:
+        return ids
     if len(ids) >= context_length:
         raise ContextOverflow(
             f"the prompt is {len(ids)} tokens but the model's context is {context_length} tokens", param=prompt_param
@@ -248,16 +255,27 @@ class SessionService:
 
         With fill, max_tokens is ignored and the reply may use the rest of the context.
         """
+
+        def prompt(engine: Engine, budget: int) -> list[int]:
+            return fit_window(engine.encode_chat, engine.context_length, [], messages, budget, "messages")
+
+        return self.stateless_prompt(prompt, params, fill)
+
+    def stateless_prompt(
+        self, prompt: Callable[[Engine, int], list[int]], params: SamplingParams, fill: bool = False
+    ) -> Iterator[Chunk]:
+        """Generate for a prompt built by prompt(engine, tokens to leave for the reply), which raises
+        ContextOverflow if they do not fit (the raw completions API, and stateless chat); nothing is stored."""
         engine = self.engine()
         admitted = time.monotonic()
         hold = ExitStack()
         hold.enter_context(self._admit(engine).slot())
         try:
             budget = 1 if fill else params.max_tokens
-            prompt = fit_window(engine.encode_chat, engine.context_length, [], messages, budget, "messages")
+            prompt_ids = prompt(engine, budget)
             if fill:
-                params = replace(params, max_tokens=engine.context_length - len(prompt))
-            stream = self._generate(engine, hold, GenerationRequest(prompt, params))
+                params = replace(params, max_tokens=engine.context_length - len(prompt_ids))
+            stream = self._generate(engine, hold, GenerationRequest(prompt_ids, params))
         except BaseException:
             hold.close()
             raise

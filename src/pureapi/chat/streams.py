@@ -15,16 +15,18 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self._held = ""
         self._longest = max((len(s) for s in self.stops), default=0)
+        self.matched: str | None = None  # the stop string found, once one is
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Return (text safe to emit, whether a stop string was hit)."""
         if not self.stops:
             return text, False
         buf = self._held + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((buf.find(s), s) for s in self.stops) if i >= 0]
         if hits:
             self._held = ""
-            return buf[: min(hits)], True
+            at, self.matched = min(hits, key=lambda hit: hit[0])
+            return buf[:at], True
         keep = 0
         for n in range(min(self._longest - 1, len(buf)), 0, -1):
             if any(s.startswith(buf[-n:]) for s in self.stops):
@@ -53,7 +55,7 @@ def with_stops(chunks: Iterator[Chunk], stops: Sequence[str]) -> Iterator[Chunk]
         for chunk in chunks:
             text, hit = matcher.feed(chunk.text)
             if hit:
-                yield replace(chunk, text=text, finish_reason="stop")
+                yield replace(chunk, text=text, finish_reason="stop", stop=matcher.matched)
                 return
             if chunk.finish_reason is not None:
                 yield replace(chunk, text=text + matcher.flush())

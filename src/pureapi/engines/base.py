@@ -37,10 +37,19 @@ class Engine(ABC):
     device: str = "cpu"
     context_length: int = 2048
     slots: int = 1  # generations that run at the same time
+    # Raw prompts (text without the chat template, or token ids) for /v1/completions; an engine that
+    # only forwards chat messages (the remote one) cannot take them.
+    raw_prompts: bool = True
+    vocab_size: int | None = None  # token ids at or above it are refused; None: not checked
 
     @abstractmethod
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         """Render the chat template and tokenize; message content is never parsed for special tokens."""
+
+    def encode_text(self, text: str) -> list[int]:
+        """Tokenize a raw prompt as the model's tokenizer does by default (BOS where it adds one, special
+        tokens parsed: the caller writes the whole prompt, template included); engines with raw_prompts."""
+        raise NotImplementedError(f"the {self.name} engine takes chat messages only")
 
     @abstractmethod
     def generate(self, request: GenerationRequest) -> Iterator[Chunk]:

@@ -34,6 +34,7 @@ class FakeEngine(QueuedEngine):
         self._script_lock = threading.Lock()
         self._script: collections.deque[str | BaseException] = collections.deque()
         self.prompts: list[list[Message]] = []
+        self.texts: list[str] = []  # raw prompts encoded by encode_text, in order
         self.params: list[SamplingParams] = []  # each generation's sampling parameters, in order
         self._vocab: dict[str, int] = {}
         self._words: dict[int, str] = {}
@@ -59,6 +60,10 @@ class FakeEngine(QueuedEngine):
         self.prompts.append(list(messages))
         return ids
 
+    def encode_text(self, text: str) -> list[int]:
+        self.texts.append(text)
+        return [self._id(w) for w in _WORD.findall(text)]
+
     def memory_allocated(self) -> int:
         return 0
 
@@ -68,8 +73,10 @@ class FakeEngine(QueuedEngine):
             item = self._script.popleft() if self._script else None
         if item is None:
             words = [self._words.get(i, "") for i in job.request.prompt_ids]
-            last_user = max((k for k, w in enumerate(words) if w == "<user>"), default=-1)
-            item = "You said: " + "".join(w for w in words[last_user + 1 : -1] if not w.startswith("<"))
+            if "<user>" in words:
+                last_user = max(k for k, w in enumerate(words) if w == "<user>")
+                words = words[last_user + 1 : -1]
+            item = "You said: " + "".join(w for w in words if not w.startswith("<"))
         failure = item if isinstance(item, BaseException) else None
         text = "partial reply " if failure else str(item)
         count = 0

@@ -50,6 +50,7 @@ class RemoteEngine(Engine):
         self.model_name = model or ""
         self.device = f"remote ({self.upstream})"
         self.context_length = context_length
+        self.raw_prompts = False  # the upstream is sent chat messages, never token ids
         self.slots = slots  # generations the upstream runs at once, as far as admission here is concerned
         self.timeout = timeout
         self._http = requests.Session()

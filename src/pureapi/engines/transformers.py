@@ -50,6 +50,7 @@ class TransformersEngine(QueuedEngine):
         self.model_name = model_name
         self.device = device
         self.context_length = context_length
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         # Fast tokenizers toggle shared state for split_special_tokens; encode one caller at a time.
         self._tok_lock = threading.Lock()
         vocab = tokenizer.get_vocab()
@@ -118,6 +119,10 @@ class TransformersEngine(QueuedEngine):
                 enc = self.tokenizer(text, add_special_tokens=False, split_special_tokens=is_user_text)
                 ids.extend(enc["input_ids"])
         return ids
+
+    def encode_text(self, text: str) -> list[int]:
+        with self._tok_lock:
+            return list(self.tokenizer(text, add_special_tokens=True, split_special_tokens=False)["input_ids"])
 
     def memory_allocated(self) -> int:
         import torch

@@ -110,6 +110,7 @@ class LlamaCppEngine(Engine):
         self._mem = llc.llama_get_memory(ctx)
         self.n_ctx = int(llc.llama_n_ctx(ctx))
         self.context_length = int(llc.llama_n_ctx_seq(ctx))
+        self.vocab_size = model.n_vocab
         self._memory = file_size + self.n_ctx * model.kv_bytes_per_token()
         self._batch = Batch(llc, n_batch)
         self._opening = model.turn_opening()[: n_batch // 2]
@@ -199,6 +200,10 @@ class LlamaCppEngine(Engine):
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         return self.model.encode_chat(messages)
+
+    def encode_text(self, text: str) -> list[int]:
+        # As llama-server's /completion does: BOS as the vocabulary says, special tokens parsed.
+        return self.model.tokenize(text, parse_special=True, add_special=True)
 
     def memory_allocated(self) -> int:
         """The model file's size, the KV cache, and the sessions' states kept in RAM."""

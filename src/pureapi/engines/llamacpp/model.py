@@ -115,17 +115,23 @@ class LlamaModel:
     def _token_text(self, token: int) -> str:
         return self.piece(token, special=True).decode("utf-8", errors="replace") if token >= 0 else ""
 
-    def tokenize(self, text: str, parse_special: bool = False) -> list[int]:
-        """Tokenize without adding BOS/EOS; parse_special=False keeps `<|im_start|>` as plain text."""
+    def tokenize(self, text: str, parse_special: bool = False, add_special: bool = False) -> list[int]:
+        """Tokenize; parse_special=False keeps `<|im_start|>` as plain text, add_special adds BOS/EOS
+        where the vocabulary asks for them."""
         data = text.encode("utf-8")
         size = len(data) + 8
         buf = (self.llc.llama_token * size)()
-        n = self.llc.llama_tokenize(self.vocab, data, len(data), buf, size, False, parse_special)
+        n = self.llc.llama_tokenize(self.vocab, data, len(data), buf, size, add_special, parse_special)
         if n < 0:
             size = -n
             buf = (self.llc.llama_token * size)()
-            n = self.llc.llama_tokenize(self.vocab, data, len(data), buf, size, False, parse_special)
+            n = self.llc.llama_tokenize(self.vocab, data, len(data), buf, size, add_special, parse_special)
         return list(buf[:n])
+
+    @property
+    def n_vocab(self) -> int:
+        """The number of token ids."""
+        return int(self.llc.llama_vocab_n_tokens(self.vocab))
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """Text of the given tokens, control tokens left out."""
