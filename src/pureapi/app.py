@@ -57,7 +57,7 @@ def create_app(
     app.extensions["pureapi"] = state
 
     from . import logs, metrics, security
-    from .api import conversations, openai, openapi, responses, seed, sessions, web
+    from .api import completions, conversations, openai, openapi, responses, seed, sessions, web
 
     logs.install(app)  # first, so that even a request the guard refuses has an id
     metrics.install(app, state.metrics)
@@ -65,6 +65,7 @@ def create_app(
 
     app.register_blueprint(seed.bp)
     app.register_blueprint(openai.bp)
+    app.register_blueprint(completions.bp)
     app.register_blueprint(responses.bp)
     app.register_blueprint(conversations.bp)
     app.register_blueprint(openapi.bp)

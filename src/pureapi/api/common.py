@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from typing import Annotated, Any, TypeVar
 
 from flask import Response, current_app, request, stream_with_context
@@ -13,6 +14,8 @@ from ..chat.sessions import SessionService
 from ..chat.streams import close_stream
 from ..errors import BadRequest, Cancelled, PureAPIError, UnsupportedMediaType
 from ..types import Chunk
+
+log = logging.getLogger(__name__)
 
 # Field definitions written once for both surfaces.
 Temperature = Annotated[
@@ -115,6 +118,8 @@ def validate(model: type[M], data: dict[str, Any]) -> M:
         msg = err["msg"]
         if err["type"] == "missing":
             msg = "field required"
+        elif err["type"] == "extra_forbidden":
+            msg = "not a supported field; leave it out (the README lists the fields each endpoint honours)"
         raise BadRequest(f"{field}: {msg}" if field else msg, param=field) from None
 
 
@@ -162,13 +167,30 @@ def drain(chunks: Iterator[Chunk]) -> tuple[str, Chunk]:
 _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
-def sse(data: Any) -> str:
-    """One server-sent event."""
+def sse(data: Any, event: str | None = None) -> str:
+    """One server-sent event, named where the protocol names them (Anthropic's)."""
     if isinstance(data, str):
         payload = data
     else:
         payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
-    return f"data: {payload}\n\n"
+    return f"event: {event}\ndata: {payload}\n\n" if event else f"data: {payload}\n\n"
+
+
+def relay(
+    chunks: Iterator[Chunk], events: Callable[[Chunk], Iterable[str]], failed: Callable[[str], str]
+) -> Iterator[str]:
+    """The SSE events of each chunk; a failure mid-stream becomes the event failed(message).
+
+    Closing this (the client went away) closes the chunks, and so cancels the generation.
+    """
+    try:
+        for chunk in chunks:
+            yield from events(chunk)
+    except Exception as exc:
+        log.warning("stream failed: %s", exc)
+        yield failed(error_text(exc))
+    finally:
+        close_stream(chunks)
 
 
 def sse_response(events: Iterator[str]) -> Response:

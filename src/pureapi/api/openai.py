@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,16 +31,15 @@ from .common import (
     Temperature,
     TopP,
     drain,
-    error_text,
     json_body,
     primed,
+    relay,
     sessions,
     sse,
     sse_response,
     validate,
 )
 
-log = logging.getLogger(__name__)
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
 
@@ -79,15 +77,9 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """Body of POST /v1/chat/completions. Unknown fields are ignored (SDKs send extras)."""
+class SamplingFields(BaseModel):
+    """The sampling fields chat and text completions share."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: StrictStr | None = Field(None, description="Ignored beyond echoing: one process serves one model.")
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: MaxTokens | None = None
-    max_completion_tokens: MaxTokens | None = None
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     stop: StrictStr | list[StrictStr] | None = Field(None, description=f"Up to {MAX_STOP} stop strings.")
@@ -103,6 +95,39 @@ class ChatCompletionRequest(BaseModel):
     repeat_penalty: StrictFloat | StrictInt = Field(
         1.0, ge=0.5, le=2, allow_inf_nan=False, description="llama.cpp extension: 1 is off."
     )
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        return value
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        """The engine's sampling parameters for these fields."""
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=float(self.temperature),
+            top_p=float(self.top_p),
+            top_k=self.top_k,
+            min_p=float(self.min_p),
+            repeat_penalty=float(self.repeat_penalty),
+            presence_penalty=float(self.presence_penalty),
+            frequency_penalty=float(self.frequency_penalty),
+            seed=self.seed,
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or ()),
+        )
+
+
+class ChatCompletionRequest(SamplingFields):
+    """Body of POST /v1/chat/completions. Unknown fields are ignored (SDKs send extras)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = Field(None, description="Ignored beyond echoing: one process serves one model.")
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     n: StrictInt = Field(1, ge=1, le=1, description="Only 1 is supported.")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -153,13 +178,6 @@ class ChatCompletionRequest(BaseModel):
     def _no_top_logprobs(cls, value: int | None) -> int | None:
         if value:
             raise ValueError("logprobs are not supported yet; send 0 or leave it out")
-        return value
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop strings")
         return value
 
 
@@ -264,15 +282,14 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def _dump(model: BaseModel) -> dict[str, Any]:
-    # Fields left at their defaults are still sent; `usage` is sent only where it was given.
+def dump(model: BaseModel) -> dict[str, Any]:
+    """A response model as JSON: fields left at their defaults are still sent, `usage` only where it was given."""
     return model.model_dump(exclude={"usage"} if "usage" not in model.model_fields_set else set())
 
 
-def _stops(stop: str | list[str] | None) -> list[str]:
-    if stop is None:
-        return []
-    return [stop] if isinstance(stop, str) else list(stop)
+def error_event(message: str) -> str:
+    """A failure in the middle of an OpenAI stream."""
+    return sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
 
 
 @bp.post("/chat/completions")
@@ -282,18 +299,7 @@ def chat_completions() -> Response:
     if messages[-1].role == "assistant":
         raise BadRequest("messages: the last message must not be from the assistant", param="messages")
     requested = body.max_completion_tokens or body.max_tokens
-    params = SamplingParams(
-        max_tokens=requested or 1,
-        temperature=float(body.temperature),
-        top_p=float(body.top_p),
-        top_k=body.top_k,
-        min_p=float(body.min_p),
-        repeat_penalty=float(body.repeat_penalty),
-        presence_penalty=float(body.presence_penalty),
-        frequency_penalty=float(body.frequency_penalty),
-        seed=body.seed,
-        stop=_stops(body.stop),
-    )
+    params = body.sampling(requested or 1)
     service = sessions()
     engine = service.engine()
     stream = primed(service.stateless(messages, params, fill=requested is None))
@@ -311,27 +317,25 @@ def chat_completions() -> Response:
         choices=[Choice(message=ResponseMessage(content=text), finish_reason=last.finish_reason or "stop")],
         usage=Usage.of(last),
     )
-    return jsonify(_dump(completion))
+    return jsonify(dump(completion))
 
 
 def _stream(meta: dict[str, Any], chunks: Iterator[Chunk], include_usage: bool) -> Iterator[str]:
     def event(delta: Delta, finish: str | None = None) -> str:
         choice = ChunkChoice(delta=delta, finish_reason=finish)
         extra: dict[str, Any] = {"usage": None} if include_usage else {}
-        return sse(_dump(ChatCompletionChunk(**meta, choices=[choice], **extra)))
+        return sse(dump(ChatCompletionChunk(**meta, choices=[choice], **extra)))
+
+    def events(chunk: Chunk) -> Iterator[str]:
+        if chunk.text:
+            yield event(Delta(content=chunk.text))
+        if chunk.finish_reason is not None:
+            yield event(Delta(), chunk.finish_reason)
+            if include_usage:
+                yield sse(dump(ChatCompletionChunk(**meta, choices=[], usage=Usage.of(chunk))))
 
     yield event(Delta(role="assistant", content=""))
-    try:
-        for chunk in chunks:
-            if chunk.text:
-                yield event(Delta(content=chunk.text))
-            if chunk.finish_reason is not None:
-                yield event(Delta(), chunk.finish_reason)
-                if include_usage:
-                    yield sse(_dump(ChatCompletionChunk(**meta, choices=[], usage=Usage.of(chunk))))
-    except Exception as exc:
-        log.warning("stream failed: %s", exc)
-        yield sse({"error": {"message": error_text(exc), "type": "server_error", "param": None, "code": None}})
+    yield from relay(chunks, events, error_event)
     yield sse("[DONE]")
 
 

@@ -9,7 +9,7 @@ from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel
 
 from .. import __version__
-from . import conversations, openai, responses, seed, sessions
+from . import completions, conversations, openai, responses, seed, sessions
 
 bp = Blueprint("openapi", __name__)
 
@@ -138,6 +138,19 @@ def build_spec() -> dict[str, Any]:
                     "200": {
                         "description": "A completion, or SSE chunks ending in [DONE]",
                         "content": {**_json(spec.ref(openai.ChatCompletion)), **openai_sse},
+                    },
+                    **_errors(OPENAI_ERROR, *body_errors),
+                },
+            }
+        },
+        "/v1/completions": {
+            "post": {
+                "summary": "OpenAI-compatible text completion of a raw prompt (no chat template; stateless)",
+                "requestBody": {"required": True, "content": _json(spec.ref(completions.CompletionRequest))},
+                "responses": {
+                    "200": {
+                        "description": "A completion, or SSE events (each a Completion) ending in [DONE]",
+                        "content": {**_json(spec.ref(completions.Completion)), **sse},
                     },
                     **_errors(OPENAI_ERROR, *body_errors),
                 },
