@@ -9,6 +9,8 @@ from typing import Any
 from flask import Flask, Response, g, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from .api.anthropic import PATH as ANTHROPIC_PATH
+from .api.anthropic import error_body as anthropic_error
 from .chat.response_store import ResponseStore
 from .chat.responses import ResponseService
 from .chat.sessions import SessionService
@@ -57,7 +59,7 @@ def create_app(
     app.extensions["pureapi"] = state
 
     from . import logs, metrics, security
-    from .api import completions, conversations, openai, openapi, responses, seed, sessions, web
+    from .api import anthropic, completions, conversations, openai, openapi, responses, seed, sessions, web
 
     logs.install(app)  # first, so that even a request the guard refuses has an id
     metrics.install(app, state.metrics)
@@ -66,6 +68,7 @@ def create_app(
     app.register_blueprint(seed.bp)
     app.register_blueprint(openai.bp)
     app.register_blueprint(completions.bp)
+    app.register_blueprint(anthropic.bp)
     app.register_blueprint(responses.bp)
     app.register_blueprint(conversations.bp)
     app.register_blueprint(openapi.bp)
@@ -81,9 +84,12 @@ def create_app(
 def error_response(
     status: int, message: str, type_: str, param: str | None = None, code: str | None = None
 ) -> Response:
-    """The error envelope of the surface the request came to: OpenAI's under /v1, the seed's elsewhere."""
+    """The error envelope of the surface the request came to: Anthropic's under /v1/messages, OpenAI's
+    elsewhere under /v1, the seed's elsewhere."""
     body: dict[str, Any]
-    if request.path.startswith("/v1/") or request.path == "/v1":
+    if request.path == ANTHROPIC_PATH or request.path.startswith(ANTHROPIC_PATH + "/"):
+        body = anthropic_error(status, message)
+    elif request.path.startswith("/v1/") or request.path == "/v1":
         body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     else:
         body = {"error": message}

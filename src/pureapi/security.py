@@ -54,12 +54,14 @@ def install(app: Flask, settings: Settings) -> None:
         auth = request.headers.get("Authorization", "")
         scheme, _, token = auth.partition(" ")
         given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        if not given:  # Anthropic's clients send the key in x-api-key
+            given = request.headers.get("x-api-key", "").strip().encode()
         # Compare against every key, always, in constant time: no early exit leaks which matched.
         matched = False
         for key in keys:
             matched |= hmac.compare_digest(given, key)
         if not matched:
-            raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+            raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'")
         if settings.kv_cache_scope == "key":
             # Cached KV is shared only among requests with this key (a hash: the key stays out of memory dumps).
             g.cache_scope = hashlib.sha256(given).hexdigest()[:16]
@@ -81,7 +83,15 @@ def install(app: Flask, settings: Settings) -> None:
             origins=origins,
             send_wildcard=wildcard,
             always_send=False,
-            allow_headers=["Authorization", "Content-Type", "X-Request-Id", "Idempotency-Key"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "X-Request-Id",
+                "Idempotency-Key",
+                "x-api-key",
+                "anthropic-version",
+                "anthropic-beta",
+            ],
             expose_headers=["X-Request-Id"],
             max_age=600,
         )

@@ -9,7 +9,7 @@ from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel
 
 from .. import __version__
-from . import completions, conversations, openai, responses, seed, sessions
+from . import anthropic, completions, conversations, openai, responses, seed, sessions
 
 bp = Blueprint("openapi", __name__)
 
@@ -167,6 +167,7 @@ def build_spec() -> dict[str, Any]:
         },
     }
     paths |= _sessions_paths(spec)
+    paths |= _anthropic_paths(spec, body_errors)
     paths["/metrics"] = {
         "get": {
             "summary": "Prometheus metrics (text exposition format)",
@@ -181,6 +182,68 @@ def build_spec() -> dict[str, Any]:
         "components": {
             "schemas": spec.components,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+ANTHROPIC_ERROR = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
+
+
+def _anthropic_paths(spec: _Spec, body_errors: tuple[int, ...]) -> dict[str, Any]:
+    """Anthropic's Messages API."""
+    events = [
+        spec.ref(m)["$ref"].rsplit("/", 1)[1]
+        for m in (
+            anthropic.MessageStart,
+            anthropic.ContentBlockStart,
+            anthropic.ContentBlockDelta,
+            anthropic.ContentBlockStop,
+            anthropic.MessageDelta,
+        )
+    ]
+    named_sse = {
+        "text/event-stream": {
+            "schema": {
+                **SSE_EVENT,
+                "description": f"Named events: {', '.join(events)}, with ping after content_block_start and "
+                "message_stop last; a failure is an `error` event in the error envelope.",
+            }
+        }
+    }
+    return {
+        "/v1/messages": {
+            "post": {
+                "summary": "Anthropic-compatible Messages API (stateless)",
+                "requestBody": {"required": True, "content": _json(spec.ref(anthropic.MessagesRequest))},
+                "responses": {
+                    "200": {
+                        "description": "The message, or its named SSE events",
+                        "content": {**_json(spec.ref(anthropic.MessageResponse)), **named_sse},
+                    },
+                    **_errors(ANTHROPIC_ERROR, *body_errors),
+                },
+            }
+        },
+        "/v1/messages/count_tokens": {
+            "post": {
+                "summary": "Count a Messages request's prompt tokens (chat template included)",
+                "requestBody": {"required": True, "content": _json(spec.ref(anthropic.CountTokensRequest))},
+                "responses": {
+                    "200": {"description": "The count", "content": _json(spec.ref(anthropic.TokenCount))},
+                    **_errors(ANTHROPIC_ERROR, *body_errors),
+                },
+            }
         },
     }
 
