@@ -150,3 +150,19 @@ def test_penalties_break_a_greedy_loop(engine: TransformersEngine) -> None:
     assert plain >= 10
     assert run(frequency_penalty=2.0).lower().count("hello") < plain / 2
     assert run(repeat_penalty=1.5).lower().count("hello") < plain
+
+
+def test_raw_prompts_tokenize_as_llama_cpp_does(
+    engine: TransformersEngine, smollm2_gguf: Path, qwen_gguf: Path
+) -> None:
+    """/v1/completions' prompt ids are the same on both engines: BOS where the model adds one, specials parsed."""
+    from pureapi.engines.llamacpp.model import LlamaModel
+
+    path = smollm2_gguf if "SmolLM2" in engine.model_name else qwen_gguf
+    reference = LlamaModel(path)
+    try:
+        for text in ("The capital of France is", "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"):
+            assert engine.encode_text(text) == reference.tokenize(text, parse_special=True, add_special=True), text
+    finally:
+        reference.free()
+    assert engine.vocab_size is not None and engine.vocab_size >= len(engine.tokenizer)
