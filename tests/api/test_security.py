@@ -18,6 +18,9 @@ ROUTES = [
     ("POST", "/chat", {"message": "hi", "max_tokens": 4}),
     ("POST", "/reset", {}),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+    ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 4}),
+    ("POST", "/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+    ("POST", "/v1/messages/count_tokens", {"messages": [{"role": "user", "content": "hi"}]}),
 ]
 
 
@@ -42,7 +45,9 @@ def call(client: FlaskClient, method: str, path: str, body: Any, **headers: str)
 def assert_envelope(response: Any, status: int, path: str) -> None:
     assert response.status_code == status, response.get_data(as_text=True)
     body = response.get_json()
-    if path.startswith("/v1/"):
+    if path.startswith("/v1/messages"):
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"}
+    elif path.startswith("/v1/"):
         assert set(body["error"]) == {"message", "type", "param", "code"}
     else:
         assert set(body) == {"error"} and isinstance(body["error"], str)

@@ -7,7 +7,6 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,24 +16,6 @@ from ..conftest import ROOT, Server, start_server
 from ..sse import sse_events
 
 pytestmark = pytest.mark.real
-
-
-@pytest.fixture(scope="module")
-def smol(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The default command, `python pure_model_api.py` (embedded SmolLM2), on a free port."""
-    tmp = tmp_path_factory.mktemp("smol")
-    server = start_server([], tmp / "sessions.db", tmp / "server.log")
-    yield server
-    assert server.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory: pytest.TempPathFactory, qwen_gguf: Path) -> Iterator[Server]:
-    """The same entry point serving the Qwen2.5-Coder GGUF."""
-    tmp = tmp_path_factory.mktemp("qwen")
-    server = start_server(["--model", str(qwen_gguf)], tmp / "sessions.db", tmp / "server.log")
-    yield server
-    assert server.stop() == 0
 
 
 def readme_curls() -> list[str]:
@@ -55,7 +36,7 @@ def test_the_readme_curl_commands_work_as_written(smol: Server) -> None:
     seen = set()
     for command in commands:
         out = run_curl(command, smol.url)
-        path = re.search(r"localhost:5000(/[a-z0-9/]*)", command).group(1)  # type: ignore[union-attr]
+        path = re.search(r"localhost:5000(/[a-z0-9_/]*)", command).group(1)  # type: ignore[union-attr]
         seen.add(path)
         if '"stream": true' in command:
             events = sse_events(out)
@@ -92,12 +73,19 @@ def test_the_readme_curl_commands_work_as_written(smol: Server) -> None:
             assert body["choices"][0]["message"]["content"]
         elif path == "/v1/models":
             assert body["data"][0]["id"] == "SmolLM2-135M-Instruct.Q4_1"
+        elif path == "/v1/completions":
+            assert body["object"] == "text_completion" and "Paris" in body["choices"][0]["text"]
+        elif path == "/v1/messages":
+            assert body["type"] == "message" and body["content"][0]["text"] and body["stop_reason"]
+        elif path == "/v1/messages/count_tokens":
+            assert body["input_tokens"] > 3
         elif path == "/v1/responses":
             assert body["status"] in ("completed", "incomplete") and body["output"][0]["content"][0]["text"]
         elif path == "/v1/conversations":
             assert body["object"] == "conversation" and body["metadata"] == {"topic": "colours"}
     assert {"/chat", "/status", "/reset", "/health", "/v1/chat/completions", "/v1/models", "/metrics"} <= seen
     assert {"/v1/responses", "/v1/conversations"} <= seen
+    assert {"/v1/completions", "/v1/messages", "/v1/messages/count_tokens"} <= seen
     assert {"/v1/sessions", "/v1/sessions/trip", "/v1/sessions/trip/fork"} <= seen
 
 
