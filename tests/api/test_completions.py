@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pureapi.api.completions import Completion
+from pureapi.app import create_app
+from pureapi.engines.remote import RemoteEngine
+from pureapi.settings import Settings
 
 from ..conftest import FakeApp, MakeFakeApp
 from ..sse import sse_data
@@ -152,3 +156,14 @@ def test_a_closed_stream_cancels_the_generation(make_fake_app: MakeFakeApp) -> N
     worker.join(timeout=10)
     assert not worker.is_alive(), "the generation kept running after its stream was closed"
     assert answers[0]["choices"][0]["text"] == "next"
+
+
+def test_the_remote_engine_refuses_raw_prompts(tmp_path: Path) -> None:
+    """It forwards chat messages only: a clear 400, not a 500 from the upstream call."""
+    engine = RemoteEngine("http://127.0.0.1:9", model="upstream-model")
+    app = create_app(Settings(engine="remote", db=tmp_path / "r.db"), engine=engine)
+    for prompt in ("text", [1, 2, 3]):
+        r = app.test_client().post("/v1/completions", json={"prompt": prompt})
+        assert r.status_code == 400, r.get_data(as_text=True)
+        assert r.get_json()["error"]["param"] == "prompt" and "/v1/chat/completions" in r.get_json()["error"]["message"]
+    app.extensions["pureapi"].store.close()
