@@ -99,3 +99,44 @@ def test_the_server_expires_idle_sessions_with_session_ttl(tmp_path: Path) -> No
     finally:
         assert server.stop() == 0
     assert "expired 1 idle sessions" in server.log.read_text()
+
+
+@pytest.mark.parametrize("model", ["smollm2", "qwen"])
+def test_stateless_clients_conversations_are_restored_after_eviction_and_restart(
+    model: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Two OpenAI-style conversations that resend their history alternate on one slot: each turn
+    after the first computes only its new tokens, from RAM while the server runs and from disk
+    after a restart (no session ids anywhere)."""
+    from openai import OpenAI
+
+    gguf = request.getfixturevalue(f"{model}_gguf")
+    args = ["--model", str(gguf), "--engine", "llamacpp", "--parallel", "1"]
+    histories: dict[str, list[dict[str, str]]] = {"a": [], "b": []}
+
+    def turn(url: str, name: str, n: int) -> tuple[int, int]:
+        client = OpenAI(base_url=url + "/v1", api_key="none")
+        histories[name].append({"role": "user", "content": f"Tell me one thing about {name}-topic {n}."})
+        r = client.chat.completions.create(model="m", messages=histories[name], max_tokens=12, temperature=0)  # type: ignore[arg-type]
+        histories[name].append({"role": "assistant", "content": r.choices[0].message.content or ""})
+        assert r.usage is not None and r.usage.prompt_tokens_details is not None
+        return r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens or 0
+
+    server = start_server(args, tmp_path / "s.db", tmp_path / "server.log")
+    try:
+        for n in range(2):
+            for name in ("a", "b"):
+                prompt, cached = turn(server.url, name, n)
+                if n:  # the other conversation took the slot in between: restored, not prefilled
+                    assert prompt - cached < 40, (name, n, prompt, cached)
+        assert samples(server.url)["pureapi_engine_restored_tokens_ram_total{}"] > 0
+    finally:
+        assert server.stop() == 0
+    server = start_server(args, tmp_path / "s.db", tmp_path / "server2.log")
+    try:
+        for name in ("a", "b"):
+            prompt, cached = turn(server.url, name, 2)
+            assert prompt - cached < 40, (name, prompt, cached)
+        assert samples(server.url)["pureapi_engine_restored_tokens_disk_total{}"] > 0
+    finally:
+        assert server.stop() == 0
