@@ -5,7 +5,7 @@ cells, so one conversation can never crowd out another. One scheduler thread own
 the batch and the samplers. Each step it admits waiting jobs into free slots (`slots.choose_slot`),
 moves the active slots next to each other, builds one batch (`batch.plan_step`: a decode token per
 generating slot, then prompt chunks), calls `llama_decode` once, and samples every slot that has
-logits with that request's own sampler chain (a JSON grammar first, when the request has a schema),
+logits with that request's own sampler (its chain, checked against a JSON grammar when it has one),
 reading the raw log-probabilities first for a request that asked for logprobs. KV is reused from
 the slot's own cache, from a session's saved state (`prompt_cache`), or copied from another slot
 that shares the prefix; when idle, the opening of a finished conversation's next turn is decoded
@@ -530,7 +530,7 @@ class LlamaCppEngine(Engine):
                 dist = (
                     None if top is None else log_softmax(self._llc.llama_get_logits_ith(self._ctx, out), self._n_vocab)
                 )
-                token = int(self._llc.llama_sampler_sample(slot.sampler, self._ctx, out))
+                token = slot.sampler.sample(self._ctx, out)
                 lp = None if dist is None or top is None else token_logprob(dist, token, top, self.model.piece)
                 self._accept(slot, token, lp)
 
@@ -589,7 +589,7 @@ class LlamaCppEngine(Engine):
 
     def _release(self, slot: Slot) -> None:
         if slot.sampler is not None:
-            self._llc.llama_sampler_free(slot.sampler)
+            slot.sampler.free()
         slot.job, slot.sampler, slot.decoder, slot.next_token = None, None, None, None
         slot.pending, slot.opening = [], []
         slot.last_used = next(self._ticks)
