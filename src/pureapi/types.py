@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,11 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence
     seed: int | None = None
     stop: Sequence[str] = ()
+    # A JSON schema the reply must match, enforced while sampling ({"type": "object"}: any JSON object);
+    # checked by structured.check_schema before it gets here.
+    json_schema: dict[str, Any] | None = None
+    # None: no logprobs; n >= 0: each token's logprob and the n likeliest alternatives (the raw model's).
+    logprobs: int | None = None
 
 
 @dataclass
@@ -43,6 +49,25 @@ class GenerationRequest:
     cache_scope: str = ""
 
 
+@dataclass(frozen=True)
+class TopLogprob:
+    """One candidate token with its log-probability under the model's raw distribution."""
+
+    token: str
+    logprob: float
+    bytes: bytes
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the likeliest candidates at its position, best first."""
+
+    token: str
+    logprob: float
+    bytes: bytes
+    top: list[TopLogprob]
+
+
 @dataclass
 class Chunk:
     """A piece of generated text with the token counts so far; the last one has finish_reason."""
@@ -53,3 +78,4 @@ class Chunk:
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV was reused rather than computed (OpenAI's cached_tokens)
     stop: str | None = None  # the stop string that ended the reply (Anthropic's stop_sequence), if one did
+    logprobs: list[TokenLogprob] | None = None  # the tokens this chunk's text came from, when asked for

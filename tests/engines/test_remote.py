@@ -162,3 +162,23 @@ def test_a_real_model_answers_the_same_through_the_front(tmp_path: Path) -> None
     finally:
         assert front.stop() == 0
         assert up.stop() == 0
+
+
+def test_response_format_and_logprobs_are_forwarded_upstream(tmp_path: Path) -> None:
+    up = FakeEngine()
+    store = SQLiteStore(tmp_path / "up.db")
+    app = create_app(Settings(engine="fake", db=tmp_path / "up.db"), engine=up, store=store)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    with serve_in_thread(app) as url:
+        engine = RemoteEngine(url, model="fake-model")
+        for wanted in (schema, {"type": "object"}):
+            up.enqueue("one two")
+            params = SamplingParams(8, json_schema=wanted, logprobs=2)
+            chunks = list(engine.generate(GenerationRequest(engine.encode_chat([Message("user", "go")]), params)))
+            assert (up.params[-1].json_schema, up.params[-1].logprobs) == (wanted, 2)
+            tokens = [t for c in chunks for t in c.logprobs or []]
+            assert [t.token for t in tokens] == ["one ", "two"]
+            assert [c.token for c in tokens[0].top] == ["one ", "alt1"] and tokens[0].bytes == b"one "
+        engine.close()
+    up.close()
+    store.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any, Literal
 
 from flask import Blueprint, Response, jsonify
@@ -21,8 +22,11 @@ from pydantic import (
     model_serializer,
 )
 
+from ..chat.streams import close_stream
 from ..errors import BadRequest
+from ..structured import JSON_OBJECT, check_schema
 from ..types import Chunk, Message, SamplingParams
+from ..types import TokenLogprob as TokenLogprobData
 from .common import (
     MAX_STOP,
     MaxTokens,
@@ -75,6 +79,44 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: StrictBool = False
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+class JsonSchemaSpec(BaseModel):
+    """The schema of response_format json_schema (OpenAI's shape)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: StrictStr = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: StrictStr | None = None
+    schema_: dict[str, Any] = Field(
+        default_factory=lambda: dict(JSON_OBJECT),
+        alias="schema",
+        description="A JSON schema using the keywords both engines enforce (README: Structured output).",
+    )
+    strict: StrictBool | None = Field(None, description="Accepted; the schema is always enforced.")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: free text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    def schema_to_enforce(self) -> dict[str, Any] | None:
+        """The JSON schema the reply must match (checked), or None for free text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return dict(JSON_OBJECT)
+        if self.json_schema is None:
+            raise BadRequest("response_format.json_schema: field required", param="response_format.json_schema")
+        check_schema(self.json_schema.schema_, "response_format.json_schema.schema")
+        return self.json_schema.schema_
 
 
 class SamplingFields(BaseModel):
@@ -131,17 +173,19 @@ class ChatCompletionRequest(SamplingFields):
     n: StrictInt = Field(1, ge=1, le=1, description="Only 1 is supported.")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    # Refused rather than ignored until they are built: a client that asks for JSON, tools or
-    # logprobs must not get prose that merely looks like an answer.
+    # Refused rather than ignored until they are built: a client that asks for tools must not get
+    # prose that merely looks like a call.
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported yet: a non-empty list is a 400.")
     tool_choice: StrictStr | dict[str, Any] | None = Field(
         None, description='Not supported yet: only "none" or "auto" (with no tools) are accepted.'
     )
-    response_format: dict[str, Any] | None = Field(
-        None, description='Not supported yet: only {"type": "text"} is accepted.'
+    response_format: ResponseFormat | None = Field(
+        None, description="text, json_object or json_schema: the reply is constrained to it while sampling."
     )
-    logprobs: StrictBool | None = Field(None, description="Not supported yet: true is a 400.")
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=20, description="Not supported yet: above 0 is a 400.")
+    logprobs: StrictBool | None = Field(None, description="Return each generated token's log-probability.")
+    top_logprobs: StrictInt | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="The likeliest alternatives per token (needs logprobs)."
+    )
 
     @field_validator("tools")
     @classmethod
@@ -157,29 +201,6 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("tool calling is not supported yet; only 'none' or 'auto' are accepted")
         return value
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type") != "text":
-            raise ValueError(
-                f"type {value.get('type')!r} is not supported yet (structured output); only 'text' is accepted"
-            )
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("logprobs are not supported yet; send false or leave it out")
-        return value
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_top_logprobs(cls, value: int | None) -> int | None:
-        if value:
-            raise ValueError("logprobs are not supported yet; send 0 or leave it out")
-        return value
-
 
 class ResponseMessage(BaseModel):
     """The assistant's reply."""
@@ -188,12 +209,48 @@ class ResponseMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    """A candidate token: its text, log-probability (the raw model's, before temperature) and UTF-8 bytes."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token with the likeliest candidates at its position, best first."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """Per-token log-probabilities of the choice's content."""
+
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+    @classmethod
+    def of(cls, tokens: list[TokenLogprobData]) -> ChoiceLogprobs:
+        """OpenAI's shape of an engine's per-token logprobs."""
+        return cls(
+            content=[
+                TokenLogprob(
+                    token=t.token,
+                    logprob=t.logprob,
+                    bytes=list(t.bytes),
+                    top_logprobs=[TopLogprob(token=c.token, logprob=c.logprob, bytes=list(c.bytes)) for c in t.top],
+                )
+                for t in tokens
+            ]
+        )
+
+
 class Choice(BaseModel):
     """The one choice of a completion (n is always 1)."""
 
     index: int = 0
     message: ResponseMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = Field(None, description="Present when the request set logprobs.")
     finish_reason: str = Field(description="stop (end of turn or a stop string) or length (max_tokens or the context).")
 
 
@@ -249,7 +306,7 @@ class ChunkChoice(BaseModel):
 
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = Field(None, description="The logprobs of this chunk's tokens, when asked for.")
     finish_reason: str | None = None
 
 
@@ -299,7 +356,11 @@ def chat_completions() -> Response:
     if messages[-1].role == "assistant":
         raise BadRequest("messages: the last message must not be from the assistant", param="messages")
     requested = body.max_completion_tokens or body.max_tokens
-    params = body.sampling(requested or 1)
+    if body.top_logprobs and not body.logprobs:
+        raise BadRequest("top_logprobs: needs logprobs set to true", param="top_logprobs")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    schema = body.response_format.schema_to_enforce() if body.response_format is not None else None
+    params = replace(body.sampling(requested or 1), json_schema=schema, logprobs=logprobs)
     service = sessions()
     engine = service.engine()
     stream = primed(service.stateless(messages, params, fill=requested is None))
@@ -310,25 +371,38 @@ def chat_completions() -> Response:
     }
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(_stream(meta, stream, include_usage))
-    text, last = drain(stream)
-    completion = ChatCompletion(
-        **meta,
-        choices=[Choice(message=ResponseMessage(content=text), finish_reason=last.finish_reason or "stop")],
-        usage=Usage.of(last),
+        return sse_response(_stream(meta, stream, include_usage, logprobs is not None))
+    tokens: list[TokenLogprobData] = []
+    text, last = drain(_collecting(stream, tokens))
+    choice = Choice(
+        message=ResponseMessage(content=text),
+        logprobs=ChoiceLogprobs.of(tokens) if logprobs is not None else None,
+        finish_reason=last.finish_reason or "stop",
     )
+    completion = ChatCompletion(**meta, choices=[choice], usage=Usage.of(last))
     return jsonify(dump(completion))
 
 
-def _stream(meta: dict[str, Any], chunks: Iterator[Chunk], include_usage: bool) -> Iterator[str]:
-    def event(delta: Delta, finish: str | None = None) -> str:
-        choice = ChunkChoice(delta=delta, finish_reason=finish)
+def _collecting(chunks: Iterator[Chunk], tokens: list[TokenLogprobData]) -> Iterator[Chunk]:
+    """The stream, adding each chunk's token logprobs to `tokens`; closing it closes the stream."""
+    try:
+        for chunk in chunks:
+            tokens.extend(chunk.logprobs or ())
+            yield chunk
+    finally:
+        close_stream(chunks)
+
+
+def _stream(meta: dict[str, Any], chunks: Iterator[Chunk], include_usage: bool, logprobs: bool) -> Iterator[str]:
+    def event(delta: Delta, finish: str | None = None, tokens: list[TokenLogprobData] | None = None) -> str:
+        lp = ChoiceLogprobs.of(tokens or []) if logprobs and tokens is not None else None
+        choice = ChunkChoice(delta=delta, logprobs=lp, finish_reason=finish)
         extra: dict[str, Any] = {"usage": None} if include_usage else {}
         return sse(dump(ChatCompletionChunk(**meta, choices=[choice], **extra)))
 
     def events(chunk: Chunk) -> Iterator[str]:
-        if chunk.text:
-            yield event(Delta(content=chunk.text))
+        if chunk.text or chunk.logprobs:
+            yield event(Delta(content=chunk.text), tokens=chunk.logprobs or [])
         if chunk.finish_reason is not None:
             yield event(Delta(), chunk.finish_reason)
             if include_usage:

@@ -60,7 +60,7 @@ def with_stops(chunks: Iterator[Chunk], stops: Sequence[str]) -> Iterator[Chunk]
             if chunk.finish_reason is not None:
                 yield replace(chunk, text=text + matcher.flush())
                 return
-            if text:
+            if text or chunk.logprobs:
                 yield replace(chunk, text=text)
     finally:
         close_stream(chunks)

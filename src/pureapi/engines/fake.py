@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 
 from ..errors import EngineError
-from ..types import Message, SamplingParams
+from ..types import Message, SamplingParams, TokenLogprob, TopLogprob
 from .base import QueuedEngine
 from .jobs import Job
 
@@ -89,7 +89,17 @@ class FakeEngine(QueuedEngine):
             if self.token_delay:
                 time.sleep(self.token_delay)
             count += 1
-            job.emit(word, count)
+            job.emit(word, count, _logprobs(word, job.request.params.logprobs))
         if failure is not None:
             raise EngineError(f"scripted failure: {failure}")
         job.finish("stop", count)
+
+
+def _logprobs(word: str, top: int | None) -> list[TokenLogprob] | None:
+    """Made-up logprobs in the real shape: the word is the likeliest, then `top - 1` alternatives."""
+    if top is None:
+        return None
+    data = word.encode()
+    others = [TopLogprob(f"alt{i}", -1.0 - i, f"alt{i}".encode()) for i in range(1, top)]
+    alternatives = [TopLogprob(word, -0.25, data), *others]
+    return [TokenLogprob(word, -0.25, data, alternatives[:top])]

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator
 
 from ..errors import Cancelled, NotReady, Overloaded
-from ..types import Chunk, GenerationRequest
+from ..types import Chunk, GenerationRequest, TokenLogprob
 
 
 class Job:
@@ -33,10 +33,11 @@ class Job:
         self.cached_tokens = 0  # set by an engine that reuses KV, when the job starts
         self._out: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()
 
-    def emit(self, text: str, completion_tokens: int) -> None:
-        """Send generated text (nothing when empty)."""
-        if text:
-            self._out.put(Chunk(text, None, len(self.request.prompt_ids), completion_tokens, self.cached_tokens))
+    def emit(self, text: str, completion_tokens: int, logprobs: list[TokenLogprob] | None = None) -> None:
+        """Send generated text and its tokens' logprobs (nothing when both are empty)."""
+        if text or logprobs:
+            n = len(self.request.prompt_ids)
+            self._out.put(Chunk(text, None, n, completion_tokens, self.cached_tokens, logprobs=logprobs or None))
 
     def finish(self, reason: str, completion_tokens: int) -> None:
         """End the stream with a finish reason."""

@@ -19,7 +19,8 @@ from typing import Any
 import requests
 
 from ..errors import BadGateway, BadRequest, Cancelled, EngineError, GatewayTimeout, ModelLoadError, Overloaded
-from ..types import Chunk, GenerationRequest, Message
+from ..structured import JSON_OBJECT
+from ..types import Chunk, GenerationRequest, Message, TokenLogprob, TopLogprob
 from .base import Engine
 
 BYTES_PER_TOKEN = 3  # below the ~4 of English text in BPE vocabularies: the estimate stays high
@@ -141,6 +142,15 @@ class RemoteEngine(Engine):
             "repetition_penalty": p.repeat_penalty if p.repeat_penalty != 1.0 else None,
         }
         body.update({k: v for k, v in optional.items() if v is not None})
+        # Structured output and logprobs are the upstream's to do (vLLM and llama-server both do them).
+        if p.json_schema == JSON_OBJECT:
+            body["response_format"] = {"type": "json_object"}
+        elif p.json_schema is not None:
+            spec = {"name": "reply", "schema": p.json_schema, "strict": True}
+            body["response_format"] = {"type": "json_schema", "json_schema": spec}
+        if p.logprobs is not None:
+            body["logprobs"] = True
+            body["top_logprobs"] = p.logprobs
         return body
 
     def _read(self, response: requests.Response, request: GenerationRequest, estimate: int) -> Iterator[Chunk]:
@@ -166,9 +176,10 @@ class RemoteEngine(Engine):
                     cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
                 for choice in event.get("choices") or []:
                     text = (choice.get("delta") or {}).get("content") or ""
-                    if text:
+                    logprobs = _logprobs(choice.get("logprobs"))
+                    if text or logprobs:
                         completion += 1
-                        yield Chunk(text, None, prompt_tokens, completion, cached)
+                        yield Chunk(text, None, prompt_tokens, completion, cached, logprobs=logprobs)
                     finish = choice.get("finish_reason") or finish
         except requests.Timeout:
             raise GatewayTimeout(f"upstream {self.upstream} went silent for {self.timeout:g}s mid-reply") from None
@@ -183,6 +194,24 @@ class RemoteEngine(Engine):
 
     def close(self) -> None:
         self._http.close()
+
+
+def _logprobs(data: Any) -> list[TokenLogprob] | None:
+    """An upstream chunk's choices[].logprobs (OpenAI's shape) as ours; None when it has none."""
+    content = (data or {}).get("content") if isinstance(data, dict) else None
+    if not content:
+        return None
+
+    def top(entry: dict[str, Any]) -> TopLogprob:
+        token = str(entry["token"])
+        raw = entry.get("bytes")
+        return TopLogprob(token, float(entry["logprob"]), bytes(raw) if raw is not None else token.encode())
+
+    out = []
+    for entry in content:
+        own = top(entry)
+        out.append(TokenLogprob(own.token, own.logprob, own.bytes, [top(c) for c in entry.get("top_logprobs") or []]))
+    return out
 
 
 def _error_text(error: Any) -> str:

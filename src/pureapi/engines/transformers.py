@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
 from ..models.resolve import CPU_CONTEXT_CAP, ResolvedModel
-from ..types import GenerationRequest, Message
+from ..types import Chunk, GenerationRequest, Message, TokenLogprob
 from ._template import render_segments
 from .base import QueuedEngine, model_fingerprint
 from .jobs import Job
@@ -59,6 +61,13 @@ class TransformersEngine(QueuedEngine):
         ends |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.end_ids = sorted(i for i in ends if i is not None)
         self.stats: dict[str, int] = {"generated_tokens": 0}  # for tests; written only by the worker
+        # Structured output: llguidance's tokenizer (built on first use) and compiled grammars by schema.
+        # Guards both: request threads compile (a bad schema is a 400 before queueing), the worker reads.
+        self._grammar_lock = threading.Lock()
+        self._grammar_tokenizer: Any = None
+        self._grammars: OrderedDict[str, str] = OrderedDict()
+        self._token_bytes: dict[int, bytes] = {}  # token -> its bytes, for logprobs; a benign race fills it
+        self._byte_decoder = _byte_decoder(tokenizer)
         self.start()
 
     @classmethod
@@ -124,6 +133,40 @@ class TransformersEngine(QueuedEngine):
         with self._tok_lock:
             return list(self.tokenizer(text, add_special_tokens=True, split_special_tokens=False)["input_ids"])
 
+    def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
+        if request.params.json_schema is not None:
+            self._grammar(request.params.json_schema)  # compiled now, so a schema llguidance refuses is a 400
+        return super().generate(request)
+
+    def _grammar(self, schema: dict[str, Any]) -> tuple[Any, str]:
+        """llguidance's tokenizer and the schema's compiled grammar (the last 64 are kept)."""
+        from .hf_sampling import compile_schema, grammar_tokenizer
+
+        key = json.dumps(schema)
+        with self._grammar_lock:
+            if self._grammar_tokenizer is None:
+                self._grammar_tokenizer = grammar_tokenizer(self.tokenizer, self.end_ids)
+            grammar = self._grammars.get(key)
+            if grammar is None:
+                grammar = self._grammars[key] = compile_schema(schema, self._grammar_tokenizer)
+                while len(self._grammars) > 64:
+                    self._grammars.popitem(last=False)
+            self._grammars.move_to_end(key)
+            return self._grammar_tokenizer, grammar
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token (byte-level BPE pieces mapped back to their bytes)."""
+        data = self._token_bytes.get(token)
+        if data is None:
+            text = str(self.tokenizer.convert_ids_to_tokens(token))
+            decoder = self._byte_decoder
+            if decoder and all(c in decoder for c in text):
+                data = bytes(decoder[c] for c in text)
+            else:
+                data = str(self.tokenizer.decode([token])).encode()
+            self._token_bytes[token] = data
+        return data
+
     def memory_allocated(self) -> int:
         import torch
 
@@ -133,12 +176,21 @@ class TransformersEngine(QueuedEngine):
 
     def _run(self, job: Job) -> None:
         import torch
-        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+        from transformers import (
+            LogitsProcessorList,
+            RepetitionPenaltyLogitsProcessor,
+            StoppingCriteria,
+            StoppingCriteriaList,
+        )
+
+        from .hf_sampling import JsonGrammar, RawLogprobs
 
         req: GenerationRequest = job.request
         p = req.params
         input_ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.model.device)
-        streamer = _Streamer(self.tokenizer, job, set(self.end_ids))
+        raw = RawLogprobs() if p.logprobs is not None else None
+        logprob_of = None if raw is None else (lambda tok: raw.of(tok, p.logprobs or 0, self.piece))
+        streamer = _Streamer(self.tokenizer, job, set(self.end_ids), logprob_of)
 
         class _Cancelled(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
@@ -149,12 +201,16 @@ class TransformersEngine(QueuedEngine):
             sampling = {"do_sample": True, "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k}
             if p.min_p > 0:
                 sampling["min_p"] = p.min_p
+        # In this order, after which generate applies temperature and truncation (hf_sampling's docstring).
+        processors: list[Any] = [] if raw is None else [raw]
         if p.repeat_penalty != 1.0:
-            sampling["repetition_penalty"] = p.repeat_penalty
+            processors.append(RepetitionPenaltyLogitsProcessor(p.repeat_penalty))
         if p.presence_penalty or p.frequency_penalty:
-            sampling["logits_processor"] = LogitsProcessorList(
-                [_OpenAIPenalties(len(req.prompt_ids), p.presence_penalty, p.frequency_penalty)]
-            )
+            processors.append(_OpenAIPenalties(len(req.prompt_ids), p.presence_penalty, p.frequency_penalty))
+        if p.json_schema is not None:
+            processors.append(JsonGrammar(*self._grammar(p.json_schema), prompt_len=len(req.prompt_ids)))
+        if processors:
+            sampling["logits_processor"] = LogitsProcessorList(processors)
         if p.seed is not None:
             torch.manual_seed(p.seed)
         try:
@@ -196,10 +252,14 @@ class _OpenAIPenalties:
 class _Streamer:
     """Receives token ids from `generate` and emits text deltas as soon as they are whole characters."""
 
-    def __init__(self, tokenizer: Any, job: Job, end_ids: set[int]):
+    def __init__(
+        self, tokenizer: Any, job: Job, end_ids: set[int], logprob_of: Callable[[int], TokenLogprob] | None = None
+    ):
         self.tokenizer = tokenizer
         self.job = job
         self.end_ids = end_ids
+        self.logprob_of = logprob_of
+        self.logprobs: list[TokenLogprob] = []  # of the tokens not yet emitted
         self.ids: list[int] = []
         self.prefix = 0  # decoding restarts here, so each step decodes a short window
         self.read = 0  # ids up to here have been emitted
@@ -219,6 +279,8 @@ class _Streamer:
                 return
             self.count += 1
             self.ids.append(tok)
+            if self.logprob_of is not None:
+                self.logprobs.append(self.logprob_of(tok))
             self._emit_ready()
 
     def _decode(self, ids: list[int]) -> str:
@@ -228,18 +290,30 @@ class _Streamer:
         before = self._decode(self.ids[self.prefix : self.read])
         after = self._decode(self.ids[self.prefix :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.job.emit(after[len(before) :], self.count)
+            self.job.emit(after[len(before) :], self.count, self._take_logprobs())
             self.prefix, self.read = self.read, len(self.ids)
+
+    def _take_logprobs(self) -> list[TokenLogprob] | None:
+        taken, self.logprobs = self.logprobs, []
+        return taken or None
 
     def flush(self) -> None:
         before = self._decode(self.ids[self.prefix : self.read])
         after = self._decode(self.ids[self.prefix :])
-        if len(after) > len(before):
-            self.job.emit(after[len(before) :], self.count)
+        self.job.emit(after[len(before) :] if len(after) > len(before) else "", self.count, self._take_logprobs())
         self.read = len(self.ids)
 
     def end(self) -> None:
         """Called by generate when it stops."""
+
+
+def _byte_decoder(tokenizer: Any) -> dict[str, int]:
+    """Byte-level BPE's map from piece characters back to bytes (GPT-2's), or {} for other tokenizers."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    pieces = tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), 1000))))
+    table = {c: b for b, c in bytes_to_unicode().items()}  # type: ignore[no-untyped-call]
+    return table if any("Ġ" in str(p) for p in pieces) else {}
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:

@@ -5,11 +5,12 @@ cells, so one conversation can never crowd out another. One scheduler thread own
 the batch and the samplers. Each step it admits waiting jobs into free slots (`slots.choose_slot`),
 moves the active slots next to each other, builds one batch (`batch.plan_step`: a decode token per
 generating slot, then prompt chunks), calls `llama_decode` once, and samples every slot that has
-logits with that request's own sampler chain. KV is reused from the slot's own cache, from a
-saved state that shares the prompt's prefix (`prompt_cache`: a slot's KV is saved there, found by
-its tokens, before another prompt overwrites it), or copied from another slot that shares the
-prefix; when idle, the opening of a finished conversation's next turn is decoded ahead. docs/design.md explains
-each mechanism and records what was measured.
+logits with that request's own sampler (its chain, checked against a JSON grammar when it has one),
+reading the raw log-probabilities first for a request that asked for logprobs. KV is reused from
+the slot's own cache, from a saved state that shares the prompt's prefix (`prompt_cache`: a slot's
+KV is saved there, found by its tokens, before another prompt overwrites it), or copied from
+another slot that shares the prefix; when idle, the opening of a finished conversation's next turn
+is decoded ahead. docs/design.md explains each mechanism and records what was measured.
 
 Scheduler invariants:
 1. Only the scheduler thread calls into the context, the batch and the samplers; request threads
@@ -55,15 +56,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...errors import BadRequest, Cancelled, ContextOverflow, EngineError, ModelLoadError, NotReady
+from ...errors import BadRequest, Cancelled, ContextOverflow, EngineError, ModelLoadError, NotReady, PureAPIError
 from ...models.resolve import CPU_CONTEXT_CAP, ResolvedModel, check_gguf
-from ...types import Chunk, GenerationRequest, Message
+from ...types import Chunk, GenerationRequest, Message, TokenLogprob
 from ..base import Engine, model_fingerprint
 from ..jobs import Job, JobQueue
 from .batch import Batch, plan_step
 from .model import LlamaModel
 from .prompt_cache import PromptCache
-from .sampling import make_sampler
+from .sampling import grammar_of, log_softmax, make_sampler, token_logprob
 from .slots import MIN_COPIED_TOKENS, Slot, choose_slot, common_prefix, compaction_swap
 from .state_files import StateFiles
 
@@ -113,6 +114,7 @@ class LlamaCppEngine(Engine):
         self.vocab_size = model.n_vocab
         self._memory = file_size + self.n_ctx * model.kv_bytes_per_token()
         self._batch = Batch(llc, n_batch)
+        self._n_vocab = self.vocab_size
         self._opening = model.turn_opening()[: n_batch // 2]
         self._slots = [Slot(i) for i in range(int(llc.llama_n_seq_max(ctx)))]
         self.slots = len(self._slots)  # generations that run at once, for the server's admission cap
@@ -247,6 +249,8 @@ class LlamaCppEngine(Engine):
             )
         if not self.ready():
             raise NotReady("the model is not loaded")
+        if request.params.json_schema is not None:
+            grammar_of(request.params.json_schema)  # converted here, off the scheduler: a bad schema is a 400 now
         return self._jobs.submit(request).stream()
 
     def close(self) -> None:
@@ -333,6 +337,9 @@ class LlamaCppEngine(Engine):
             slot = choose_slot(free, self._slots, prompt, job.session, scope, saved)
             try:
                 self._start(slot, job)
+            except PureAPIError as exc:  # the request's own fault (llama.cpp refused its grammar)
+                job.fail(exc)
+                self._release(slot)  # nothing was decoded: the slot's KV still matches `cached`
             except Exception as exc:  # one bad admission must not stop the scheduler
                 log.exception("llama.cpp admission failed")
                 job.fail(EngineError(f"generation failed: {exc}"))
@@ -534,10 +541,17 @@ class LlamaCppEngine(Engine):
                 del slot.pending[: len(row.tokens)]
                 self.stats["prefilled_tokens"] += len(row.tokens)
             if row.logits:
-                self._accept(slot, int(self._llc.llama_sampler_sample(slot.sampler, self._ctx, out)))
+                top = slot.job.request.params.logprobs if slot.job is not None else None
+                # Read before sampling: the raw distribution, and only for requests that ask for it.
+                dist = (
+                    None if top is None else log_softmax(self._llc.llama_get_logits_ith(self._ctx, out), self._n_vocab)
+                )
+                token = slot.sampler.sample(self._ctx, out)
+                lp = None if dist is None or top is None else token_logprob(dist, token, top, self.model.piece)
+                self._accept(slot, token, lp)
 
-    def _accept(self, slot: Slot, token: int) -> None:
-        """Handle a sampled token: stop on end-of-generation, else emit its text and queue its decode."""
+    def _accept(self, slot: Slot, token: int, logprob: TokenLogprob | None = None) -> None:
+        """Handle a sampled token: stop on end-of-generation, else emit its text (and logprob) and queue its decode."""
         job = slot.job
         assert job is not None  # only active slots are sampled
         slot.next_token = None
@@ -545,7 +559,7 @@ class LlamaCppEngine(Engine):
             return self._finish(slot, "stop")
         slot.generated += 1
         self.stats["generated_tokens"] += 1
-        job.emit(slot.decoder.decode(self.model.piece(token)), slot.generated)
+        job.emit(slot.decoder.decode(self.model.piece(token)), slot.generated, [logprob] if logprob else None)
         if slot.generated >= job.request.params.max_tokens or len(slot.cached) >= self.context_length:
             return self._finish(slot, "length", token)
         slot.next_token = token
@@ -591,7 +605,7 @@ class LlamaCppEngine(Engine):
 
     def _release(self, slot: Slot) -> None:
         if slot.sampler is not None:
-            self._llc.llama_sampler_free(slot.sampler)
+            slot.sampler.free()
         slot.job, slot.sampler, slot.decoder, slot.next_token = None, None, None, None
         slot.pending, slot.opening = [], []
         slot.last_used = next(self._ticks)
