@@ -86,7 +86,12 @@ class RemoteEngine(Engine):
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"} if self.key else {}
 
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+    def tools_refusal(self) -> str:
+        return "the remote engine does not forward tools to its upstream; call the upstream directly for tools"
+
+    def encode_chat(
+        self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None, prefix: str = ""
+    ) -> list[int]:
         estimate = sum(len(m.content.encode()) // BYTES_PER_TOKEN + TOKENS_PER_MESSAGE for m in messages) + 1
         with self._lock:
             handle = next(self._ids)
