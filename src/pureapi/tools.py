@@ -107,7 +107,8 @@ class ToolCallParser:
     """Splits a reply, fed piece by piece, into text and tool calls.
 
     Text is passed on as it comes, except what could be the start of a call, which is held back until
-    it is one or is not. A call that does not parse stays text (as the model wrote it). Without
+    it is one or is not; a reply that begins with `{` is held to its end and read as bare call objects.
+    A call that does not parse stays text (as the model wrote it). Without
     `parallel`, calls after the first are dropped. Once a call is seen, whitespace-only text between
     calls is dropped (it is the template's layout, not something the model said).
     """
@@ -118,26 +119,45 @@ class ToolCallParser:
         self.calls: list[ToolCall] = []
         self._buf = ""
         self._in_call = False
-        self._plain = False  # Llama 3.1 format: the reply did not start as JSON, so it is text throughout
+        # "json": the reply began with `{`, so it is held to the end and read as bare call objects (Llama 3.1's
+        # format; small Qwen models drop the tags too); "text": it did not (Hermes: calls in tags may follow).
+        self._mode: str | None = None
 
     def feed(self, text: str) -> list[str | ToolCall]:
         """The text and calls that are certain after this piece."""
-        self._buf += text
-        out: list[str | ToolCall] = []
-        if self.fmt.opening:
-            self._hermes(out, final=False)
-        else:
-            self._json(out, final=False)
-        return self._tidy(out)
+        return self._step(text, final=False)
 
     def finish(self) -> list[str | ToolCall]:
         """Whatever was held back, at the end of the reply."""
+        return self._step("", final=True)
+
+    def _step(self, text: str, final: bool) -> list[str | ToolCall]:
+        self._buf += text
         out: list[str | ToolCall] = []
-        if self.fmt.opening:
-            self._hermes(out, final=True)
-        else:
-            self._json(out, final=True)
+        if self._mode is None:
+            head = self._head()
+            if head and not (PYTHON_TAG.startswith(head) and not self.fmt.opening):
+                self._mode = "json" if head.startswith("{") else "text"
+            elif final:
+                self._mode = "text"
+        if self._mode == "json":
+            if final:
+                calls = _calls_in(self._head())
+                out.extend(calls if calls is not None else [self._buf])
+                self._buf = ""
+        elif self._mode == "text":
+            if self.fmt.opening:
+                self._tags(out, final)
+            else:
+                out.append(self._buf)
+                self._buf = ""
         return self._tidy(out)
+
+    def _head(self) -> str:
+        head = self._buf.lstrip()
+        if head.startswith(PYTHON_TAG):
+            head = head[len(PYTHON_TAG) :].lstrip()
+        return head
 
     def _tidy(self, out: list[str | ToolCall]) -> list[str | ToolCall]:
         kept: list[str | ToolCall] = []
@@ -151,7 +171,7 @@ class ToolCallParser:
             kept.append(item)
         return kept
 
-    def _hermes(self, out: list[str | ToolCall], final: bool) -> None:
+    def _tags(self, out: list[str | ToolCall], final: bool) -> None:
         opening, closing = self.fmt.opening, self.fmt.closing
         while True:
             if not self._in_call:
@@ -178,25 +198,6 @@ class ToolCallParser:
             self._in_call = False
             if at < 0:
                 return
-
-    def _json(self, out: list[str | ToolCall], final: bool) -> None:
-        if self._plain:
-            out.append(self._buf)
-            self._buf = ""
-            return
-        head = self._buf.lstrip()
-        if head.startswith(PYTHON_TAG):
-            head = head[len(PYTHON_TAG) :].lstrip()
-        if head and not head.startswith("{") and not PYTHON_TAG.startswith(head):
-            self._plain = True
-            out.append(self._buf)
-            self._buf = ""
-            return
-        if not final:
-            return
-        calls = _calls_in(head) if head else None
-        out.extend(calls if calls is not None else [self._buf])
-        self._buf = ""
 
 
 def _partial_suffix(text: str, opening: str) -> int:

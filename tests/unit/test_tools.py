@@ -69,6 +69,14 @@ def test_llama3_json_calls(pieces: int) -> None:
     assert parse(LLAMA3_JSON, "<|python_tag|>" + two, pieces)[1] == [("weather", {"city": "Paris"}), ("time", {})]
 
 
+def test_hermes_also_reads_calls_without_their_tags() -> None:
+    text = '{"name": "f", "arguments": {"a": 1}}\n{"name": "g", "arguments": {}}'
+    assert parse(HERMES, text, 4) == ("", [("f", {"a": 1}), ("g", {})])
+    assert parse(HERMES, '{"answer": 42}', 4) == ('{"answer": 42}', [])
+    cut = '{"name": "f", "arguments": {"a": 1}}\n{"name": "g", "argu'
+    assert parse(HERMES, cut, 4) == (cut, [])
+
+
 def test_llama3_prose_and_bad_json_stay_text() -> None:
     assert parse(LLAMA3_JSON, "Paris is sunny {today}.", 2) == ("Paris is sunny {today}.", [])
     assert parse(LLAMA3_JSON, '{"temp": 20}', 2) == ('{"temp": 20}', [])
