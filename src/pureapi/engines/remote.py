@@ -130,7 +130,7 @@ class RemoteEngine(Engine):
         p = request.params
         body: dict[str, Any] = {
             "model": self.model_name,
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "messages": [_wire(m) for m in messages],
             "max_tokens": p.max_tokens,
             "temperature": p.temperature,
             "top_p": p.top_p,
@@ -199,6 +199,19 @@ class RemoteEngine(Engine):
 
     def close(self) -> None:
         self._http.close()
+
+
+def _wire(message: Message) -> dict[str, Any]:
+    """A message in OpenAI's shape, with the tool calls and the call id a conversation with tools carries."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
 
 
 def _logprobs(data: Any) -> list[TokenLogprob] | None:
