@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import openai
 import pytest
 from openai import OpenAI
 
-from ..conftest import Server
+from pureapi.app import create_app
+from pureapi.chat.store import SQLiteStore
+from pureapi.engines.transformers import TransformersEngine
+from pureapi.models.resolve import ResolvedModel
+from pureapi.settings import Settings
+
+from ..conftest import Server, serve_in_thread
 
 pytestmark = pytest.mark.real
 
@@ -130,3 +137,34 @@ def test_a_template_without_tools_is_a_400_naming_tools(smol: Server) -> None:
     error = caught.value.body
     assert isinstance(error, dict) and error["param"] == "tools"
     assert "tool support" in error["message"]
+
+
+def test_transformers_forces_a_call_on_qwen(qwen_gguf: Path, tmp_path: Path) -> None:
+    """The transformers engine renders tools with apply_chat_template and holds a forced call with llguidance."""
+    path = Path(qwen_gguf)
+    engine = TransformersEngine.load(
+        ResolvedModel(path.stem, path), device="cpu", cache_dir=Settings().weights_cache_dir()
+    )
+    store = SQLiteStore(tmp_path / "sessions.db")
+    app = create_app(Settings(engine="transformers", db=tmp_path / "sessions.db"), engine=engine, store=store)
+    try:
+        with serve_in_thread(app) as url, OpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as c:
+            r = c.chat.completions.create(
+                model="x",
+                messages=ASK,  # type: ignore[arg-type]
+                tools=[WEATHER, TIME],  # type: ignore[list-item]
+                tool_choice="required",
+                temperature=1.5,
+                seed=3,
+                max_tokens=60,
+            )
+    finally:
+        engine.close()
+        store.close()
+    [call] = r.choices[0].message.tool_calls or []
+    assert r.choices[0].finish_reason == "tool_calls"
+    args = json.loads(call.function.arguments)  # type: ignore[union-attr]
+    if call.function.name == "get_weather":  # type: ignore[union-attr]
+        assert set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit")
+    else:
+        assert set(args) == {"zone"}
