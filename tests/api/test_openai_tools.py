@@ -180,3 +180,19 @@ def test_a_model_without_tool_support_is_a_400_that_says_so(fake: FakeApp) -> No
     assert error["param"] == "tools" and "without tool support" in error["message"]
     fake.engine.enqueue("fine")
     assert completion(fake, tools=[WEATHER], tool_choice="none").status_code == 200
+
+
+def test_a_forced_call_cut_by_max_tokens_says_length_and_stays_text(fake: FakeApp) -> None:
+    fake.engine.enqueue('{"name": "weather", "arguments": {"city": "Paris"}}')
+    body = completion(fake, tools=[WEATHER], tool_choice="required", max_tokens=2).get_json()
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "length" and "tool_calls" not in choice["message"]
+    assert choice["message"]["content"].startswith('<tool_call>\n{"name":')
+
+
+def test_a_streamed_call_with_usage_ends_with_the_usage_chunk(fake: FakeApp) -> None:
+    fake.engine.enqueue(CALL)
+    r = completion(fake, tools=[WEATHER], stream=True, stream_options={"include_usage": True})
+    data = [json.loads(d) for d in sse_data(r)[:-1]]
+    assert data[-1]["choices"] == [] and data[-1]["usage"]["completion_tokens"] == len(CALL.split())
+    assert data[-2]["choices"][0]["finish_reason"] == "tool_calls"
