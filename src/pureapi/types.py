@@ -9,11 +9,23 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the assistant made; arguments is the JSON text of an object."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Message:
-    """One chat message."""
+    """One chat message; an assistant's may carry tool calls, a tool result (role "tool") names its call."""
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None  # the function whose result a tool message carries, where the client gave it
 
 
 @dataclass

@@ -134,24 +134,7 @@ def test_bad_requests_use_the_openai_envelope(fake: FakeApp, body: dict[str, obj
     assert error["param"] is not None and error["param"].startswith(param.split(".")[0])
 
 
-@pytest.mark.parametrize(
-    ("body", "words"),
-    [
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tool calling"),
-        ({"tool_choice": "required"}, "tool calling"),
-        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool calling"),
-    ],
-)
-def test_fields_not_built_yet_are_refused_not_ignored(fake: FakeApp, body: dict[str, object], words: str) -> None:
-    r = completion(fake, **body)
-    assert r.status_code == 400, r.get_data(as_text=True)
-    error = r.get_json()["error"]
-    assert error["param"] == list(body)[-1]
-    assert words in error["message"]
-    assert fake.engine.prompts == []  # nothing reached the engine
-
-
-def test_the_defaults_of_fields_not_built_yet_are_accepted(fake: FakeApp) -> None:
+def test_empty_tools_and_tool_choice_none_are_plain_chat(fake: FakeApp) -> None:
     fake.engine.enqueue("fine")
     body = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "logprobs": False}
     r = completion(fake, **body, top_logprobs=0)

@@ -22,7 +22,7 @@ from pureapi.engines.transformers import TransformersEngine
 from pureapi.errors import BadRequest, ContextOverflow, ModelLoadError, NotReady, Overloaded
 from pureapi.models.resolve import ResolvedModel
 from pureapi.settings import Settings
-from pureapi.types import Chunk, GenerationRequest, Message, SamplingParams
+from pureapi.types import Chunk, GenerationRequest, Message, SamplingParams, ToolCall
 
 from ..races import race_generate_with_close
 
@@ -143,6 +143,20 @@ def test_encode_chat_matches_transformers(
     engine: LlamaCppEngine, reference: TransformersEngine, messages: list[Message]
 ) -> None:
     assert engine.encode_chat(messages) == reference.encode_chat(messages)
+
+
+def test_encode_chat_with_tools_matches_transformers(engine: LlamaCppEngine, reference: TransformersEngine) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    messages = [
+        Message("user", "Call f."),
+        Message("assistant", "", (ToolCall("call_1", "f", '{"x": 1}'),)),
+        Message("tool", "done <|im_end|>", tool_call_id="call_1"),
+    ]
+    ours = engine.encode_chat(messages, [tool], "<tool_call>\n")
+    assert ours == reference.encode_chat(messages, [tool], "<tool_call>\n")
+    text = engine.model.detokenize(ours)
+    assert ('"name": "f"' in text) == (engine.tool_format is not None)  # Qwen's template renders the tools
+    assert "done <|im_end|>" in text  # a tool result is content: its special-token text stays text
 
 
 def test_special_token_text_in_content_stays_text(engine: LlamaCppEngine) -> None:

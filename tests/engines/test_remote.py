@@ -182,3 +182,32 @@ def test_response_format_and_logprobs_are_forwarded_upstream(tmp_path: Path) -> 
         engine.close()
     up.close()
     store.close()
+
+
+def test_tools_are_refused_and_tool_results_are_forwarded(tmp_path: Path) -> None:
+    up = FakeEngine()
+    up_store, front_store = SQLiteStore(tmp_path / "up.db"), SQLiteStore(tmp_path / "front.db")
+    upstream = create_app(Settings(engine="fake", db=tmp_path / "up.db"), engine=up, store=up_store)
+    with serve_in_thread(upstream) as url:
+        engine = RemoteEngine(url, model="fake-model")
+        front = create_app(Settings(engine="fake", db=tmp_path / "front.db"), engine=engine, store=front_store)
+        client = front.test_client()
+        tool = {"type": "function", "function": {"name": "f"}}
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "tools": [tool]})
+        assert r.status_code == 400
+        assert r.get_json()["error"]["param"] == "tools" and "remote engine" in r.get_json()["error"]["message"]
+        call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        messages = [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+        ]
+        up.enqueue("It is 42.")
+        r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8})
+        assert r.status_code == 200, r.get_data(as_text=True)
+        assert r.get_json()["choices"][0]["message"]["content"] == "It is 42."
+        assert up.prompts[-1][1].tool_calls[0].id == "call_1" and up.prompts[-1][2].tool_call_id == "call_1"
+        engine.close()
+    up.close()
+    up_store.close()
+    front_store.close()

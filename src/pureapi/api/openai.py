@@ -24,8 +24,7 @@ from pydantic import (
 
 from ..chat.streams import close_stream
 from ..errors import BadRequest
-from ..structured import JSON_OBJECT, check_schema
-from ..types import Chunk, Message, SamplingParams
+from ..types import Chunk, Message, SamplingParams, ToolCall
 from ..types import TokenLogprob as TokenLogprobData
 from .common import (
     MAX_STOP,
@@ -42,6 +41,16 @@ from .common import (
     sse,
     sse_response,
     validate,
+)
+from .openai_output import MAX_TOP_LOGPROBS, ChoiceLogprobs, ResponseFormat
+from .openai_tools import (
+    MessageToolCall,
+    ToolCallDelta,
+    ToolChoice,
+    ToolPlan,
+    ToolSpec,
+    parse_reply,
+    plan_tools,
 )
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -61,8 +70,21 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
+    tool_calls: list[MessageToolCall] | None = Field(None, description="An assistant's calls, sent back.")
+    tool_call_id: StrictStr | None = Field(None, description="The call a tool message answers.")
+    name: StrictStr | None = None
+
+    def message(self) -> Message:
+        """The domain message (developer is the system role)."""
+        return Message(
+            "system" if self.role == "developer" else self.role,
+            self.text(),
+            tuple(call.call() for call in self.tool_calls or ()) if self.role == "assistant" else (),
+            self.tool_call_id if self.role == "tool" else None,
+            self.name if self.role == "tool" else None,
+        )
 
     def text(self) -> str:
         """The content as plain text."""
@@ -79,44 +101,6 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: StrictBool = False
-
-
-MAX_TOP_LOGPROBS = 20
-
-
-class JsonSchemaSpec(BaseModel):
-    """The schema of response_format json_schema (OpenAI's shape)."""
-
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-
-    name: StrictStr = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    description: StrictStr | None = None
-    schema_: dict[str, Any] = Field(
-        default_factory=lambda: dict(JSON_OBJECT),
-        alias="schema",
-        description="A JSON schema using the keywords both engines enforce (README: Structured output).",
-    )
-    strict: StrictBool | None = Field(None, description="Accepted; the schema is always enforced.")
-
-
-class ResponseFormat(BaseModel):
-    """OpenAI's response_format: free text, any JSON object, or JSON matching a schema."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaSpec | None = None
-
-    def schema_to_enforce(self) -> dict[str, Any] | None:
-        """The JSON schema the reply must match (checked), or None for free text."""
-        if self.type == "text":
-            return None
-        if self.type == "json_object":
-            return dict(JSON_OBJECT)
-        if self.json_schema is None:
-            raise BadRequest("response_format.json_schema: field required", param="response_format.json_schema")
-        check_schema(self.json_schema.schema_, "response_format.json_schema.schema")
-        return self.json_schema.schema_
 
 
 class SamplingFields(BaseModel):
@@ -173,12 +157,15 @@ class ChatCompletionRequest(SamplingFields):
     n: StrictInt = Field(1, ge=1, le=1, description="Only 1 is supported.")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    # Refused rather than ignored until they are built: a client that asks for tools must not get
-    # prose that merely looks like a call.
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported yet: a non-empty list is a 400.")
-    tool_choice: StrictStr | dict[str, Any] | None = Field(
-        None, description='Not supported yet: only "none" or "auto" (with no tools) are accepted.'
+    tools: list[ToolSpec] | None = Field(
+        None, description="Functions the model may call; a model whose chat template cannot render tools is a 400."
     )
+    tool_choice: ToolChoice | None = Field(
+        None,
+        description='auto (the default with tools), none, required, or {"type": "function", "function": '
+        '{"name": ...}}; required and a named function hold the reply to a call, by grammar.',
+    )
+    parallel_tool_calls: StrictBool = Field(True, description="false: only the reply's first call is returned.")
     response_format: ResponseFormat | None = Field(
         None, description="text, json_object or json_schema: the reply is constrained to it while sampling."
     )
@@ -187,62 +174,20 @@ class ChatCompletionRequest(SamplingFields):
         None, ge=0, le=MAX_TOP_LOGPROBS, description="The likeliest alternatives per token (needs logprobs)."
     )
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if value:
-            raise ValueError("tool calling is not supported yet; send the request without tools")
-        return value
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-        if value not in (None, "none", "auto"):
-            raise ValueError("tool calling is not supported yet; only 'none' or 'auto' are accepted")
-        return value
-
 
 class ResponseMessage(BaseModel):
     """The assistant's reply."""
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[MessageToolCall] | None = Field(None, description="The calls the reply made; absent if none.")
 
-
-class TopLogprob(BaseModel):
-    """A candidate token: its text, log-probability (the raw model's, before temperature) and UTF-8 bytes."""
-
-    token: str
-    logprob: float
-    bytes: list[int] | None
-
-
-class TokenLogprob(TopLogprob):
-    """A generated token with the likeliest candidates at its position, best first."""
-
-    top_logprobs: list[TopLogprob]
-
-
-class ChoiceLogprobs(BaseModel):
-    """Per-token log-probabilities of the choice's content."""
-
-    content: list[TokenLogprob] | None
-    refusal: None = None
-
-    @classmethod
-    def of(cls, tokens: list[TokenLogprobData]) -> ChoiceLogprobs:
-        """OpenAI's shape of an engine's per-token logprobs."""
-        return cls(
-            content=[
-                TokenLogprob(
-                    token=t.token,
-                    logprob=t.logprob,
-                    bytes=list(t.bytes),
-                    top_logprobs=[TopLogprob(token=c.token, logprob=c.logprob, bytes=list(c.bytes)) for c in t.top],
-                )
-                for t in tokens
-            ]
-        )
+    @model_serializer(mode="wrap")
+    def _calls_when_made(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class Choice(BaseModel):
@@ -251,7 +196,9 @@ class Choice(BaseModel):
     index: int = 0
     message: ResponseMessage
     logprobs: ChoiceLogprobs | None = Field(None, description="Present when the request set logprobs.")
-    finish_reason: str = Field(description="stop (end of turn or a stop string) or length (max_tokens or the context).")
+    finish_reason: str = Field(
+        description="stop (end of turn or a stop string), length (max_tokens or the context) or tool_calls."
+    )
 
 
 class PromptTokensDetails(BaseModel):
@@ -295,6 +242,7 @@ class Delta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _present_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -352,7 +300,7 @@ def error_event(message: str) -> str:
 @bp.post("/chat/completions")
 def chat_completions() -> Response:
     body = validate(ChatCompletionRequest, json_body())
-    messages = [Message("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
+    messages = [m.message() for m in body.messages]
     if messages[-1].role == "assistant":
         raise BadRequest("messages: the last message must not be from the assistant", param="messages")
     requested = body.max_completion_tokens or body.max_tokens
@@ -360,10 +308,21 @@ def chat_completions() -> Response:
         raise BadRequest("top_logprobs: needs logprobs set to true", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     schema = body.response_format.schema_to_enforce() if body.response_format is not None else None
-    params = replace(body.sampling(requested or 1), json_schema=schema, logprobs=logprobs)
     service = sessions()
     engine = service.engine()
-    stream = primed(service.stateless(messages, params, fill=requested is None))
+    plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, engine)
+    if plan.schema is not None:
+        if schema is not None:
+            raise BadRequest(
+                "response_format: cannot hold the reply to a schema and force a tool call", param="response_format"
+            )
+        schema = plan.schema
+    elif schema is not None:
+        plan = replace(plan, fmt=None)  # the reply is held to the schema, so it holds no calls to parse
+    if plan.fmt is not None and logprobs is not None:
+        raise BadRequest("logprobs: not available together with tools", param="logprobs")
+    params = replace(body.sampling(requested or 1), json_schema=schema, logprobs=logprobs)
+    stream = primed(service.stateless(messages, params, fill=requested is None, tools=plan.tools, prefix=plan.prefix))
     meta: dict[str, Any] = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "created": int(time.time()),
@@ -371,13 +330,14 @@ def chat_completions() -> Response:
     }
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(_stream(meta, stream, include_usage, logprobs is not None))
+        return sse_response(_stream(meta, stream, include_usage, logprobs is not None, plan))
     tokens: list[TokenLogprobData] = []
     text, last = drain(_collecting(stream, tokens))
+    content, calls = parse_reply(plan, text)
     choice = Choice(
-        message=ResponseMessage(content=text),
+        message=ResponseMessage(content=content, tool_calls=[MessageToolCall.of(c) for c in calls] or None),
         logprobs=ChoiceLogprobs.of(tokens) if logprobs is not None else None,
-        finish_reason=last.finish_reason or "stop",
+        finish_reason=_finish(last.finish_reason, bool(calls)),
     )
     completion = ChatCompletion(**meta, choices=[choice], usage=Usage.of(last))
     return jsonify(dump(completion))
@@ -393,18 +353,46 @@ def _collecting(chunks: Iterator[Chunk], tokens: list[TokenLogprobData]) -> Iter
         close_stream(chunks)
 
 
-def _stream(meta: dict[str, Any], chunks: Iterator[Chunk], include_usage: bool, logprobs: bool) -> Iterator[str]:
+def _finish(reason: str | None, called: bool) -> str:
+    """OpenAI's finish_reason: tool_calls when a reply that ended on its own made calls."""
+    if called and reason in (None, "stop"):
+        return "tool_calls"
+    return reason or "stop"
+
+
+def _stream(
+    meta: dict[str, Any], chunks: Iterator[Chunk], include_usage: bool, logprobs: bool, plan: ToolPlan
+) -> Iterator[str]:
+    parser = plan.parser()
+
     def event(delta: Delta, finish: str | None = None, tokens: list[TokenLogprobData] | None = None) -> str:
         lp = ChoiceLogprobs.of(tokens or []) if logprobs and tokens is not None else None
         choice = ChunkChoice(delta=delta, logprobs=lp, finish_reason=finish)
         extra: dict[str, Any] = {"usage": None} if include_usage else {}
         return sse(dump(ChatCompletionChunk(**meta, choices=[choice], **extra)))
 
+    def parsed(items: list[str | ToolCall], first: int) -> Iterator[str]:
+        """Text as content deltas, each call whole in one tool-call delta at its index."""
+        for item in items:
+            if isinstance(item, str):
+                yield event(Delta(content=item))
+            else:
+                delta = ToolCallDelta(index=first, **MessageToolCall.of(item).model_dump())
+                first += 1
+                yield event(Delta(tool_calls=[delta]))
+
     def events(chunk: Chunk) -> Iterator[str]:
-        if chunk.text or chunk.logprobs:
-            yield event(Delta(content=chunk.text), tokens=chunk.logprobs or [])
+        if parser is None:
+            if chunk.text or chunk.logprobs:
+                yield event(Delta(content=chunk.text), tokens=chunk.logprobs or [])
+        else:
+            text = chunk.text + (plan.closing() if chunk.finish_reason is not None else "")
+            items = parser.feed(text)
+            if chunk.finish_reason is not None:
+                items += parser.finish()
+            yield from parsed(items, len(parser.calls) - sum(isinstance(i, ToolCall) for i in items))
         if chunk.finish_reason is not None:
-            yield event(Delta(), chunk.finish_reason)
+            yield event(Delta(), _finish(chunk.finish_reason, bool(parser and parser.calls)))
             if include_usage:
                 yield sse(dump(ChatCompletionChunk(**meta, choices=[], usage=Usage.of(chunk))))
 

@@ -250,14 +250,25 @@ class SessionService:
             )
         return stored[1]
 
-    def stateless(self, messages: Sequence[Message], params: SamplingParams, fill: bool = False) -> Iterator[Chunk]:
+    def stateless(
+        self,
+        messages: Sequence[Message],
+        params: SamplingParams,
+        fill: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        prefix: str = "",
+    ) -> Iterator[Chunk]:
         """Generate for a whole conversation sent by the client (the OpenAI API); nothing is stored.
 
-        With fill, max_tokens is ignored and the reply may use the rest of the context.
+        With fill, max_tokens is ignored and the reply may use the rest of the context. tools and prefix
+        go to the chat template (Engine.encode_chat).
         """
 
         def prompt(engine: Engine, budget: int) -> list[int]:
-            return fit_window(engine.encode_chat, engine.context_length, [], messages, budget, "messages")
+            def encode(ms: Sequence[Message]) -> list[int]:
+                return engine.encode_chat(ms, tools, prefix)
+
+            return fit_window(encode, engine.context_length, [], messages, budget, "messages")
 
         return self.stateless_prompt(prompt, params, fill)
 

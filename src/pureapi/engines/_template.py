@@ -18,6 +18,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from ..tools import template_tool_calls
 from ..types import Message
 
 
@@ -60,21 +61,35 @@ class ChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
 
-    def render(self, messages: list[dict[str, str]]) -> str:
-        """Render the conversation and the assistant's generation prompt."""
+    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        """Render the conversation (with the tools the model may call) and the assistant's generation prompt."""
         return self._template.render(
             messages=messages,
+            tools=tools,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
             add_generation_prompt=True,
         )
 
 
+def _as_dict(message: Message, holder: str) -> dict[str, Any]:
+    """A message as a template reads it, its content replaced by a placeholder (empty content stays empty:
+    templates test `if message.content` on an assistant's tool calls)."""
+    out: dict[str, Any] = {"role": message.role, "content": holder if message.content else ""}
+    if message.tool_calls:
+        out["tool_calls"] = template_tool_calls(message.tool_calls)
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        out["name"] = message.name
+    return out
+
+
 _PLACEHOLDER = "\u27e6pureapi-{nonce}-{i}\u27e7"
 
 
 def render_segments(
-    render: Callable[[list[dict[str, str]]], str], messages: Sequence[Message]
+    render: Callable[[list[dict[str, Any]]], str], messages: Sequence[Message]
 ) -> list[tuple[bool, str]]:
     """Render a chat template with placeholders for the content, then split the result.
 
@@ -84,7 +99,7 @@ def render_segments(
     """
     nonce = secrets.token_hex(6)
     holders = [_PLACEHOLDER.format(nonce=nonce, i=i) for i in range(len(messages))]
-    rendered = render([{"role": m.role, "content": h} for m, h in zip(messages, holders, strict=True)])
+    rendered = render([_as_dict(m, h) for m, h in zip(messages, holders, strict=True)])
     pattern = re.compile("\u27e6pureapi-" + nonce + r"-(\d+)\u27e7")
     pieces: list[tuple[bool, str]] = []
     pos = 0

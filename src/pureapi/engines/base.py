@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Cancelled, EngineError, NotReady, PureAPIError
+from ..tools import ToolFormat
 from ..types import Chunk, GenerationRequest, Message
 from .jobs import Job, JobQueue
 
@@ -41,10 +42,20 @@ class Engine(ABC):
     # only forwards chat messages (the remote one) cannot take them.
     raw_prompts: bool = True
     vocab_size: int | None = None  # token ids at or above it are refused; None: not checked
+    # The tool-call format the chat template speaks; None: it cannot render tools.
+    tool_format: ToolFormat | None = None
 
     @abstractmethod
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
-        """Render the chat template and tokenize; message content is never parsed for special tokens."""
+    def encode_chat(
+        self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None, prefix: str = ""
+    ) -> list[int]:
+        """Render the chat template (with the tools the model may call) and tokenize; message content is
+        never parsed for special tokens. prefix is template text put after the generation prompt, as the
+        start of the reply (a forced tool call's opening tag)."""
+
+    def tools_refusal(self) -> str:
+        """Why this engine cannot take tools (asked only when tool_format is None)."""
+        return f"the model {self.model_name} has a chat template without tool support (it never renders `tools`)"
 
     def encode_text(self, text: str) -> list[int]:
         """Tokenize a raw prompt as the model's tokenizer does by default (BOS where it adds one, special

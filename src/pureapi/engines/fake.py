@@ -7,8 +7,10 @@ import re
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from ..errors import EngineError
+from ..tools import HERMES
 from ..types import Message, SamplingParams, TokenLogprob, TopLogprob
 from .base import QueuedEngine
 from .jobs import Job
@@ -36,6 +38,9 @@ class FakeEngine(QueuedEngine):
         self.prompts: list[list[Message]] = []
         self.texts: list[str] = []  # raw prompts encoded by encode_text, in order
         self.params: list[SamplingParams] = []  # each generation's sampling parameters, in order
+        self.tools: list[list[dict[str, Any]] | None] = []  # the tools each encode_chat rendered, in order
+        self.prefixes: list[str] = []  # the reply prefix each encode_chat added, in order
+        self.tool_format = HERMES  # tests of a model without tool support set None
         self._vocab: dict[str, int] = {}
         self._words: dict[int, str] = {}
         self.start()
@@ -51,13 +56,18 @@ class FakeEngine(QueuedEngine):
             self._words[self._vocab[word]] = word
         return self._vocab[word]
 
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None, prefix: str = ""
+    ) -> list[int]:
         ids: list[int] = []
         for m in messages:
             ids.append(self._id(f"<{m.role}>"))
             ids.extend(self._id(w) for w in _WORD.findall(m.content))
         ids.append(self._id("<assistant>"))
+        ids.extend(self._id(w) for w in _WORD.findall(prefix))
         self.prompts.append(list(messages))
+        self.tools.append(tools)
+        self.prefixes.append(prefix)
         return ids
 
     def encode_text(self, text: str) -> list[int]:

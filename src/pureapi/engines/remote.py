@@ -86,7 +86,12 @@ class RemoteEngine(Engine):
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"} if self.key else {}
 
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+    def tools_refusal(self) -> str:
+        return "the remote engine does not forward tools to its upstream; call the upstream directly for tools"
+
+    def encode_chat(
+        self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None, prefix: str = ""
+    ) -> list[int]:
         estimate = sum(len(m.content.encode()) // BYTES_PER_TOKEN + TOKENS_PER_MESSAGE for m in messages) + 1
         with self._lock:
             handle = next(self._ids)
@@ -125,7 +130,7 @@ class RemoteEngine(Engine):
         p = request.params
         body: dict[str, Any] = {
             "model": self.model_name,
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "messages": [_wire(m) for m in messages],
             "max_tokens": p.max_tokens,
             "temperature": p.temperature,
             "top_p": p.top_p,
@@ -194,6 +199,19 @@ class RemoteEngine(Engine):
 
     def close(self) -> None:
         self._http.close()
+
+
+def _wire(message: Message) -> dict[str, Any]:
+    """A message in OpenAI's shape, with the tool calls and the call id a conversation with tools carries."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
 
 
 def _logprobs(data: Any) -> list[TokenLogprob] | None:

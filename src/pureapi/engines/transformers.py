@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import ModelLoadError
 from ..models.resolve import CPU_CONTEXT_CAP, ResolvedModel
+from ..tools import detect_format
 from ..types import Chunk, GenerationRequest, Message, TokenLogprob
 from ._template import render_segments
 from .base import QueuedEngine, model_fingerprint
@@ -55,6 +56,8 @@ class TransformersEngine(QueuedEngine):
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         # Fast tokenizers toggle shared state for split_special_tokens; encode one caller at a time.
         self._tok_lock = threading.Lock()
+        template = getattr(tokenizer, "chat_template", None)
+        self.tool_format = detect_format(template if isinstance(template, str) else json.dumps(template))
         vocab = tokenizer.get_vocab()
         ends = {tokenizer.eos_token_id} | {vocab[t] for t in END_OF_TURN if t in vocab}
         gen_eos = model.generation_config.eos_token_id
@@ -118,13 +121,17 @@ class TransformersEngine(QueuedEngine):
             limit = min(limit, CPU_CONTEXT_CAP)
         return cls(model, tokenizer, resolved.name, device, limit, max_queue)
 
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
-        def render(msgs: list[dict[str, str]]) -> str:
-            return str(self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    def encode_chat(
+        self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None, prefix: str = ""
+    ) -> list[int]:
+        def render(msgs: list[dict[str, Any]]) -> str:
+            return str(
+                self.tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=True)
+            )
 
         ids: list[int] = []
         with self._tok_lock:
-            for is_user_text, text in render_segments(render, messages):
+            for is_user_text, text in [*render_segments(render, messages), (False, prefix)]:
                 enc = self.tokenizer(text, add_special_tokens=False, split_special_tokens=is_user_text)
                 ids.extend(enc["input_ids"])
         return ids

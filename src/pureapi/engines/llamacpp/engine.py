@@ -105,6 +105,7 @@ class LlamaCppEngine(Engine):
     ):
         llc = self._llc = model.llc
         self.model = model
+        self.tool_format = model.tool_format
         self._ctx = ctx
         self.model_name = model_name
         self.device = "cpu"
@@ -200,8 +201,10 @@ class LlamaCppEngine(Engine):
         log.info("loaded %s: %d slots of %d tokens", resolved.name, n_parallel, engine.context_length)
         return engine
 
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
-        return self.model.encode_chat(messages)
+    def encode_chat(
+        self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None, prefix: str = ""
+    ) -> list[int]:
+        return self.model.encode_chat(messages, tools, prefix)
 
     def encode_text(self, text: str) -> list[int]:
         # As llama-server's /completion does: BOS as the vocabulary says, special tokens parsed.

@@ -15,6 +15,7 @@ from typing import Any
 import jinja2
 
 from ...errors import BadRequest, ModelLoadError
+from ...tools import detect_format
 from ...types import Message
 from .._template import ChatTemplate, render_segments
 
@@ -53,6 +54,7 @@ class LlamaModel:
         if not source:
             self.free()
             raise ModelLoadError(f"model file {path}: it has no chat template (tokenizer.chat_template)")
+        self.tool_format = detect_format(source)
         try:
             self.template = ChatTemplate(
                 source,
@@ -154,13 +156,15 @@ class LlamaModel:
             ids.extend(self.tokenize(text, parse_special=True))
         return ids
 
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None, prefix: str = ""
+    ) -> list[int]:
         """Render the chat template; template text may hold special tokens, message content never does."""
         try:
-            segments = render_segments(self.template.render, messages)
+            segments = render_segments(lambda msgs: self.template.render(msgs, tools), messages)
         except jinja2.TemplateError as exc:
             raise BadRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from None
         ids: list[int] = []
-        for is_user_text, text in segments:
+        for is_user_text, text in [*segments, (False, prefix)]:
             ids.extend(self.tokenize(text, parse_special=not is_user_text))
         return ids
