@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from pureapi.engines.llamacpp.state_files import StateFiles, StateMeta
+
 from ..conftest import ROOT, Server, start_server
 from ..sse import sse_events
 
@@ -186,8 +188,13 @@ def test_history_survives_a_restart(tmp_path: Path) -> None:
     r = requests.post(first.url + "/chat", json={"message": "My name is Ada.", "temperature": 0, "max_tokens": 16})
     assert r.status_code == 200
     assert first.stop("term") == 0
-    states = tmp_path / "sessions.kv"  # beside the database
-    assert len(list(states.rglob("*.kv"))) == 1  # the session's KV state, written at shutdown
+    (states,) = (tmp_path / "sessions.kv").iterdir()  # beside the database, one folder per model fingerprint
+
+    def saved() -> dict[str, StateMeta]:
+        return StateFiles(states, 1 << 40).index()
+
+    # The session's KV state was written at shutdown (beside the start-up check's short prompt, no session's).
+    (conversation,) = [meta for meta in saved().values() if meta.sessions == {"default"}]
     second = start_server([], db, tmp_path / "second.log")
     try:
         assert requests.get(second.url + "/status").json()["conversation_length"] == 2
@@ -196,11 +203,15 @@ def test_history_survives_a_restart(tmp_path: Path) -> None:
         )
         assert r.status_code == 200
         assert requests.get(second.url + "/status").json()["conversation_length"] == 4
-        assert list(states.rglob("*.kv")) == []  # restored into a slot, so the file was consumed
+        # Restored into a slot, so the file was consumed.
+        assert all(meta.tokens != conversation.tokens for meta in saved().values())
         assert requests.post(second.url + "/reset").status_code == 200
     finally:
         assert second.stop() == 0
-    assert list(states.rglob("*.kv")) == []  # reset: nothing of the conversation is written at shutdown
+    # Reset: nothing of the conversation is written at shutdown.
+    left = saved().values()
+    assert all(not meta.sessions and meta.tokens[: len(conversation.tokens)] != conversation.tokens for meta in left)
+    assert all(len(meta.tokens) < len(conversation.tokens) for meta in left)
 
 
 def test_start_api_sh_serves_and_passes_flags(tmp_path: Path) -> None:
