@@ -103,8 +103,49 @@ def test_models(fake: FakeApp) -> None:
     assert body["object"] == "list" and body["data"][0]["id"] == "fake-model"
 
 
-def test_unknown_fields_are_ignored(fake: FakeApp) -> None:
-    assert completion(fake, frequency_penalty=0.5, user="me", logit_bias={}).status_code == 200
+def test_harmless_fields_are_accepted_and_nulls_count_as_left_out(fake: FakeApp) -> None:
+    harmless = {
+        "user": "me",
+        "metadata": {"k": "v"},
+        "store": False,
+        "service_tier": "auto",
+        "prompt_cache_key": "k",
+        "safety_identifier": "s",
+        "logit_bias": {},
+        "modalities": ["text"],
+        "functions": None,  # an SDK that sends every field it knows, unset
+        "audio": None,
+    }
+    assert completion(fake, frequency_penalty=0.5, **harmless).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("frobnicate", 1),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("prediction", {"type": "content", "content": "x"}),
+        ("functions", [{"name": "f"}]),
+        ("web_search_options", {}),
+        ("reasoning_effort", "high"),
+        ("logit_bias", {"50256": -100}),
+        ("modalities", ["text", "audio"]),
+    ],
+)
+def test_every_other_field_is_a_400_naming_it(fake: FakeApp, field: str, value: object) -> None:
+    """Nothing is silently ignored: a client that asked for something not built hears so."""
+    r = completion(fake, **{field: value})
+    assert r.status_code == 400, r.get_data(as_text=True)
+    assert r.get_json()["error"]["param"].startswith(field)
+    assert field in r.get_json()["error"]["message"]
+
+
+def test_vllms_repetition_penalty_is_repeat_penalty(fake: FakeApp) -> None:
+    """A pureapi behind another pureapi's remote engine gets vLLM's name for it."""
+    assert completion(fake, repetition_penalty=1.2).status_code == 200
+    assert fake.engine.params[0].repeat_penalty == 1.2
+    r = completion(fake, repetition_penalty=1.2, repeat_penalty=1.1)
+    assert r.status_code == 400 and r.get_json()["error"]["param"] == "repetition_penalty"
 
 
 @pytest.mark.parametrize(

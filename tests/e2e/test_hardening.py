@@ -201,11 +201,19 @@ HOSTILE = [
     pytest.param("v1", json.dumps({**ok_body("v1"), "messages": [None]}).encode(), JSON, 400, "messages", id="v1-n"),
     pytest.param(
         "v1",
-        json.dumps({**ok_body("v1"), "messages": [{"role": "tool", "content": "x"}]}).encode(),
+        json.dumps({**ok_body("v1"), "messages": [{"role": "wizard", "content": "x"}]}).encode(),
         JSON,
         400,
         "role",
         id="v1-bad-role",
+    ),
+    pytest.param(
+        "v1",
+        json.dumps({**ok_body("v1"), "messages": [{"role": "tool", "content": "x", "tool_call_id": "c1"}]}).encode(),
+        JSON,
+        400,
+        "tool_call_id",
+        id="v1-tool-result-without-its-call",
     ),
     pytest.param(
         "v1",
@@ -326,13 +334,17 @@ def test_unknown_routes_and_methods(smol: Started) -> None:
     error_text(r, "v1")
 
 
-def test_unknown_fields_are_ignored_on_both_surfaces(smol: Started) -> None:
+def test_unknown_fields_are_ignored_by_the_seed_api_and_named_by_the_openai_api(smol: Started) -> None:
     url = smol.server.url
     extra = {"frobnicate": [1, {"x": None}], "user": "me", "logit_bias": {"1": 2}, "tools": [], "n_ctx": "big"}
     r = requests.post(url + "/chat", json={**ok_body("seed"), **extra, "session_id": "extra"}, timeout=120)
     assert r.status_code == 200 and r.json()["status"] == "success"
     requests.post(url + "/reset", json={"session_id": "extra", "unknown": True})
+    # The OpenAI API honours a field or names it in a 400: a client must not mistake "ignored" for "done".
     r = requests.post(url + "/v1/chat/completions", json={**ok_body("v1"), **extra, "frequency_penalty": 0.2})
+    assert r.status_code == 400 and r.json()["error"]["param"] in {"frobnicate", "logit_bias", "n_ctx"}
+    harmless = {"user": "me", "metadata": {"a": "b"}, "store": False, "logit_bias": {}, "tools": []}
+    r = requests.post(url + "/v1/chat/completions", json={**ok_body("v1"), **harmless, "frequency_penalty": 0.2})
     assert r.status_code == 200 and r.json()["object"] == "chat.completion"
 
 

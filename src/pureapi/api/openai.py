@@ -20,6 +20,7 @@ from pydantic import (
     StrictStr,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 from ..chat.streams import close_stream
@@ -146,9 +147,11 @@ class SamplingFields(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    """Body of POST /v1/chat/completions. Unknown fields are ignored (SDKs send extras)."""
+    """Body of POST /v1/chat/completions. A field not listed here is a 400 naming it, never ignored;
+    an unknown field sent as null counts as left out (some SDKs send every field they know)."""
 
-    model_config = ConfigDict(extra="ignore")
+    # The document says so too: any other property may only be null.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"additionalProperties": {"type": "null"}})
 
     model: StrictStr | None = Field(None, description="Ignored beyond echoing: one process serves one model.")
     messages: list[ChatMessage] = Field(min_length=1)
@@ -173,6 +176,44 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: StrictInt | None = Field(
         None, ge=0, le=MAX_TOP_LOGPROBS, description="The likeliest alternatives per token (needs logprobs)."
     )
+    repetition_penalty: StrictFloat | StrictInt | None = Field(
+        None, ge=0.5, le=2, allow_inf_nan=False, description="vLLM's name for repeat_penalty (one or the other)."
+    )
+    modalities: list[Literal["text"]] | None = Field(None, description='Only ["text"]: audio output is a 400.')
+    logit_bias: dict[str, Any] | None = Field(None, description="Not supported: a non-empty map is a 400.")
+    user: StrictStr | None = Field(None, description="Accepted and not used (OpenAI's end-user id).")
+    metadata: dict[str, Any] | None = Field(None, description="Accepted and not used (nothing is stored).")
+    store: StrictBool | None = Field(None, description="Accepted and not used: chat completions are never stored.")
+    service_tier: StrictStr | None = Field(None, description="Accepted and not used: there is one tier.")
+    prompt_cache_key: StrictStr | None = Field(
+        None, description="Accepted and not used: the KV cache is found by the prompt's tokens."
+    )
+    safety_identifier: StrictStr | None = Field(None, description="Accepted and not used.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k in cls.model_fields}
+        return data
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value:
+            raise ValueError("logit_bias is not supported; send an empty map or leave it out")
+        return value
+
+    @model_validator(mode="after")
+    def _one_repeat_penalty(self) -> ChatCompletionRequest:
+        if self.repetition_penalty is not None:
+            if "repeat_penalty" in self.model_fields_set:
+                raise BadRequest(
+                    "repetition_penalty: send repeat_penalty or repetition_penalty, not both",
+                    param="repetition_penalty",
+                )
+            self.repeat_penalty = self.repetition_penalty
+        return self
 
 
 class ResponseMessage(BaseModel):
@@ -297,12 +338,27 @@ def error_event(message: str) -> str:
     return sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
 
 
+def _check_tool_results(messages: list[Message]) -> None:
+    """Each tool message must answer a call an earlier assistant message made (as OpenAI requires)."""
+    calls: set[str] = set()
+    for i, m in enumerate(messages):
+        if m.role == "assistant":
+            calls.update(call.id for call in m.tool_calls)
+        elif m.role == "tool" and m.tool_call_id not in calls:
+            raise BadRequest(
+                f"messages.{i}.tool_call_id: a tool message must answer a call in an earlier assistant "
+                f"message's tool_calls ({m.tool_call_id!r} is none of them)",
+                param=f"messages.{i}.tool_call_id",
+            )
+
+
 @bp.post("/chat/completions")
 def chat_completions() -> Response:
     body = validate(ChatCompletionRequest, json_body())
     messages = [m.message() for m in body.messages]
     if messages[-1].role == "assistant":
         raise BadRequest("messages: the last message must not be from the assistant", param="messages")
+    _check_tool_results(messages)
     requested = body.max_completion_tokens or body.max_tokens
     if body.top_logprobs and not body.logprobs:
         raise BadRequest("top_logprobs: needs logprobs set to true", param="top_logprobs")
