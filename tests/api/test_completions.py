@@ -95,8 +95,8 @@ def test_mid_stream_failure_is_an_error_event_then_done(fake: FakeApp) -> None:
     [
         ({"echo": True}, "echo", "echo"),
         ({"suffix": "end"}, "suffix", "suffix"),
-        ({"logprobs": 0}, "logprobs", "logprobs"),
-        ({"logprobs": 5}, "logprobs", "logprobs"),
+        ({"logprobs": -1}, "logprobs", ""),
+        ({"logprobs": 21}, "logprobs", ""),
         ({"best_of": 2}, "best_of", ""),
         ({"n": 2}, "n", ""),
         ({"logit_bias": {"50256": -100}}, "logit_bias", "logit_bias"),
@@ -124,6 +124,24 @@ def test_unsupported_or_bad_fields_are_a_400_naming_them(
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert error["param"].split(".")[0] == param and words in error["message"]
     assert fake.engine.params == []  # nothing reached the engine
+
+
+def test_logprobs_in_openais_legacy_shape_streamed_and_not(fake: FakeApp) -> None:
+    fake.engine.enqueue("there was a cat")
+    body = complete(fake, logprobs=2).get_json()
+    lp = body["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["there ", "was ", "a ", "cat"] and len(lp["token_logprobs"]) == 4
+    assert all(v <= 0 for v in lp["token_logprobs"]) and all(len(top) == 2 for top in lp["top_logprobs"])
+    assert lp["text_offset"] == [0, 6, 10, 12]  # where each token starts in the completion's text
+    assert fake.engine.params[-1].logprobs == 2
+    fake.engine.enqueue("there was a cat")
+    events = [json.loads(d) for d in sse_data(complete(fake, logprobs=0, stream=True))[:-1]]
+    streamed = [e["choices"][0]["logprobs"] for e in events if e["choices"] and e["choices"][0]["text"]]
+    assert [t for lp in streamed for t in lp["tokens"]] == ["there ", "was ", "a ", "cat"]
+    assert [o for lp in streamed for o in lp["text_offset"]] == [0, 6, 10, 12]
+    assert all(top == {} for lp in streamed for top in lp["top_logprobs"])
+    fake.engine.enqueue("fine")
+    assert complete(fake).get_json()["choices"][0]["logprobs"] is None  # only when asked
 
 
 def test_the_defaults_of_refused_fields_are_accepted(fake: FakeApp) -> None:

@@ -62,6 +62,18 @@ def test_text_completions_with_the_openai_client(served: tuple[Server, Path, boo
         by_ids = client.completions.create(model="x", prompt=ids, max_tokens=8, **GREEDY)
         assert same(by_ids.choices[0].text, text, exact)
 
+        # Logprobs per token, in the legacy shape; greedy, so each token is its position's likeliest.
+        scored = client.completions.create(model="x", prompt=prompt, max_tokens=4, logprobs=3, **GREEDY)
+        lp = scored.choices[0].logprobs
+        assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs and lp.text_offset is not None
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == scored.usage.completion_tokens  # type: ignore[union-attr]
+        for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+            assert len(top) <= 3 and logprob <= 0 and max(top.values()) == pytest.approx(logprob, abs=1e-4), (
+                token,
+                top,
+            )
+        assert "".join(lp.tokens) == scored.choices[0].text
+
 
 def test_messages_with_the_anthropic_client(served: tuple[Server, Path, bool]) -> None:
     server, _, exact = served

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, StrictFloat, StrictInt, StrictStr, Valida
 from ..chat.sessions import SessionService
 from ..chat.streams import close_stream
 from ..errors import BadRequest, Cancelled, PureAPIError, UnsupportedMediaType
-from ..types import Chunk
+from ..types import Chunk, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,16 @@ def _chain(first: Chunk, rest: Iterator[Chunk]) -> Iterator[Chunk]:
         yield from rest
     finally:
         close_stream(rest)
+
+
+def collecting(chunks: Iterator[Chunk], tokens: list[TokenLogprob]) -> Iterator[Chunk]:
+    """The stream, adding each chunk's token logprobs to `tokens`; closing it closes the stream."""
+    try:
+        for chunk in chunks:
+            tokens.extend(chunk.logprobs or ())
+            yield chunk
+    finally:
+        close_stream(chunks)
 
 
 def drain(chunks: Iterator[Chunk]) -> tuple[str, Chunk]:

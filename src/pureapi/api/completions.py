@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 from flask import Blueprint, Response, jsonify
@@ -13,9 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from ..chat.sessions import fit_prompt
 from ..engines.base import Engine
 from ..errors import BadRequest
-from ..types import Chunk
-from .common import MaxTokens, drain, json_body, primed, relay, sessions, sse, sse_response, validate
+from ..types import Chunk, TokenLogprob
+from .common import MaxTokens, collecting, drain, json_body, primed, relay, sessions, sse, sse_response, validate
 from .openai import SamplingFields, StreamOptions, Usage, dump, error_event
+from .openai_output import MAX_TOP_LOGPROBS
 
 bp = Blueprint("completions", __name__, url_prefix="/v1")
 
@@ -41,7 +44,9 @@ class CompletionRequest(SamplingFields):
     # Refused rather than ignored until they are built.
     echo: StrictBool = Field(False, description="Not supported: true is a 400.")
     suffix: StrictStr | None = Field(None, description="Not supported (no fill-in-the-middle): text is a 400.")
-    logprobs: StrictInt | None = Field(None, description="Not supported yet: any value is a 400.")
+    logprobs: StrictInt | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="Return each token's log-probability and this many alternatives."
+    )
     logit_bias: dict[str, Any] | None = Field(None, description="Not supported: a non-empty map is a 400.")
 
     @field_validator("prompt")
@@ -69,13 +74,6 @@ class CompletionRequest(SamplingFields):
             raise ValueError("suffix (fill in the middle) is not supported; leave it out")
         return value
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: int | None) -> int | None:
-        if value is not None:
-            raise ValueError("logprobs are not supported yet; leave it out")
-        return value
-
     @field_validator("logit_bias")
     @classmethod
     def _no_logit_bias(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -98,12 +96,32 @@ class CompletionRequest(SamplingFields):
         return list(prompt)
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy per-token logprobs: the raw model's log-softmax, before penalties and temperature."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] = Field(description="Per token, the likeliest alternatives: token -> logprob.")
+    text_offset: list[int] = Field(description="Each token's character offset in the completion's text.")
+
+    @classmethod
+    def of(cls, tokens: Sequence[TokenLogprob], start: int = 0) -> CompletionLogprobs:
+        """The logprobs of these tokens, the first starting at character `start` of the completion."""
+        offsets = list(itertools.accumulate((len(t.token) for t in tokens[:-1]), initial=start)) if tokens else []
+        return cls(
+            tokens=[t.token for t in tokens],
+            token_logprobs=[t.logprob for t in tokens],
+            top_logprobs=[{c.token: c.logprob for c in t.top} for t in tokens],
+            text_offset=offsets,
+        )
+
+
 class CompletionChoice(BaseModel):
     """The one choice of a text completion (n is always 1); streamed, finish_reason comes last."""
 
     text: str
     index: int = 0
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = Field(None, description="Present when the request set logprobs.")
     finish_reason: str | None = Field(
         description="stop (end of text or a stop string) or length (max_tokens or the context); null until the end."
     )
@@ -136,20 +154,28 @@ def completions() -> Response:
     def prompt(engine: Engine, budget: int) -> list[int]:
         return fit_prompt(body.prompt_ids(engine), engine.context_length, budget, "prompt")
 
-    stream = primed(service.stateless_prompt(prompt, body.sampling(body.max_tokens or 1), fill=fill))
+    params = replace(body.sampling(body.max_tokens or 1), logprobs=body.logprobs)
+    stream = primed(service.stateless_prompt(prompt, params, fill=fill))
     meta: dict[str, Any] = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(_stream(meta, stream, include_usage))
-    text, last = drain(stream)
-    choice = CompletionChoice(text=text, finish_reason=last.finish_reason or "stop")
+        return sse_response(_stream(meta, stream, include_usage, body.logprobs is not None))
+    tokens: list[TokenLogprob] = []
+    text, last = drain(collecting(stream, tokens))
+    logprobs = CompletionLogprobs.of(tokens) if body.logprobs is not None else None
+    choice = CompletionChoice(text=text, logprobs=logprobs, finish_reason=last.finish_reason or "stop")
     return jsonify(dump(Completion(**meta, choices=[choice], usage=Usage.of(last))))
 
 
-def _stream(meta: dict[str, Any], chunks: Iterator[Chunk], include_usage: bool) -> Iterator[str]:
+def _stream(meta: dict[str, Any], chunks: Iterator[Chunk], include_usage: bool, logprobs: bool) -> Iterator[str]:
+    offset = 0  # characters of the completion sent so far, where the next chunk's tokens start
+
     def events(chunk: Chunk) -> Iterator[str]:
-        if chunk.text or chunk.finish_reason is not None:
-            choice = CompletionChoice(text=chunk.text, finish_reason=chunk.finish_reason)
+        nonlocal offset
+        if chunk.text or chunk.logprobs or chunk.finish_reason is not None:
+            lp = CompletionLogprobs.of(chunk.logprobs or [], offset) if logprobs else None
+            offset += sum(len(t.token) for t in chunk.logprobs or ())
+            choice = CompletionChoice(text=chunk.text, logprobs=lp, finish_reason=chunk.finish_reason)
             yield sse(dump(Completion(**meta, choices=[choice])))
         if chunk.finish_reason is not None and include_usage:
             yield sse(dump(Completion(**meta, choices=[], usage=Usage.of(chunk))))

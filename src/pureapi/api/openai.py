@@ -23,7 +23,6 @@ from pydantic import (
     model_validator,
 )
 
-from ..chat.streams import close_stream
 from ..errors import BadRequest
 from ..types import Chunk, Message, SamplingParams, ToolCall
 from ..types import TokenLogprob as TokenLogprobData
@@ -34,6 +33,7 @@ from .common import (
     Seed,
     Temperature,
     TopP,
+    collecting,
     drain,
     json_body,
     primed,
@@ -388,7 +388,7 @@ def chat_completions() -> Response:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(_stream(meta, stream, include_usage, logprobs is not None, plan))
     tokens: list[TokenLogprobData] = []
-    text, last = drain(_collecting(stream, tokens))
+    text, last = drain(collecting(stream, tokens))
     content, calls = parse_reply(plan, text)
     choice = Choice(
         message=ResponseMessage(content=content, tool_calls=[MessageToolCall.of(c) for c in calls] or None),
@@ -397,16 +397,6 @@ def chat_completions() -> Response:
     )
     completion = ChatCompletion(**meta, choices=[choice], usage=Usage.of(last))
     return jsonify(dump(completion))
-
-
-def _collecting(chunks: Iterator[Chunk], tokens: list[TokenLogprobData]) -> Iterator[Chunk]:
-    """The stream, adding each chunk's token logprobs to `tokens`; closing it closes the stream."""
-    try:
-        for chunk in chunks:
-            tokens.extend(chunk.logprobs or ())
-            yield chunk
-    finally:
-        close_stream(chunks)
 
 
 def _finish(reason: str | None, called: bool) -> str:
