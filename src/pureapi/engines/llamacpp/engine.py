@@ -63,7 +63,7 @@ from ..base import Engine, model_fingerprint
 from ..jobs import Job, JobQueue
 from .batch import Batch, plan_step
 from .model import LlamaModel
-from .prompt_cache import PromptCache
+from .prompt_cache import Found, PromptCache
 from .sampling import grammar_of, log_softmax, make_sampler, token_logprob
 from .slots import MIN_COPIED_TOKENS, Slot, choose_slot, common_prefix, compaction_swap
 from .state_files import StateFiles
@@ -112,10 +112,9 @@ class LlamaCppEngine(Engine):
         self._mem = llc.llama_get_memory(ctx)
         self.n_ctx = int(llc.llama_n_ctx(ctx))
         self.context_length = int(llc.llama_n_ctx_seq(ctx))
-        self.vocab_size = model.n_vocab
+        self.vocab_size: int = model.n_vocab
         self._memory = file_size + self.n_ctx * model.kv_bytes_per_token()
         self._batch = Batch(llc, n_batch)
-        self._n_vocab = self.vocab_size
         self._opening = model.turn_opening()[: n_batch // 2]
         self._slots = [Slot(i) for i in range(int(llc.llama_n_seq_max(ctx)))]
         self.slots = len(self._slots)  # generations that run at once, for the server's admission cap
@@ -339,7 +338,7 @@ class LlamaCppEngine(Engine):
             saved = min(found.common, len(prompt) - 1) if found is not None else 0
             slot = choose_slot(free, self._slots, prompt, job.session, scope, saved)
             try:
-                self._start(slot, job)
+                self._start(slot, job, found)
             except PureAPIError as exc:  # the request's own fault (llama.cpp refused its grammar)
                 job.fail(exc)
                 self._release(slot)  # nothing was decoded: the slot's KV still matches `cached`
@@ -349,13 +348,14 @@ class LlamaCppEngine(Engine):
                 self._wipe(slot)
                 self._release(slot)
 
-    def _start(self, slot: Slot, job: Job) -> None:
+    def _start(self, slot: Slot, job: Job, found: Found | None) -> None:
+        """Put the job into the slot; `found` is the saved state admission found for its prompt."""
         llc, prompt, session, scope = self._llc, job.request.prompt_ids, job.session, job.request.cache_scope
         # Keep the KV of the common prefix, but always re-decode the last prompt token for its logits.
         keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1) if slot.scope == scope else 0
         # What the slot is about to lose is saved first, found later by its tokens (before the trim below).
         self._save(slot, len(slot.cached) - keep)
-        restored = self._restore(slot, prompt, scope, keep)
+        restored = self._restore(slot, found, prompt, keep)
         copied = not restored and self._copy_prefix(slot, prompt, scope, keep)
         if restored or copied:
             keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1)
@@ -443,16 +443,15 @@ class LlamaCppEngine(Engine):
                     entries.append(cache.entry(list(slot.cached), buf, slot.scope, slot.session_id))
         cache.persist(entries)
 
-    def _restore(self, slot: Slot, prompt: Sequence[int], scope: str, keep: int) -> bool:
+    def _restore(self, slot: Slot, found: Found | None, prompt: Sequence[int], keep: int) -> bool:
         """Put the saved state sharing the longest prefix with the prompt into the slot, if it beats `keep`.
 
         A state the prompt uses whole leaves the cache (the slot holds it now, and saves it again,
         longer, when it is next taken); one the prompt shares only part of stays for its own
         conversation, and the slot keeps a trimmed copy.
         """
-        if not self.prompt_cache.enabled:
-            return False
-        found = self.prompt_cache.find(prompt, scope)
+        # Found before _save ran: the slot's own state shares at most `keep` tokens, so it cannot beat
+        # the found one, and an entry that moved to disk since is read from there by its key.
         if found is None or min(found.common, len(prompt) - 1) <= keep:
             return False
         buf = self.prompt_cache.read(found, take=found.common >= len(found.tokens))
@@ -547,7 +546,9 @@ class LlamaCppEngine(Engine):
                 top = slot.job.request.params.logprobs if slot.job is not None else None
                 # Read before sampling: the raw distribution, and only for requests that ask for it.
                 dist = (
-                    None if top is None else log_softmax(self._llc.llama_get_logits_ith(self._ctx, out), self._n_vocab)
+                    None
+                    if top is None
+                    else log_softmax(self._llc.llama_get_logits_ith(self._ctx, out), self.vocab_size)
                 )
                 token = slot.sampler.sample(self._ctx, out)
                 lp = None if dist is None or top is None else token_logprob(dist, token, top, self.model.piece)
