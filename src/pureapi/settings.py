@@ -91,6 +91,13 @@ class Settings(BaseModel):
         "--ctx-size window of KV cache. Default: min(4, --threads). Remote engine: generations sent upstream at "
         "once (default 16).",
     )
+    max_batch_size: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="transformers engine: generations decoded together in one continuous batch (transformers' "
+        "paged-attention manager, with prefix reuse); 1: one at a time with generate, no KV kept between requests.",
+    )
     cpu_threads: int | None = Field(
         None, ge=1, le=1024, description="llama.cpp engine: CPU threads that compute. Default: the number of cores."
     )
@@ -106,7 +113,8 @@ class Settings(BaseModel):
         description="llama.cpp engine: MiB of RAM for the KV states of conversations whose slot another prompt "
         "took, found again by their tokens, so that the next turn (a session's, or a stateless client's that "
         "resends the history) is restored instead of prefilled again (least recently used dropped first); "
-        "0 disables.",
+        "0 disables. transformers engine on CPU: MiB of paged KV cache beyond the running batch's "
+        "(--max-batch-size x 1024 tokens), where finished requests' pages stay to be reused by content.",
     )
     kv_disk_mb: int = Field(
         1024,

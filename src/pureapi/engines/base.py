@@ -120,19 +120,23 @@ class QueuedEngine(Engine):
 
     def _loop(self) -> None:
         while (job := self._jobs.take()) is not None:
+            self._serve(job)
+
+    def _serve(self, job: Job) -> None:
+        """Run one job to its end, turning any failure into the job's error (the worker survives it)."""
+        if job.request.cancel.is_set():
+            job.fail(Cancelled("cancelled before it started"))
+            return
+        try:
+            self._run(job)
             if job.request.cancel.is_set():
-                job.fail(Cancelled("cancelled before it started"))
-                continue
-            try:
-                self._run(job)
-                if job.request.cancel.is_set():
-                    # Cancelled by someone other than its reader (shutdown, reset): end its stream.
-                    job.fail(Cancelled("generation cancelled"))
-            except PureAPIError as exc:
-                job.fail(exc)
-            except Exception as exc:  # the worker must survive any one bad generation
-                log.exception("generation failed")
-                job.fail(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+                # Cancelled by someone other than its reader (shutdown, reset): end its stream.
+                job.fail(Cancelled("generation cancelled"))
+        except PureAPIError as exc:
+            job.fail(exc)
+        except Exception as exc:  # the worker must survive any one bad generation
+            log.exception("generation failed")
+            job.fail(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
 
     @abstractmethod
     def _run(self, job: Job) -> None:

@@ -92,3 +92,41 @@ class RawLogprobs:
         best = [entry(int(t)) for t in torch.topk(self.last, top).indices] if top > 0 else []
         own = entry(token)
         return TokenLogprob(own.token, own.logprob, own.bytes, best)
+
+
+class SeededSampler:
+    """Samples from the warped distribution with the request's own torch.Generator and leaves only that token.
+
+    `generate` samples from torch's global generator, which a batch running beside it draws from too,
+    so a seed set there would not repeat. With this last in the list, `generate` runs greedy and takes
+    the one token left; the warpers are generate's own, in its order.
+    """
+
+    def __init__(self, seed: int, temperature: float, top_k: int, top_p: float, min_p: float, device: Any):
+        import torch
+        from transformers import (
+            LogitsProcessorList,
+            MinPLogitsWarper,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        warpers: list[Any] = []
+        if temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k > 0:
+            warpers.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
+        if min_p > 0:
+            warpers.append(MinPLogitsWarper(min_p))
+        self.warpers = LogitsProcessorList(warpers)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        probs = torch.softmax(self.warpers(input_ids, scores).float(), dim=-1)
+        choice = torch.multinomial(probs, num_samples=1, generator=self.generator)
+        return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)

@@ -22,6 +22,8 @@ def _transformers(settings: Settings, model: ResolvedModel) -> Engine:
         ctx_size=settings.ctx_size,
         max_queue=settings.max_queue,
         cache_dir=settings.weights_cache_dir(),
+        max_batch_size=settings.max_batch_size,
+        kv_cache_mb=settings.kv_cache_mb,
     )
 
 

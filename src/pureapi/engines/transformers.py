@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
 import tempfile
 import threading
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelLoadError
+from ..errors import Cancelled, ModelLoadError
 from ..models.resolve import CPU_CONTEXT_CAP, ResolvedModel
 from ..tools import detect_format
 from ..types import Chunk, GenerationRequest, Message, TokenLogprob
@@ -42,11 +43,26 @@ def pick_device(device: str) -> str:
 
 
 class TransformersEngine(QueuedEngine):
-    """Runs a transformers causal LM on one worker thread."""
+    """Runs a transformers causal LM: continuously batched (max_batch_size > 1) or one generation at a time.
+
+    Batched, the worker thread only admits jobs: the ones transformers' ContinuousBatchingManager can
+    sample (hf_batching.batchable) join its running batch, the others (seeds, penalties, min_p, JSON
+    schemas, logprobs) go one at a time to `generate` on a second thread, the batch held meanwhile.
+    """
 
     name = "transformers"
 
-    def __init__(self, model: Any, tokenizer: Any, model_name: str, device: str, context_length: int, max_queue: int):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        model_name: str,
+        device: str,
+        context_length: int,
+        max_queue: int,
+        max_batch_size: int = 1,
+        kv_cache_mb: int = 256,
+    ):
         super().__init__(max_queue=max_queue)
         self.model = model
         self.tokenizer = tokenizer
@@ -63,7 +79,8 @@ class TransformersEngine(QueuedEngine):
         gen_eos = model.generation_config.eos_token_id
         ends |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.end_ids = sorted(i for i in ends if i is not None)
-        self.stats: dict[str, int] = {"generated_tokens": 0}  # for tests; written only by the worker
+        self.stats: dict[str, int] = {"generated_tokens": 0}  # for tests
+        self._stats_lock = threading.Lock()
         # Structured output: llguidance's tokenizer (built on first use) and compiled grammars by schema.
         # Guards both: request threads compile (a bad schema is a 400 before queueing), the worker reads.
         self._grammar_lock = threading.Lock()
@@ -71,6 +88,25 @@ class TransformersEngine(QueuedEngine):
         self._grammars: OrderedDict[str, str] = OrderedDict()
         self._token_bytes: dict[int, bytes] = {}  # token -> its bytes, for logprobs; a benign race fills it
         self._byte_decoder = _byte_decoder(tokenizer)
+        self.slots = max_batch_size
+        self._batcher: Any = None
+        self._one_at_a_time: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._solo: threading.Thread | None = None
+        if max_batch_size > 1:
+            from .hf_batching import Batcher
+
+            self._batcher = Batcher(
+                model,
+                self.end_ids,
+                self.vocab_size,
+                lambda job: _Streamer(self.tokenizer, job, set(self.end_ids)),
+                max_batch_size,
+                context_length,
+                self._count_generated,
+                kv_cache_mb,
+            )
+            self._solo = threading.Thread(target=self._solo_loop, name="transformers-solo", daemon=True)
+            self._solo.start()
         self.start()
 
     @classmethod
@@ -81,6 +117,8 @@ class TransformersEngine(QueuedEngine):
         ctx_size: int | None = None,
         max_queue: int = 64,
         cache_dir: Path | None = None,
+        max_batch_size: int = 1,
+        kv_cache_mb: int = 256,
     ) -> TransformersEngine:
         """Load weights (converting a GGUF once into a cached safetensors folder) onto the device."""
         import torch
@@ -119,7 +157,7 @@ class TransformersEngine(QueuedEngine):
             limit = min(limit, ctx_size)
         elif device == "cpu":
             limit = min(limit, CPU_CONTEXT_CAP)
-        return cls(model, tokenizer, resolved.name, device, limit, max_queue)
+        return cls(model, tokenizer, resolved.name, device, limit, max_queue, max_batch_size, kv_cache_mb)
 
     def encode_chat(
         self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None, prefix: str = ""
@@ -174,6 +212,56 @@ class TransformersEngine(QueuedEngine):
             self._token_bytes[token] = data
         return data
 
+    def _count_generated(self, tokens: int) -> None:
+        with self._stats_lock:
+            self.stats["generated_tokens"] += tokens
+
+    def ready(self) -> bool:
+        return super().ready() and (self._batcher is None or self._batcher.alive())
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "max_batch_size": self.slots}
+
+    def _loop(self) -> None:
+        if self._batcher is None:
+            super()._loop()
+            return
+        from .hf_batching import batchable
+
+        while (job := self._jobs.take()) is not None:
+            if job.request.cancel.is_set():
+                job.fail(Cancelled("cancelled before it started"))
+            elif batchable(job.request.params):
+                self._batcher.submit(job)  # waits while the batch is full
+            else:
+                self._one_at_a_time.put(job)
+
+    def _solo_loop(self) -> None:
+        """Serve the jobs the batch cannot sample, one at a time with `generate`, the batch held meanwhile."""
+        while (job := self._one_at_a_time.get()) is not None:
+            with self._batcher.paused():
+                self._serve(job)
+
+    def close(self) -> None:
+        if self._batcher is None:
+            super().close()
+            return
+        self._jobs.close()  # fails what waits; the worker exits once its current admission returns
+        self._batcher.close()  # ends every running stream; an admission waiting for room gives up
+        if self._worker is not None:
+            self._worker.join(timeout=10)
+        while True:  # jobs handed over but not started end like the queue's waiting ones
+            try:
+                job = self._one_at_a_time.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.request.cancel.set()
+                job.fail(Cancelled("server shutting down"))
+        self._one_at_a_time.put(None)
+        if self._solo is not None:
+            self._solo.join(timeout=10)
+
     def memory_allocated(self) -> int:
         import torch
 
@@ -190,7 +278,7 @@ class TransformersEngine(QueuedEngine):
             StoppingCriteriaList,
         )
 
-        from .hf_sampling import JsonGrammar, RawLogprobs
+        from .hf_sampling import JsonGrammar, RawLogprobs, SeededSampler
 
         req: GenerationRequest = job.request
         p = req.params
@@ -216,10 +304,11 @@ class TransformersEngine(QueuedEngine):
             processors.append(_OpenAIPenalties(len(req.prompt_ids), p.presence_penalty, p.frequency_penalty))
         if p.json_schema is not None:
             processors.append(JsonGrammar(*self._grammar(p.json_schema), prompt_len=len(req.prompt_ids)))
+        if p.temperature > 0 and p.seed is not None:
+            processors.append(SeededSampler(p.seed, p.temperature, p.top_k, p.top_p, p.min_p, self.model.device))
+            sampling = {"do_sample": False}
         if processors:
             sampling["logits_processor"] = LogitsProcessorList(processors)
-        if p.seed is not None:
-            torch.manual_seed(p.seed)
         try:
             with torch.inference_mode():
                 self.model.generate(
@@ -233,7 +322,7 @@ class TransformersEngine(QueuedEngine):
                     **sampling,
                 )
         finally:
-            self.stats["generated_tokens"] += streamer.count
+            self._count_generated(streamer.count)
         if req.cancel.is_set():
             return
         streamer.flush()
@@ -278,7 +367,11 @@ class _Streamer:
         if not self._prompt_seen:  # generate first hands us the prompt
             self._prompt_seen = True
             return
-        for tok in value.reshape(-1).tolist():
+        self.feed(value.reshape(-1).tolist())
+
+    def feed(self, tokens: list[int]) -> None:
+        """Take newly generated token ids (what the batch manager hands over)."""
+        for tok in tokens:
             if self.ended:
                 return
             if tok in self.end_ids:
