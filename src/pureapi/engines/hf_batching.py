@@ -12,7 +12,8 @@ This module adds what a server needs around it:
   overload is still a 503 at once;
 - sampling processors with fast paths: transformers' per-request top-k and top-p sort the whole
   vocabulary for every row at every step, which on a CPU costs more than the model's forward
-  pass for a small model; these sort only when some row asks for it, and top-k uses `topk`.
+  pass for a small model; these sort only when some row asks for it, top-k uses `topk`, and the
+  draw is done only for the rows that sample (greedy rows are the runner's argmax).
 
 Only temperature, top-k and top-p are per request in the manager; `batchable` says which
 requests it can serve, the engine runs the others one at a time with `generate`.
@@ -31,6 +32,7 @@ import torch
 from transformers import GenerationConfig, TopKLogitsWarper, TopPLogitsWarper
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingTemperatureLogitsWarper,
     ContinuousBatchingTopKLogitsWarper,
     ContinuousBatchingTopPLogitsWarper,
 )
@@ -59,11 +61,12 @@ def batchable(params: SamplingParams) -> bool:
 
 
 def sampling_kwargs(params: SamplingParams, vocab_size: int) -> dict[str, Any]:
-    """The manager's per-request processor arguments; greedy is top-k 1 (the manager samples every row)."""
+    """The manager's per-request processor arguments. A greedy row is top-p 0 with nothing else to do: `_TopP`
+    draws only for rows with top-p above 0 and the runner takes the argmax of every row."""
     if params.temperature <= 0:
-        return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+        return {"temperature": 1.0, "top_k": vocab_size, "top_p": 0.0}
     top_k = params.top_k if 0 < params.top_k < vocab_size else vocab_size
-    return {"temperature": float(params.temperature), "top_k": int(top_k), "top_p": float(params.top_p)}
+    return {"temperature": float(params.temperature), "top_k": int(top_k), "top_p": max(float(params.top_p), 1e-6)}
 
 
 def cpu_pages(model: Any, max_batch: int, context_length: int, reuse_mb: int) -> int:
@@ -95,13 +98,25 @@ class _TopK(ContinuousBatchingTopKLogitsWarper):
 
 
 class _TopP(ContinuousBatchingTopPLogitsWarper):
-    """Per-row top-p that skips the sort when no row asks for nucleus filtering."""
+    """Per-row top-p, then the draw for the rows that sample, leaving only the drawn token's logit finite.
+
+    The manager's runner then takes the argmax of every row (the Batcher turns its `do_sample` off):
+    greedy rows (top-p 0) cost nothing here, and a batch of greedy requests never computes a softmax
+    over the vocabulary. The sort is skipped when no sampling row filters.
+    """
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         top_p = tensor_arg[: scores.size(0)].view(dtype=torch.float32)
-        if bool((top_p >= 1.0).all()):
+        sampling = top_p > 0
+        if not bool(sampling.any()):
             return scores
-        return super().__call__(scores, tensor_arg)
+        if bool((top_p[sampling] < 1.0).any()):
+            scores = super().__call__(scores, tensor_arg)  # top-p 0 keeps a greedy row's best token only
+        probs = torch.softmax(scores[sampling].float(), dim=-1)
+        drawn = torch.multinomial(probs, num_samples=1)
+        scores = scores.clone()
+        scores[sampling] = torch.full_like(probs, float("-inf")).scatter_(1, drawn, 0.0).to(scores.dtype)
+        return scores
 
 
 def _fast(processor: Any) -> Any:
@@ -169,10 +184,20 @@ class Batcher:
         self._closed = threading.Event()
         self._new: queue.SimpleQueue[tuple[str, _Running]] = queue.SimpleQueue()
         self.manager.warmup()  # creates the batch processor (and its cache) here, so the lookup can be counted
+        # The draw happens in _TopP; the runner only takes each row's argmax (see _TopP).
+        self.manager.batch_processor.model_runner.do_sample = False
+        self._check_processor_order(processors)
         self._count_prefix_matches()
         self.manager.start()
         self._dispatcher = threading.Thread(target=self._dispatch, name="transformers-batch", daemon=True)
         self._dispatcher.start()
+
+    @staticmethod
+    def _check_processor_order(processors: list[Any]) -> None:
+        """The draw in _TopP must come after temperature and top-k: transformers' order, checked, not assumed."""
+        kinds = [type(p) for p in processors]
+        if kinds != [ContinuousBatchingTemperatureLogitsWarper, _TopK, _TopP]:
+            raise RuntimeError(f"unexpected continuous batching processors: {kinds}")
 
     def _count_prefix_matches(self) -> None:
         """Record how many prompt tokens each request took from cached pages (OpenAI's cached_tokens)."""
