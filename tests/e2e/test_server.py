@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -292,7 +293,26 @@ def test_the_transformers_engine_serves_the_same_api(tmp_path: Path) -> None:
         client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         messages = [{"role": "user", "content": "List three colors."}]
         stream = client.chat.completions.create(model="x", messages=messages, max_tokens=16, temperature=0, stream=True)  # type: ignore[arg-type]
-        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip()
+        reply = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert reply.strip()
+        # Batched by default: four clients at once, each resending a history whose pages are cached.
+        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And three animals?"}]
+        with ThreadPoolExecutor(4) as pool:
+            turns = list(
+                pool.map(
+                    lambda _: client.chat.completions.create(
+                        model="x",
+                        messages=messages,  # type: ignore[arg-type]
+                        max_tokens=12,
+                        temperature=0,
+                    ),
+                    range(4),
+                )
+            )
+        for t in turns:
+            assert t.choices[0].message.content
+            assert t.usage is not None and t.usage.prompt_tokens_details is not None
+            assert 0 < (t.usage.prompt_tokens_details.cached_tokens or 0) < t.usage.prompt_tokens
     finally:
         assert server.stop() == 0
 
