@@ -180,9 +180,11 @@ class Batcher:
         self._matched: dict[str, int] = {}  # request id -> prompt tokens whose KV came from cached pages
         self._running: dict[str, _Running] = {}  # only the dispatcher thread touches it after submit
         self.peak = 0  # the most jobs that ran at once (tests and benchmarks read it)
-        self._slots = threading.BoundedSemaphore(max_batch)
+        # Not bounded: when the manager dies, a refused job may be released twice; capacity no longer matters then.
+        self._slots = threading.Semaphore(max_batch)
         self._closed = threading.Event()
-        self._new: queue.SimpleQueue[tuple[str, _Running]] = queue.SimpleQueue()
+        # Jobs handed to the manager, for the dispatcher (None: the manager refused it, forget the id).
+        self._new: queue.SimpleQueue[tuple[str, _Running | None]] = queue.SimpleQueue()
         self.manager.warmup()  # creates the batch processor (and its cache) here, so the lookup can be counted
         # The draw happens in _TopP; the runner only takes each row's argmax (see _TopP).
         self.manager.batch_processor.model_runner.do_sample = False
@@ -257,6 +259,7 @@ class Batcher:
             **sampling_kwargs(req.params, self.vocab_size),
         )
         if added is None:  # the manager refuses new requests: it has stopped
+            self._new.put((request_id, None))
             self._slots.release()
             job.fail(EngineError("the batch generation loop has stopped"))
 
@@ -268,13 +271,7 @@ class Batcher:
                 out = outputs.get(timeout=0.05)
             except queue.Empty:
                 out = None
-            while True:  # jobs submitted since the last pass
-                try:
-                    request_id, running = self._new.get_nowait()
-                except queue.Empty:
-                    break
-                self._running[request_id] = running
-                self.peak = max(self.peak, len(self._running))
+            self._take_new()
             if out is not None:
                 self._deliver(out)
             for request_id, running in list(self._running.items()):
@@ -287,6 +284,19 @@ class Batcher:
                 for request_id, running in list(self._running.items()):
                     self._end(request_id)
                     running.job.fail(EngineError(f"the batch generation loop stopped: {error}"))
+
+    def _take_new(self) -> None:
+        """Track the jobs submitted since the last pass."""
+        while True:
+            try:
+                request_id, running = self._new.get_nowait()
+            except queue.Empty:
+                return
+            if running is None:
+                self._running.pop(request_id, None)  # refused: its slot and its stream are already done with
+            else:
+                self._running[request_id] = running
+                self.peak = max(self.peak, len(self._running))
 
     def _deliver(self, out: Any) -> None:
         running = self._running.get(out.request_id)
@@ -318,12 +328,7 @@ class Batcher:
         """End every running stream and stop the manager's thread."""
         self._closed.set()
         self._dispatcher.join(timeout=10)
-        while True:
-            try:
-                request_id, running = self._new.get_nowait()
-            except queue.Empty:
-                break
-            self._running[request_id] = running
+        self._take_new()
         for request_id, running in list(self._running.items()):
             self._end(request_id)
             running.job.request.cancel.set()
