@@ -41,14 +41,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from . import loadgen, roundrobin
-from .run import ROOT, free_port, median_of, model_path, peak_rss_mb, wait_ready
+from .run import ROOT, free_port, median_of, model_path, peak_rss_mb, stop_server, wait_ready
 
 BATCH = 8
 MAX_QUEUE = 32  # room for 8+ waiting clients on the one-at-a-time server
@@ -102,45 +101,6 @@ def single_stream(base: str, max_tokens: int, repeats: int, extra: dict[str, Any
     }
 
 
-class RoundRobin(roundrobin.Load):
-    """roundrobin.py's `openai` load with its size as parameters and extra request fields."""
-
-    def __init__(self, conversations: int, clients: int, max_tokens: int, extra: dict[str, Any] | None):
-        super().__init__("openai")
-        self.conversations, self.clients, self.max_tokens, self.extra = conversations, clients, max_tokens, extra
-        self.histories = [[] for _ in range(conversations)]
-
-    def turn(self, base: str, c: int, turn: int) -> None:
-        question = f"Tell me one more thing about {roundrobin.TOPICS[c % len(roundrobin.TOPICS)]} (point {turn + 1})."
-        self.histories[c].append({"role": "user", "content": question})
-        r = loadgen.stream_chat(base, self.histories[c], self.max_tokens, self.extra)
-        with self._lock:
-            if not r.ok:
-                self.failures += 1
-                self.histories[c].pop()
-                return
-            self.histories[c].append({"role": "assistant", "content": r.text})
-            self.tokens += r.completion_tokens
-            self.ttft.setdefault(turn, []).append(r.ttft)
-            self.prompt.setdefault(turn, []).append(r.prompt_tokens)
-            if r.prompt_computed is not None:
-                self.computed.setdefault(turn, []).append(r.prompt_computed)
-
-    def run(self, base: str, turns: range) -> None:
-        def client(i: int) -> None:
-            for turn in turns:
-                for c in range(i, self.conversations, self.clients):
-                    self.turn(base, c, turn)
-
-        started = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(self.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        self.seconds += time.perf_counter() - started
-
-
 def plan(quick: bool) -> dict[str, Any]:
     """The measurement sizes."""
     return {
@@ -181,7 +141,7 @@ def bench_server(
                 for c in sizes["clients"]
             ]
             rr = sizes["roundrobin"]
-            load = RoundRobin(rr["conversations"], rr["clients"], rr["max_tokens"], extra)
+            load = roundrobin.Load("openai", rr["conversations"], rr["clients"], rr["max_tokens"], extra)
             load.run(url, range(rr["turns"]))
             result["roundrobin"] = load.report()
             result["peak_rss_mb"] = peak_rss_mb(proc.pid)
@@ -190,12 +150,7 @@ def bench_server(
             tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
             return {"error": f"{type(exc).__name__}: {exc}", "log_tail": tail}
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_server(proc)
 
 
 def bare_generate(folder: Path, max_tokens: int) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from typing import Any
 import requests
 
 from . import loadgen
-from .run import ROOT, free_port, median_of, model_path, peak_rss_mb, wait_ready
+from .run import ROOT, free_port, median_of, model_path, peak_rss_mb, stop_server, wait_ready
 
 SLOTS = 4
 CLIENTS = 4
@@ -94,9 +94,17 @@ def stream_session_chat(base: str, session: str, message: str, max_tokens: int) 
 class Load:
     """The conversations' state across calls, so that a restart can sit between two runs of turns."""
 
-    def __init__(self, surface: str):
+    def __init__(
+        self,
+        surface: str,
+        conversations: int = CONVERSATIONS,
+        clients: int = CLIENTS,
+        max_tokens: int = MAX_TOKENS,
+        extra: dict[str, Any] | None = None,  # request fields a server needs (transformers serve: its model)
+    ):
         self.surface = surface
-        self.histories: list[list[dict[str, str]]] = [[] for _ in range(CONVERSATIONS)]
+        self.conversations, self.clients, self.max_tokens, self.extra = conversations, clients, max_tokens, extra
+        self.histories: list[list[dict[str, str]]] = [[] for _ in range(conversations)]
         self.ttft: dict[int, list[float]] = {}
         self.computed: dict[int, list[int]] = {}
         self.prompt: dict[int, list[int]] = {}
@@ -106,12 +114,12 @@ class Load:
         self._lock = threading.Lock()  # guards the figures, written by the client threads
 
     def turn(self, base: str, c: int, turn: int) -> None:
-        question = f"Tell me one more thing about {TOPICS[c]} (point {turn + 1})."
+        question = f"Tell me one more thing about {TOPICS[c % len(TOPICS)]} (point {turn + 1})."
         if self.surface == "sessions":
-            r = stream_session_chat(base, f"conv-{c}", question, MAX_TOKENS)
+            r = stream_session_chat(base, f"conv-{c}", question, self.max_tokens)
         else:
             self.histories[c].append({"role": "user", "content": question})
-            r = loadgen.stream_chat(base, self.histories[c], MAX_TOKENS)
+            r = loadgen.stream_chat(base, self.histories[c], self.max_tokens, self.extra)
         with self._lock:
             if not r.ok:
                 self.failures += 1
@@ -131,11 +139,11 @@ class Load:
 
         def client(i: int) -> None:
             for turn in turns:
-                for c in range(i, CONVERSATIONS, CLIENTS):
+                for c in range(i, self.conversations, self.clients):
                     self.turn(base, c, turn)
 
         started = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(self.clients)]
         for t in threads:
             t.start()
         for t in threads:
@@ -190,12 +198,7 @@ class Server:
     def stop(self) -> None:
         assert self.proc is not None
         self.peak_rss = max(self.peak_rss, peak_rss_mb(self.proc.pid))
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_server(self.proc)
 
 
 def scenario(name: str, cmd: Callable[[int, Path], list[str]], surface: str, restart: bool) -> dict[str, Any]:

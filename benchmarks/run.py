@@ -104,6 +104,16 @@ def servers(gguf: Path, threads: int, llama_server: str | None) -> dict[str, Cal
     return table
 
 
+def stop_server(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within timeout seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def bench_server(name: str, cmd: list[str], url: str, quick: bool) -> dict[str, Any]:
     probe = "/health" if name != "llama-cpp-python" else "/v1/models"
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -119,11 +129,7 @@ def bench_server(name: str, cmd: list[str], url: str, quick: bool) -> dict[str, 
         result["peak_rss_mb"] = peak_rss_mb(proc.pid)
         return result
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc, timeout=30)
 
 
 def raw_speed(llama_bench: str, gguf: Path, threads: int) -> dict[str, Any]:
