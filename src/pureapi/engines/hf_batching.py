@@ -13,7 +13,9 @@ This module adds what a server needs around it:
 - sampling processors with fast paths: transformers' per-request top-k and top-p sort the whole
   vocabulary for every row at every step, which on a CPU costs more than the model's forward
   pass for a small model; these sort only when some row asks for it, top-k uses `topk`, and the
-  draw is done only for the rows that sample (greedy rows are the runner's argmax).
+  draw is done only for the rows that sample (greedy rows are the runner's argmax);
+- on a CPU, attention one sequence at a time (`hf_attention`) instead of one masked pass over the
+  whole batch.
 
 Only temperature, top-k and top-p are per request in the manager; `batchable` says which
 requests it can serve, the engine runs the others one at a time with `generate`.
@@ -40,6 +42,7 @@ from transformers.generation.continuous_batching.requests import RequestStatus
 
 from ..errors import Cancelled, EngineError
 from ..types import SamplingParams
+from . import hf_attention
 from .jobs import Job
 
 log = logging.getLogger(__name__)
@@ -158,6 +161,8 @@ class Batcher:
         self._make_streamer = make_streamer
         self._on_generated = on_generated  # called with a finished job's token count (the engine's stats)
         on_cpu = model.device.type == "cpu"
+        if on_cpu:
+            hf_attention.install()  # per-sequence attention instead of one masked pass over the whole batch
         # Processors exist per request only if the config turns them on (values not 1.0 / 0).
         generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
             do_sample=True, temperature=0.7, top_k=50, top_p=0.9, eos_token_id=end_ids
