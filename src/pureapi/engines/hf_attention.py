@@ -28,7 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 _install_lock = threading.Lock()
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=8)  # a step has a few prompt chunks; all its layers reuse their masks
 def _causal_mask(q_len: int, k_len: int) -> torch.Tensor:
     """Query i (the (k_len - q_len + i)-th token) sees keys 0..k_len - q_len + i: causal, aligned bottom-right."""
     return torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
