@@ -17,15 +17,12 @@ sliding windows, attention sinks, position biases and soft-capping.
 from __future__ import annotations
 
 import functools
-import threading
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-_install_lock = threading.Lock()
 
 
 @functools.lru_cache(maxsize=8)  # a step has a few prompt chunks; all its layers reuse their masks
@@ -87,7 +84,5 @@ def varlen_sdpa(
 
 
 def install() -> None:
-    """Put `varlen_sdpa` under the "sdpa" name for this process (idempotent)."""
-    with _install_lock:
-        if ALL_ATTENTION_FUNCTIONS["sdpa"] is not varlen_sdpa:
-            ALL_ATTENTION_FUNCTIONS["sdpa"] = varlen_sdpa
+    """Put `varlen_sdpa` under the "sdpa" name for this process (setting it again changes nothing)."""
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = varlen_sdpa
