@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .run import ROOT, model_path
+from .run import ROOT, median_of, model_path
 
 OUT = ROOT / "benchmarks" / "results" / "hf_attention.json"
 CONVERSATIONS = 6
@@ -127,12 +127,7 @@ def main() -> int:
         finally:
             ALL_ATTENTION_FUNCTIONS["sdpa"] = hf_attention.varlen_sdpa
             engine.close()
-        medians = {
-            attention: [
-                {key: statistics.median(run[t][key] for run in rounds) for key in rounds[0][t]} for t in range(TURNS)
-            ]
-            for attention, rounds in runs.items()
-        }
+        medians = {attention: median_of(rounds) for attention, rounds in runs.items()}
         report["models"][gguf.stem] = {"medians": medians, "rounds": runs}
         for t in range(TURNS):
             masked, per_seq = medians["masked-batch"][t], medians["per-sequence"][t]

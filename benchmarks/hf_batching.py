@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from . import loadgen, roundrobin
-from .run import ROOT, free_port, median_of, model_path, peak_rss_mb, stop_server, wait_ready
+from .run import ROOT, free_port, median_of, model_path, peak_rss_mb, save_chart, stop_server, wait_ready
 
 BATCH = 8
 MAX_QUEUE = 32  # room for 8+ waiting clients on the one-at-a-time server
@@ -285,13 +285,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
         right.set_xticks(range(1, rr["turns"] + 1))
         right.set_xlabel("turn (whole history resent)")
         right.set_ylabel("TTFT p50 (ms)")
-        for ax in (left, right):
-            ax.set_ylim(bottom=0)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print("wrote", path)
+    save_chart(fig, axes, path)
 
 
 def main() -> int:

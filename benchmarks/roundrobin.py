@@ -36,7 +36,7 @@ from typing import Any
 import requests
 
 from . import loadgen
-from .run import ROOT, free_port, median_of, model_path, peak_rss_mb, stop_server, wait_ready
+from .run import ROOT, free_port, median_of, model_path, peak_rss_mb, save_chart, stop_server, wait_ready
 
 SLOTS = 4
 CLIENTS = 4
@@ -278,12 +278,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{model}: {report['conversations']} conversations on {report['slots']} slots")
         ax.set_xlabel("turn (restart between 4 and 5 on dashed lines)")
         ax.set_ylabel("TTFT p50 (ms)")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print("wrote", path)
+    save_chart(fig, axes, path)
 
 
 if __name__ == "__main__":

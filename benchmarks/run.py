@@ -114,6 +114,17 @@ def stop_server(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
         proc.wait()
 
 
+def save_chart(fig: Any, axes: Any, path: Path) -> None:
+    """The benchmarks' common chart finish: every panel from zero, gridded, with a legend; then the PNG."""
+    for ax in axes.flat:
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print("wrote", path)
+
+
 def bench_server(name: str, cmd: list[str], url: str, quick: bool) -> dict[str, Any]:
     probe = "/health" if name != "llama-cpp-python" else "/v1/models"
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
