@@ -6,13 +6,14 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ..engines.base import Engine
 from ..errors import BadRequest, Conflict, ContextOverflow, NotFound, NotReady, Overloaded
+from ..tenants import NOBODY, Principal, TenantLimits
 from ..types import Chunk, GenerationRequest, Message, SamplingParams
-from .store import SessionInfo, SessionStore
+from .store import SessionInfo, SessionStore, session_key
 from .streams import close_stream, with_stops
 
 if TYPE_CHECKING:
@@ -124,31 +125,51 @@ class _Admission:
                 self._in_flight -= 1
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who a request comes from: its principal (limits, metrics), whose state it reaches, its KV-cache scope."""
+
+    principal: Principal = NOBODY
+    owner: str = ""  # the principal's own, or the tenant an admin acts for
+    cache_scope: str = ""
+
+
 class SessionService:
-    """Conversations kept on the server: history window in, completed round out."""
+    """Conversations kept on the server: history window in, completed round out; every one has an owner."""
 
     def __init__(
-        self, store: SessionStore, engine: Callable[[], Engine | None], max_rounds: int = 20, max_queue: int = 16
+        self,
+        store: SessionStore,
+        engine: Callable[[], Engine | None],
+        max_rounds: int = 20,
+        max_queue: int = 16,
+        *,
+        caller: Callable[[], Caller] = Caller,
+        limits: TenantLimits | None = None,
+        metrics: Metrics | None = None,
     ):
         self.store = store
         self._engine = engine
         self.max_rounds = max_rounds
         self.max_queue = max_queue
+        self.caller = caller  # who sends the request being served (read in the request's thread)
+        self.limits = limits or TenantLimits()
+        self.metrics = metrics
         self._locks = _SessionLocks()
         self._admission: _Admission | None = None
         # The cancel events of the generations in flight, so that shutdown can stop them all.
         self._running_lock = threading.Lock()
-        self._running: dict[threading.Event, str | None] = {}  # cancel event -> its session
+        self._running: dict[threading.Event, str | None] = {}  # cancel event -> its session's stored key
         self._producing = 0  # generations past their first chunk, for the metrics
         self._closing = False
-        self.metrics: Metrics | None = None  # set by create_app
-        # The KV-cache scope of the request being served (its API key's, or ""): set by create_app.
-        self.cache_scope: Callable[[], str] = lambda: ""
 
-    def _admit(self, engine: Engine) -> _Admission:
+    @contextmanager
+    def _admit(self, engine: Engine, caller: Caller) -> Iterator[None]:
+        """Hold a place among the server's generations in flight and among the caller's tenant's."""
         if self._admission is None:
             self._admission = _Admission(self.max_queue + engine.slots)
-        return self._admission
+        with self.limits.admit(caller.principal), self._admission.slot():
+            yield
 
     @contextmanager
     def _tracked(self, request: GenerationRequest) -> Iterator[None]:
@@ -186,16 +207,19 @@ class SessionService:
             raise NotReady("the model is still loading, retry shortly")
         return engine
 
+    def owner(self) -> str:
+        """Whose sessions the request being served reaches."""
+        return self.caller().owner
+
     def history(self, session_id: str = DEFAULT_SESSION) -> list[Message]:
-        """The stored messages of a session, oldest first."""
-        return self.store.history(session_id)[0]
+        """The stored messages of the caller's session, oldest first."""
+        return self.store.history(session_id, owner=self.owner())[0]
 
     def reset(self, session_id: str = DEFAULT_SESSION) -> None:
-        """Forget a session; a reply still being generated for it will not land afterwards."""
-        self.store.reset(session_id)
-        engine = self._engine()
-        if engine is not None:
-            engine.forget(session_id)  # its saved KV state holds the conversation's tokens too
+        """Forget the caller's session; a reply still being generated for it will not land afterwards."""
+        owner = self.owner()
+        self.store.reset(session_id, owner=owner)
+        self._forget(session_key(owner, session_id))  # its saved KV state holds the conversation's tokens too
 
     def chat(
         self, session_id: str, message: str, params: SamplingParams, idempotency: tuple[str, str] | None = None
@@ -206,21 +230,23 @@ class SessionService:
         store and nothing is appended; the key with another request is a Conflict.
         """
         engine = self.engine()
+        caller = self.caller()
+        owner, key = caller.owner, session_key(caller.owner, session_id)
         admitted = time.monotonic()
         # Admission and the session lock are held until the turn's stream is closed,
         # so the next turn on this session sees this one.
         hold = ExitStack()
-        hold.enter_context(self._admit(engine).slot())
+        hold.enter_context(self._admit(engine, caller))
         try:
-            hold.enter_context(self._locks.hold(session_id, TURN_WAIT_SECONDS))
+            hold.enter_context(self._locks.hold(key, TURN_WAIT_SECONDS))
             if idempotency is not None:
                 # Checked again under the session lock: a retry racing the original waits for it here.
-                reply = self.replay(session_id, *idempotency)
+                reply = self._replay(owner, session_id, *idempotency)
                 if reply is not None:
                     hold.close()
                     return iter([Chunk(reply, "stop")])
-            history, epoch = self.store.history(session_id)
-            system = self.store.system_prompt(session_id)
+            history, epoch = self.store.history(session_id, owner=owner)
+            system = self.store.system_prompt(session_id, owner=owner)
             head = [Message("system", system)] if system else []
             rounds = rounds_of(history)[-self.max_rounds :]
             prompt = fit_window(
@@ -231,16 +257,21 @@ class SessionService:
                 params.max_tokens,
                 head=head,
             )
-            stream = self._generate(engine, hold, GenerationRequest(prompt, params, session_id=session_id))
+            request = GenerationRequest(prompt, params, session_id=key)
+            stream = self._generate(engine, hold, request, caller)
         except BaseException:
             hold.close()
             raise
-        return self._turn(self._released(stream, hold, admitted), session_id, message, epoch, idempotency)
+        released = self._released(stream, hold, admitted, caller)
+        return self._turn(released, owner, session_id, message, epoch, idempotency)
 
     def replay(self, session_id: str, key: str, fingerprint: str) -> str | None:
-        """The stored reply of a turn made with this Idempotency-Key, None if there was none; Conflict if the
-        key was used with a different request."""
-        stored = self.store.idempotent_reply(session_id, key)
+        """The stored reply of the caller's turn made with this Idempotency-Key, None if there was none;
+        Conflict if the key was used with a different request."""
+        return self._replay(self.owner(), session_id, key, fingerprint)
+
+    def _replay(self, owner: str, session_id: str, key: str, fingerprint: str) -> str | None:
+        stored = self.store.idempotent_reply(session_id, key, owner=owner)
         if stored is None:
             return None
         if stored[0] != fingerprint:
@@ -278,19 +309,20 @@ class SessionService:
         """Generate for a prompt built by prompt(engine, tokens to leave for the reply), which raises
         ContextOverflow if they do not fit (the raw completions API, and stateless chat); nothing is stored."""
         engine = self.engine()
+        caller = self.caller()
         admitted = time.monotonic()
         hold = ExitStack()
-        hold.enter_context(self._admit(engine).slot())
+        hold.enter_context(self._admit(engine, caller))
         try:
             budget = 1 if fill else params.max_tokens
             prompt_ids = prompt(engine, budget)
             if fill:
                 params = replace(params, max_tokens=engine.context_length - len(prompt_ids))
-            stream = self._generate(engine, hold, GenerationRequest(prompt_ids, params))
+            stream = self._generate(engine, hold, GenerationRequest(prompt_ids, params), caller)
         except BaseException:
             hold.close()
             raise
-        return self._released(stream, hold, admitted)
+        return self._released(stream, hold, admitted, caller)
 
     def run(
         self,
@@ -308,18 +340,19 @@ class SessionService:
         is committed only when its reply completed.
         """
         engine = self.engine()
+        caller = self.caller()
         admitted = time.monotonic()
         hold = ExitStack()
-        hold.enter_context(self._admit(engine).slot())
+        hold.enter_context(self._admit(engine, caller))
         try:
             if lock is not None:
                 hold.enter_context(self._locks.hold(lock, TURN_WAIT_SECONDS))
             ids, params = prompt(engine)
-            stream = self._generate(engine, hold, GenerationRequest(ids, params, session_id=session_id))
+            stream = self._generate(engine, hold, GenerationRequest(ids, params, session_id=session_id), caller)
         except BaseException:
             hold.close()
             raise
-        return self._finished(self._released(stream, hold, admitted), on_finish)
+        return self._finished(self._released(stream, hold, admitted, caller), on_finish)
 
     @staticmethod
     def _finished(chunks: Generator[Chunk, None, None], on_finish: Callable[[str, Chunk], None]) -> Iterator[Chunk]:
@@ -331,13 +364,15 @@ class SessionService:
                     on_finish("".join(parts), chunk)
                 yield chunk
 
-    def _generate(self, engine: Engine, hold: ExitStack, request: GenerationRequest) -> Iterator[Chunk]:
+    def _generate(self, engine: Engine, hold: ExitStack, request: GenerationRequest, caller: Caller) -> Iterator[Chunk]:
         """Start a tracked generation (shutdown can cancel it) with the request's stop strings applied."""
-        request.cache_scope = self.cache_scope()
+        request.cache_scope = caller.cache_scope
         hold.enter_context(self._tracked(request))
         return with_stops(engine.generate(request), request.params.stop)
 
-    def _released(self, stream: Iterator[Chunk], hold: ExitStack, admitted: float) -> Generator[Chunk, None, None]:
+    def _released(
+        self, stream: Iterator[Chunk], hold: ExitStack, admitted: float, caller: Caller
+    ) -> Generator[Chunk, None, None]:
         """The stream, releasing admission (and the session) when closed, with its metrics recorded."""
         last: Chunk | None = None
         try:
@@ -356,11 +391,14 @@ class SessionService:
                     self._producing -= 1
             if self.metrics is not None:
                 self.metrics.generation_ended(last, last is not None and last.finish_reason is not None)
+            if last is not None:  # what it computed counts against the tenant's budget, finished or not
+                self.limits.spent(caller.principal, last.prompt_tokens, last.completion_tokens)
             hold.close()
 
     def _turn(
         self,
         chunks: Generator[Chunk, None, None],
+        owner: str,
         session_id: str,
         message: str,
         epoch: int,
@@ -372,80 +410,93 @@ class SessionService:
                 parts.append(chunk.text)
                 if chunk.finish_reason is not None:
                     self.store.append_round(
-                        session_id, message, "".join(parts), epoch, self.max_rounds, idempotency=idempotency
+                        session_id,
+                        message,
+                        "".join(parts),
+                        epoch,
+                        self.max_rounds,
+                        idempotency=idempotency,
+                        owner=owner,
                     )
                 yield chunk
 
     # The sessions API.
 
     def list_sessions(self, limit: int, after: str | None) -> tuple[list[SessionInfo], bool]:
-        """Sessions newest first, paged."""
-        if after is not None and self.store.get_session(after) is None:
+        """The caller's sessions newest first, paged."""
+        owner = self.owner()
+        if after is not None and self.store.get_session(after, owner=owner) is None:
             raise BadRequest(f"after: no session '{after}' (deleted since?); start from the first page", param="after")
-        return self.store.list_sessions(limit, after)
+        return self.store.list_sessions(limit, after, owner=owner)
 
     def get_session(self, session_id: str) -> tuple[SessionInfo, list[Message]]:
-        """A session's fields and its stored messages; NotFound if there is none."""
-        info = self.store.get_session(session_id)
+        """The caller's session's fields and its stored messages; NotFound if it has none such."""
+        owner = self.owner()
+        info = self.store.get_session(session_id, owner=owner)
         if info is None:
             raise NotFound(f"no session '{session_id}'", param="session_id")
-        return info, self.history(session_id)
+        return info, self.store.history(session_id, owner=owner)[0]
 
     def create_session(
         self, session_id: str, title: str | None, metadata: dict[str, Any], system_prompt: str | None
     ) -> SessionInfo:
-        """A new empty session; Conflict if the id is taken."""
+        """A new empty session of the caller's; Conflict if the caller has one with that id."""
         now = time.time()
         info = SessionInfo(session_id, now, now, title, metadata, system_prompt)
-        if not self.store.create_session(info):
+        if not self.store.create_session(info, owner=self.owner()):
             raise Conflict(f"session '{session_id}' already exists", param="id")
         return info
 
     def update_session(self, session_id: str, fields: dict[str, Any]) -> SessionInfo:
-        """Set a session's title, metadata or system prompt."""
-        if not self.store.update_session(session_id, fields):
+        """Set the caller's session's title, metadata or system prompt."""
+        owner = self.owner()
+        if not self.store.update_session(session_id, fields, owner=owner):
             raise NotFound(f"no session '{session_id}'", param="session_id")
         if "system_prompt" in fields:
-            self._forget(session_id)  # its saved KV starts with the old system prompt
+            self._forget(session_key(owner, session_id))  # its saved KV starts with the old system prompt
         return self.get_session(session_id)[0]
 
     def delete_session(self, session_id: str) -> None:
-        """Delete a session and whatever the engine keeps for it; a turn of it in flight is cancelled first.
+        """Delete the caller's session and whatever the engine keeps for it; a turn of it in flight is
+        cancelled first.
 
         The delete runs under the session's lock, so a turn that was generating cannot land its round
         afterwards and bring the session back.
         """
+        owner = self.owner()
+        key = session_key(owner, session_id)
         deadline = time.monotonic() + DELETE_WAIT_SECONDS
         while True:
             with self._running_lock:
-                doomed = [cancel for cancel, sid in self._running.items() if sid == session_id]
+                doomed = [cancel for cancel, sid in self._running.items() if sid == key]
             for cancel in doomed:
                 cancel.set()
             try:
-                with self._locks.hold(session_id, 0.05):
-                    deleted = self.store.delete_session(session_id)
+                with self._locks.hold(key, 0.05):
+                    deleted = self.store.delete_session(session_id, owner=owner)
                 break
             except Overloaded:  # the session's turn is still closing: cancel again (a new one may have started)
                 if time.monotonic() > deadline:
                     raise
         if not deleted:
             raise NotFound(f"no session '{session_id}'", param="session_id")
-        self._forget(session_id)
+        self._forget(key)
 
     def fork_session(self, source: str, new_id: str, at_turn: int | None) -> SessionInfo:
-        """A new session holding the source's first `at_turn` rounds (all by default), title, metadata, prompt."""
+        """A new session of the caller's holding the source's first `at_turn` rounds (all by default), title,
+        metadata and prompt."""
         _, history = self.get_session(source)
         rounds = len(rounds_of(history))
         if at_turn is None:
             at_turn = rounds
         if at_turn > rounds:
             raise BadRequest(f"at_turn: session '{source}' has only {rounds} rounds", param="at_turn")
-        if not self.store.fork_session(source, new_id, at_turn):
+        if not self.store.fork_session(source, new_id, at_turn, owner=self.owner()):
             raise Conflict(f"session '{new_id}' already exists", param="id")
         return self.get_session(new_id)[0]
 
     def expire(self, ttl_seconds: float) -> list[str]:
-        """Delete the sessions idle for longer than ttl_seconds; their ids."""
+        """Delete the sessions (of every tenant) idle for longer than ttl_seconds; their stored keys."""
         expired = self.store.expire_sessions(time.time() - ttl_seconds)
         for session_id in expired:
             self._forget(session_id)
