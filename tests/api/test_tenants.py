@@ -300,3 +300,16 @@ def test_the_budget_is_enforced_over_http(make_fake_app: MakeFakeApp) -> None:
     assert 1 <= int(refused.headers["Retry-After"]) <= 60
     assert chat(app.client, A, "seed too").status_code == 429
     assert app.client.post("/v1/chat/completions", json=body, headers=B).status_code == 200
+
+
+def test_the_transformers_batch_refuses_several_tenants_with_per_key_kv() -> None:
+    """Its pages are shared by content across requests: several keys with --kv-cache-scope key is refused."""
+    from pureapi.server import shared_kv_refusal
+    from pureapi.settings import Settings
+
+    refused = shared_kv_refusal(Settings(), 2, "transformers")
+    assert refused is not None and "--kv-cache-scope global" in refused and "--max-batch-size 1" in refused
+    assert shared_kv_refusal(Settings(kv_cache_scope="global"), 2, "transformers") is None
+    assert shared_kv_refusal(Settings(max_batch_size=1), 2, "transformers") is None
+    assert shared_kv_refusal(Settings(), 1, "transformers") is None
+    assert shared_kv_refusal(Settings(), 2, "llamacpp") is None
