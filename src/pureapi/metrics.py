@@ -55,7 +55,8 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily(
             "pureapi_sessions", "Conversations kept in the session store.", value=state.store.count_sessions()
         )
-        yield from _tenant_metrics(state.limits.usage())
+        if _sees_tenants(state):
+            yield from _tenant_metrics(state.limits.usage())
         if state.load_seconds is not None:
             yield GaugeMetricFamily(
                 "pureapi_model_load_seconds",
@@ -79,6 +80,13 @@ class _LiveCollector(Collector):
                 yield CounterMetricFamily(name, help_text, value=value)
             else:
                 yield GaugeMetricFamily(name, help_text, value=value)
+
+
+def _sees_tenants(state: AppState) -> bool:
+    """Other tenants' names and usage are for an admin key, a public /metrics, or a server without keys."""
+    from .security import principal
+
+    return not state.keys or state.settings.metrics_public or principal().admin
 
 
 def _tenant_metrics(usage: dict[str, dict[str, int]]) -> Iterator[Metric]:

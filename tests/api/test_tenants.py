@@ -264,6 +264,7 @@ def test_a_tenant_over_its_concurrency_gets_429(make_fake_app: MakeFakeApp) -> N
     metrics = app.client.get("/metrics", headers=ADMIN).get_data(as_text=True)
     assert f'pureapi_tenant_rejected_total{{tenant="{unnamed("key-of-a")}"}} 1.0' in metrics
     assert "key-of-a" not in metrics.replace(unnamed("key-of-a"), "")
+    assert "pureapi_tenant_" not in app.client.get("/metrics", headers=B).get_data(as_text=True)
 
 
 def test_a_tenant_over_its_token_budget_gets_429_until_the_minute_passes() -> None:
