@@ -11,9 +11,11 @@ from werkzeug.exceptions import HTTPException
 
 from .api.anthropic import PATH as ANTHROPIC_PATH
 from .api.anthropic import error_body as anthropic_error
+from .chat.directory import SessionDirectory
+from .chat.gateway import Caller, Gateway
 from .chat.response_store import ResponseStore
 from .chat.responses import ResponseService
-from .chat.sessions import Caller, SessionService
+from .chat.sessions import SessionService
 from .chat.store import SessionStore, SQLiteStore
 from .engines.base import Engine
 from .errors import PureAPIError
@@ -32,7 +34,9 @@ class AppState:
     store: SessionStore
     engine: Engine | None = None
     load_seconds: float | None = None  # how long the engine took to load, once it has
+    gateway: Gateway = field(init=False)
     sessions: SessionService = field(init=False)
+    directory: SessionDirectory = field(init=False)
     metrics: Metrics = field(init=False)
     responses: ResponseService = field(init=False)
     keys: Keyring = field(init=False)
@@ -56,15 +60,11 @@ class AppState:
             scope = g.get("cache_scope", "") if has_request_context() else ""
             return Caller(security.principal(), security.owner(), scope)
 
-        self.sessions = SessionService(
-            self.store,
-            lambda: self.engine,
-            settings.max_rounds,
-            settings.max_queue,
-            caller=caller,
-            limits=self.limits,
-            metrics=self.metrics,
+        self.gateway = Gateway(
+            lambda: self.engine, settings.max_queue, caller=caller, limits=self.limits, metrics=self.metrics
         )
+        self.sessions = SessionService(self.store, self.gateway, settings.max_rounds)
+        self.directory = SessionDirectory(self.sessions)
         if not isinstance(self.store, SQLiteStore):
             raise TypeError("the Responses API keeps its state in the SQLite session store")
         self.responses = ResponseService(ResponseStore(self.store), self.sessions, self.settings.response_ttl)

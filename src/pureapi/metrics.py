@@ -45,7 +45,7 @@ class _LiveCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         state = self.state
-        service = state.sessions
+        service = state.gateway
         yield GaugeMetricFamily(
             "pureapi_queue_depth", "Generations admitted and waiting for their first token.", value=service.waiting()
         )

@@ -102,7 +102,7 @@ def serve(settings: Settings) -> int:
     def stop(signum: int, frame: FrameType | None) -> None:
         # Stop the generations in flight first: waitress then waits (5 s at most) for its threads,
         # and the engine's close waits for its worker, so neither sits out a long reply.
-        state.sessions.cancel_all()
+        state.gateway.cancel_all()
         raise KeyboardInterrupt
 
     def reload_keys(signum: int, frame: FrameType | None) -> None:
@@ -118,7 +118,7 @@ def serve(settings: Settings) -> int:
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, reload_keys)
     failed: list[str] = []
-    expirer = SessionExpirer(state.sessions, settings.session_ttl).start() if settings.session_ttl > 0 else None
+    expirer = SessionExpirer(state.directory, settings.session_ttl).start() if settings.session_ttl > 0 else None
     threading.Thread(target=_load, args=(state, model, failed), name="model-loader", daemon=True).start()
     log.info("listening on http://%s:%d (model %s loading)", settings.host, settings.port, settings.model)
     try:

@@ -116,7 +116,7 @@ def test_idle_sessions_expire_in_the_background(fake: FakeApp) -> None:
     turn(fake, "old", "hi")
     time.sleep(0.3)
     turn(fake, "fresh", "hi")
-    service = fake.app.extensions["pureapi"].sessions
+    service = fake.app.extensions["pureapi"].directory
     expirer = SessionExpirer(service, ttl_seconds=0.25).start()
     try:
         deadline = time.monotonic() + 10
@@ -130,7 +130,7 @@ def test_idle_sessions_expire_in_the_background(fake: FakeApp) -> None:
 def test_expire_keeps_what_is_younger_than_the_ttl(fake: FakeApp) -> None:
     turn(fake, "a", "hi")
     turn(fake, "b", "hi")
-    service = fake.app.extensions["pureapi"].sessions
+    service = fake.app.extensions["pureapi"].directory
     assert service.expire(3600) == []
     assert sorted(service.expire(0)) == ["a", "b"]
     assert service.store.count_sessions() == 0

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pureapi.chat.sessions import fit_window, rounds_of
 from pureapi.chat.store import MIGRATIONS, SQLiteStore, StoreError
 from pureapi.chat.streams import StopMatcher, with_stops
+from pureapi.chat.window import fit_window, rounds_of
 from pureapi.engines._template import render_segments
 from pureapi.errors import ContextOverflow, ModelLoadError
 from pureapi.models.resolve import check_gguf, resolve_model

@@ -8,16 +8,16 @@ completed, in one transaction; a failed or cancelled one writes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from ..engines.base import Engine
-from ..errors import BadRequest, NotFound, NotReady
+from ..errors import BadRequest, NotFound
 from ..types import Chunk, Message, SamplingParams
 from .response_store import Item, ResponseStore
-from .sessions import SessionService, fit_window
+from .sessions import SessionService
+from .window import fit_window
 
 
 def new_id(prefix: str) -> str:
@@ -190,5 +190,4 @@ class ResponseService:
         """Delete a conversation with its items, and whatever the engine keeps for it."""
         if not self.store.delete_conversation(conversation_id, owner=self.sessions.owner()):
             raise NotFound(f"conversation '{conversation_id}' not found")
-        with contextlib.suppress(NotReady):  # a model still loading keeps nothing for it yet
-            self.sessions.engine().forget(conversation_id)
+        self.sessions.forget(conversation_id)
