@@ -55,10 +55,11 @@ def _load(state: AppState, model: ResolvedModel, failed: list[str]) -> None:
 def shared_kv_refusal(settings: Settings, tenants: int, engine: str) -> str | None:
     """Why the server must not start: the transformers batch shares KV pages by content across all
     requests, so with several tenants and --kv-cache-scope key one could time another's cache hits."""
-    if engine == "transformers" and settings.max_batch_size > 1 and tenants > 1 and settings.kv_cache_scope == "key":
+    batched = settings.concurrency("transformers") > 1
+    if engine == "transformers" and batched and tenants > 1 and settings.kv_cache_scope == "key":
         return (
             f"{tenants} API keys with --kv-cache-scope key, but the transformers engine's batch shares cached KV "
-            "pages across keys; start with --kv-cache-scope global to accept that, or --max-batch-size 1"
+            "pages across keys; start with --kv-cache-scope global to accept that, or --parallel 1"
         )
     return None
 

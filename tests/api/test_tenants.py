@@ -309,7 +309,7 @@ def test_the_transformers_batch_refuses_several_tenants_with_per_key_kv() -> Non
     from pureapi.settings import Settings
 
     refused = shared_kv_refusal(Settings(), 2, "transformers")
-    assert refused is not None and "--kv-cache-scope global" in refused and "--max-batch-size 1" in refused
+    assert refused is not None and "--kv-cache-scope global" in refused and "--parallel 1" in refused
     assert shared_kv_refusal(Settings(kv_cache_scope="global"), 2, "transformers") is None
     assert shared_kv_refusal(Settings(max_batch_size=1), 2, "transformers") is None
     assert shared_kv_refusal(Settings(), 1, "transformers") is None

@@ -3,6 +3,7 @@ directions over HTTP, a restart in the middle, the KV cache scoped per tenant, t
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import openai
 import pytest
 import requests
 
-from ..conftest import Server, start_server
+from ..conftest import ROOT, Server, start_server
 
 pytestmark = pytest.mark.real
 
@@ -177,3 +178,21 @@ def test_a_bad_key_file_stops_the_start_with_one_line(tmp_path: Path) -> None:
     keys.write_text("alice:sk-1\nalice:sk-2\n")
     with pytest.raises(RuntimeError, match="line 2: the name 'alice' is given twice"):
         start_server(["--api-key-file", str(keys)], tmp_path / "s.db", tmp_path / "s.log")
+
+
+def test_the_readme_tenant_commands_work_as_written(tmp_path: Path) -> None:
+    """The README's key file and its curl commands, on a server started as the README says."""
+    from .test_server import readme_curls, run_curl
+
+    readme = (ROOT / "README.md").read_text()
+    keys = tmp_path / "keys.txt"
+    keys.write_text(readme.split("cat > keys.txt <<'KEYS'\n", 1)[1].split("\nKEYS\n", 1)[0] + "\n")
+    server = start_server(["--api-key-file", str(keys)], tmp_path / "s.db", tmp_path / "s.log")
+    try:
+        outputs = [json.loads(run_curl(command, server.url)) for command in readme_curls(keyed=True)]
+    finally:
+        assert server.stop() == 0
+    created, bobs, tenants, as_alice = outputs
+    assert created["id"] == "work" and bobs["error"]["message"] == "no session 'work'"
+    assert {t["name"] for t in tenants["data"]} == {"alice", "bob", "ops", "anonymous"}
+    assert [s["id"] for s in as_alice["data"]] == ["work"]
