@@ -17,7 +17,7 @@ from ..engines.base import Engine
 from ..errors import BadRequest
 from ..types import Chunk, TokenLogprob
 from .common import MaxTokens, collecting, drain, json_body, primed, relay, sessions, sse, sse_response, validate
-from .openai import SamplingFields, StreamOptions, Usage, dump, error_event
+from .openai import OpenAIEvents, SamplingFields, StreamOptions, Usage, dump
 from .openai_output import MAX_TOP_LOGPROBS
 
 bp = Blueprint("completions", __name__, url_prefix="/v1")
@@ -180,5 +180,4 @@ def _stream(meta: dict[str, Any], chunks: Iterator[Chunk], include_usage: bool, 
         if chunk.finish_reason is not None and include_usage:
             yield sse(dump(Completion(**meta, choices=[], usage=Usage.of(chunk))))
 
-    yield from relay(chunks, events, error_event)
-    yield sse("[DONE]")
+    return relay(chunks, OpenAIEvents(events))

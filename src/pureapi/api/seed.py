@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 from collections.abc import Iterator
 
@@ -16,20 +15,20 @@ from ..errors import BadRequest
 from ..models import hardware
 from ..types import Chunk, SamplingParams
 from .common import (
+    Encoder,
     MaxTokens,
     SessionId,
     Temperature,
     drain,
-    error_text,
     json_body,
     primed,
+    relay,
     sessions,
     sse,
     sse_response,
     validate,
 )
 
-log = logging.getLogger(__name__)
 bp = Blueprint("seed", __name__)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -64,6 +63,20 @@ class ChatResponse(BaseModel):
     message: str
     response: str
     status: str = "success"
+
+
+class StreamUsage(BaseModel):
+    """What a streamed turn cost, and how much of the prompt's KV was reused rather than computed."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+class ChatStreamEnd(ChatResponse):
+    """The last event of a streamed POST /chat: the whole reply, with its token counts."""
+
+    usage: StreamUsage
 
 
 class ResetRequest(BaseModel):
@@ -131,33 +144,36 @@ def chat() -> Response:
         text, _ = drain(stream)
         response = jsonify(ChatResponse(message=body.message, response=text).model_dump())
     else:
-        response = sse_response(_stream(body.message, stream))
+        response = sse_response(relay(stream, _Events(body.message)))
     if stored is not None:
         response.headers["Idempotent-Replayed"] = "true"
     return response
 
 
-def _stream(message: str, chunks: Iterator[Chunk]) -> Iterator[str]:
-    parts: list[str] = []
-    last: Chunk | None = None
-    try:
-        for chunk in chunks:
-            last = chunk
-            if chunk.text:
-                parts.append(chunk.text)
-                yield sse({"delta": chunk.text})
-        final: dict[str, object] = ChatResponse(message=message, response="".join(parts)).model_dump()
-        if last is not None:
-            # What the turn cost, and how much of the prompt's KV was reused rather than computed.
-            final["usage"] = {
-                "prompt_tokens": last.prompt_tokens,
-                "completion_tokens": last.completion_tokens,
-                "cached_tokens": last.cached_tokens,
-            }
-        yield sse(final)
-    except Exception as exc:
-        log.warning("stream failed: %s", exc)
-        yield sse({"error": error_text(exc)})
+class _Events(Encoder):
+    """The seed stream: {"delta": text} per piece of the reply, then the whole ChatStreamEnd;
+    a failure is {"error": message}."""
+
+    def __init__(self, message: str):
+        self.message = message
+        self.parts: list[str] = []
+        self.last: Chunk | None = None
+
+    def events(self, chunk: Chunk) -> Iterator[str]:
+        self.last = chunk
+        if chunk.text:
+            self.parts.append(chunk.text)
+            yield sse({"delta": chunk.text})
+
+    def closing(self) -> Iterator[str]:
+        last = self.last or Chunk("")
+        usage = StreamUsage(
+            prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens, cached_tokens=last.cached_tokens
+        )
+        yield sse(ChatStreamEnd(message=self.message, response="".join(self.parts), usage=usage).model_dump())
+
+    def failed(self, message: str) -> Iterator[str]:
+        yield sse({"error": message})
 
 
 @bp.post("/reset")
