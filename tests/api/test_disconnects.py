@@ -8,6 +8,7 @@ for the surface, and only the relay's explicit close can.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -15,6 +16,11 @@ from typing import Any
 import pytest
 
 from pureapi.api import anthropic, completions, openai, responses, seed
+from pureapi.app import create_app
+from pureapi.chat.store import SQLiteStore
+from pureapi.engines.llamacpp import LlamaCppEngine
+from pureapi.models.resolve import ResolvedModel
+from pureapi.settings import Settings
 from pureapi.types import Chunk
 
 from ..conftest import MakeFakeApp
@@ -75,3 +81,33 @@ def test_a_client_that_leaves_a_stream_cancels_its_generation(
     assert fake.engine.generated[0] < 100  # it stopped within a few tokens, not at its 1000th
     if surface == "seed":  # and the abandoned round was not stored
         assert fake.client.get("/status?session_id=gone").get_json()["conversation_length"] == 0
+
+
+@pytest.mark.real
+def test_leaving_a_seed_stream_frees_the_llamacpp_slot(
+    smollm2_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On real weights: the abandoned generation stops within a step or two, not at its 900th token."""
+    engine = LlamaCppEngine.load(
+        ResolvedModel(smollm2_gguf.stem, smollm2_gguf), n_threads=2, n_ctx=2048, n_parallel=1, max_queue=4
+    )
+    store = SQLiteStore(tmp_path / "s.db")
+    app = create_app(Settings(engine="llamacpp", db=tmp_path / "s.db"), engine=engine, store=store)
+    try:
+        keep_streams(monkeypatch, seed)
+        body = {"message": "Count from 1 to 1000, one number per line.", "max_tokens": 900, "temperature": 0}
+        r = app.test_client().post("/chat", json={**body, "stream": True}, buffered=False)
+        assert r.status_code == 200
+        events = iter(r.response)
+        deltas = 0
+        while deltas < 3:  # three pieces of the reply: the generation is under way
+            deltas += b'"delta"' in next(events)
+        r.close()  # the client goes away
+        deadline = time.monotonic() + 60
+        while engine.metrics()["slots_active"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.metrics()["slots_active"] == 0, "the slot is still generating for a client that left"
+        assert engine.stats["generated_tokens"] < 3 + 10, engine.stats
+    finally:
+        engine.close()
+        store.close()
