@@ -28,6 +28,7 @@ ENGINE_HELP = {
     "computing the whole prompt.",
     "kv_cache_misses_total": "Generations that reused no prompt KV.",
     "reused_tokens_total": "Prompt tokens whose KV was reused rather than computed.",
+    "generated_tokens_total": "Tokens the model sampled, a cancelled generation's included (up to where it stopped).",
     "restored_tokens_ram_total": "Prompt tokens restored from KV states saved in RAM.",
     "restored_tokens_disk_total": "Prompt tokens restored from KV states saved on disk.",
     "restored_bytes_ram_total": "Bytes of KV states restored from RAM.",

@@ -8,8 +8,8 @@ for the surface, and only the relay's explicit close can.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 

@@ -38,6 +38,8 @@ MAX_BODY = 32768
 LONG = "Repeat the word hello forever: hello hello hello hello"
 LONG_TOKENS = 3000
 PROMPT_WAIT = 45.0  # a short request after a cancelled long one finishes well within this
+# Tokens a generation may run on after its client left: those sampled while the disconnect is noticed.
+ABANDON_SLACK = 20
 
 
 @dataclass
@@ -449,6 +451,12 @@ def short_request(url: str) -> float:
     return time.monotonic() - started
 
 
+def engine_metric(url: str, name: str) -> float:
+    """One of the llama.cpp engine's values on /metrics."""
+    text = requests.get(url + "/metrics", timeout=30).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(f"pureapi_engine_{name} ")))
+
+
 @pytest.mark.parametrize("surface", ["seed", "v1"])
 def test_a_client_that_leaves_a_stream_cancels_its_generation(smol: Started, surface: str) -> None:
     url = smol.server.url
@@ -457,6 +465,7 @@ def test_a_client_that_leaves_a_stream_cancels_its_generation(smol: Started, sur
         if surface == "v1"
         else {"message": LONG, "max_tokens": LONG_TOKENS, "temperature": 0, "stream": True, "session_id": "gone"}
     )
+    generated = engine_metric(url, "generated_tokens_total")
     r = requests.post(url + path_of(surface), json=body, stream=True, timeout=120)
     assert r.status_code == 200
     lines = r.iter_lines()
@@ -465,6 +474,12 @@ def test_a_client_that_leaves_a_stream_cancels_its_generation(smol: Started, sur
         line = next(lines)
         seen += line.startswith(b"data: ")
     r.close()
+    deadline = time.monotonic() + PROMPT_WAIT
+    while engine_metric(url, "slots_active") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine_metric(url, "slots_active") == 0, "a slot still generates for the client that left"
+    # The abandoned generation stopped within a few steps of the disconnect, not at its end.
+    assert engine_metric(url, "generated_tokens_total") - generated < 3 + ABANDON_SLACK
     assert short_request(url) < PROMPT_WAIT
     if surface == "seed":
         # The cancelled round was not stored.

@@ -234,6 +234,7 @@ class LlamaCppEngine(Engine):
             "kv_cache_hits_total": stats["kv_cache_hits"],
             "kv_cache_misses_total": stats["kv_cache_misses"],
             "reused_tokens_total": stats["reused_tokens"],
+            "generated_tokens_total": stats["generated_tokens"],
             "restored_tokens_ram_total": stats["restored_tokens_ram"],
             "restored_tokens_disk_total": stats["restored_tokens_disk"],
             "restored_bytes_ram_total": stats["restored_bytes_ram"],
