@@ -17,6 +17,7 @@ from ..engines.base import Engine
 from ..errors import BadRequest
 from ..types import Chunk, TokenLogprob
 from .common import MaxTokens, collecting, drain, json_body, primed, relay, sessions, sse, sse_response, validate
+from .docs import BODY_ERRORS, Operation, documented
 from .openai import OpenAIEvents, SamplingFields, StreamOptions, Usage, dump
 from .openai_output import MAX_TOP_LOGPROBS
 
@@ -141,6 +142,18 @@ class Completion(BaseModel):
 
 
 @bp.post("/completions")
+@documented(
+    Operation(
+        "OpenAI-compatible text completion of a raw prompt (no chat template; stateless)",
+        "openai",
+        BODY_ERRORS,
+        body=CompletionRequest,
+        ok=Completion,
+        answer="A completion, or SSE events (each a Completion) ending in [DONE]",
+        stream="Each event's data: a Completion or an error; then [DONE].",
+        events=(Completion,),
+    )
+)
 def completions() -> Response:
     body = validate(CompletionRequest, json_body())
     service = sessions()

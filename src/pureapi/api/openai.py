@@ -44,6 +44,7 @@ from .common import (
     sse_response,
     validate,
 )
+from .docs import BODY_ERRORS, Operation, documented
 from .openai_output import MAX_TOP_LOGPROBS, ChoiceLogprobs, ResponseFormat
 from .openai_tools import (
     MessageToolCall,
@@ -374,6 +375,18 @@ def _check_tool_results(messages: list[Message]) -> None:
 
 
 @bp.post("/chat/completions")
+@documented(
+    Operation(
+        "OpenAI-compatible chat completion (stateless)",
+        "openai",
+        BODY_ERRORS,
+        body=ChatCompletionRequest,
+        ok=ChatCompletion,
+        answer="A completion, or SSE chunks ending in [DONE]",
+        stream="Each event's data: a ChatCompletionChunk or an error; then [DONE].",
+        events=(ChatCompletionChunk,),
+    )
+)
 def chat_completions() -> Response:
     body = validate(ChatCompletionRequest, json_body())
     messages = [m.message() for m in body.messages]
@@ -467,6 +480,7 @@ def _stream(
 
 
 @bp.get("/models")
+@documented(Operation("The served model", "openai", (401, 503), ok=ModelList, answer="Model list"))
 def models() -> Response:
     engine = sessions().engine()
     card = ModelCard(id=engine.model_name, max_model_len=engine.context_length)

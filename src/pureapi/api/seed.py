@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
+from typing import Literal
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
@@ -28,6 +29,7 @@ from .common import (
     sse_response,
     validate,
 )
+from .docs import BODY_ERRORS, Operation, documented
 
 bp = Blueprint("seed", __name__)
 
@@ -87,6 +89,21 @@ class ResetRequest(BaseModel):
     session_id: SessionId | None = None
 
 
+class ResetResponse(BaseModel):
+    """Body of a successful POST /reset."""
+
+    status: Literal["success"] = "success"
+    message: str = "conversation history cleared"
+
+
+class HealthResponse(BaseModel):
+    """Body of GET /health: healthy with the model's name, or loading with why."""
+
+    status: Literal["healthy", "loading"]
+    model: str | None = Field(None, description="The served model, once healthy.")
+    error: str | None = Field(None, description="Why it is not healthy yet.")
+
+
 class StatusQuery(BaseModel):
     """Query of GET /status."""
 
@@ -126,6 +143,28 @@ def idempotency(body: BaseModel) -> tuple[str, str] | None:
 
 
 @bp.post("/chat")
+@documented(
+    Operation(
+        "Chat in a server-side session",
+        "seed",
+        (*BODY_ERRORS, 409),
+        body=ChatRequest,
+        ok=ChatResponse,
+        answer="The reply",
+        stream='Each event\'s data: {"delta": text} per piece of the reply, then a ChatStreamEnd; '
+        'a failure is {"error": message}.',
+        events=(ChatStreamEnd,),
+        parameters=(
+            {
+                "name": IDEMPOTENCY_HEADER,
+                "in": "header",
+                "required": False,
+                "description": "A retry with the same key on the same session returns the stored reply.",
+                "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
+            },
+        ),
+    )
+)
 def chat() -> Response:
     body = validate(ChatRequest, json_body())
     params = SamplingParams(max_tokens=body.max_tokens, temperature=float(body.temperature))
@@ -177,13 +216,29 @@ class _Events(Encoder):
 
 
 @bp.post("/reset")
+@documented(
+    Operation(
+        "Clear a session's history",
+        "seed",
+        BODY_ERRORS,
+        body=ResetRequest,
+        body_required=False,
+        ok=ResetResponse,
+        answer="Cleared",
+    )
+)
 def reset() -> Response:
     body = validate(ResetRequest, json_body(allow_empty=True))
     sessions().reset(body.session_id or DEFAULT_SESSION)
-    return jsonify({"status": "success", "message": "conversation history cleared"})
+    return jsonify(ResetResponse().model_dump())
 
 
 @bp.get("/status")
+@documented(
+    Operation(
+        "Model and session status", "seed", (400, 401, 503), query=StatusQuery, ok=StatusResponse, answer="Status"
+    )
+)
 def status() -> Response:
     query = validate(StatusQuery, request.args.to_dict())
     service = sessions()
@@ -207,9 +262,19 @@ def _devices() -> list[DeviceMemory]:
 
 
 @bp.get("/health")
+@documented(
+    Operation(
+        "200 once the model answers, 503 before",
+        "seed",
+        ok=HealthResponse,
+        answer="Healthy",
+        responses={503: ("Loading", HealthResponse)},
+    )
+)
 def health() -> tuple[Response, int]:
     state = current_app.extensions["pureapi"]
     engine = state.engine
     if engine is not None and engine.ready():
-        return jsonify({"status": "healthy", "model": engine.model_name}), 200
-    return jsonify({"status": "loading", "error": "the model is not loaded yet"}), 503
+        return jsonify(HealthResponse(status="healthy", model=engine.model_name).model_dump(exclude_none=True)), 200
+    loading = HealthResponse(status="loading", error="the model is not loaded yet")
+    return jsonify(loading.model_dump(exclude_none=True)), 503
