@@ -126,8 +126,9 @@ class Settings(BaseModel):
     )
     kv_cache_scope: Literal["key", "global"] = Field(
         "key",
-        description="llama.cpp engine: who shares cached KV when --api-key is set. key: only requests with the "
-        "same API key (another key's client cannot tell from response times what was cached); global: all.",
+        description="Who shares cached KV when API keys are set. key: only requests of the same tenant (another "
+        "tenant cannot tell from response times what was cached; the transformers engine, whose batch shares "
+        "pages across keys, refuses to start with several keys unless --max-batch-size 1); global: all.",
     )
     response_ttl: int = Field(
         30 * 24 * 3600,
@@ -142,7 +143,26 @@ class Settings(BaseModel):
     api_key: list[str] = Field(
         default_factory=list,
         description="Require 'Authorization: Bearer KEY' on every route but /health and the chat page's files; "
-        "repeat the flag (or comma-separate in the env var) for several keys.",
+        "repeat the flag (or comma-separate in the env var) for several keys. Each key is a tenant that sees "
+        "only its own sessions, responses and conversations, named key-<hash of the key>.",
+    )
+    admin_key: list[str] = Field(
+        default_factory=list,
+        description="Like --api-key, with the admin role: GET /v1/tenants, and acting for another tenant with "
+        "the X-Tenant header.",
+    )
+    api_key_file: Path | None = Field(
+        None,
+        description="File of API keys, one 'name:key' a line, optionally followed by admin, max_concurrent=N, "
+        "tokens_per_minute=N; '#' comments. Re-read on SIGHUP. Keeps keys out of ps and shell history.",
+    )
+    tenant_max_concurrent: int = Field(
+        0, ge=0, le=100_000, description="Generations one tenant (API key) may have in flight at once; 0: no limit."
+    )
+    tenant_tokens_per_minute: int = Field(
+        0,
+        ge=0,
+        description="Tokens (prompt + reply) one tenant may use per minute, over a sliding minute; 0: no limit.",
     )
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins allowed to call the API from a browser (CORS); none by default."
@@ -205,7 +225,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         annotation = field.annotation
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
         default = os.environ.get(ENV_PREFIX + name.upper(), field.get_default(call_default_factory=True))
-        shown = "******" if name in ("api_key", "upstream_key") and default else default
+        shown = "******" if name in ("api_key", "admin_key", "upstream_key") and default else default
         help_text = f"{field.description} (default: {shown}; env {ENV_PREFIX}{name.upper()})"
         if get_origin(annotation) is Literal:
             kwargs["choices"] = list(get_args(annotation))

@@ -57,6 +57,7 @@ OPERATIONS = {
     ("DELETE", "/v1/sessions/{session_id}"),
     ("POST", "/v1/sessions/{session_id}/fork"),
     ("GET", "/metrics"),
+    ("GET", "/v1/tenants"),
     ("POST", "/v1/responses"),
     ("GET", "/v1/responses/{response_id}"),
     ("DELETE", "/v1/responses/{response_id}"),

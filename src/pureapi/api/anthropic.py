@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from ..errors import BadRequest
 from ..types import Chunk, Message, SamplingParams
-from .common import MAX_STOP, MaxTokens, TopP, drain, json_body, primed, relay, sessions, sse, sse_response, validate
+from .common import MAX_STOP, MaxTokens, TopP, drain, gateway, json_body, primed, relay, sse, sse_response, validate
 
 bp = Blueprint("anthropic", __name__, url_prefix="/v1/messages")
 
@@ -265,7 +265,7 @@ def messages() -> Response:
             "messages: the last message must be from the user (prefilling the assistant's reply is not supported)",
             param="messages",
         )
-    service = sessions()
+    service = gateway()
     engine = service.engine()
     stream = primed(service.stateless(chat, body.sampling()))
     meta = {"id": f"msg_{uuid.uuid4().hex}", "model": engine.model_name}
@@ -316,5 +316,5 @@ def _stream(meta: dict[str, str], chunks: Iterator[Chunk]) -> Iterator[str]:
 @bp.post("/count_tokens")
 def count_tokens() -> Response:
     body = validate(CountTokensRequest, json_body())
-    engine = sessions().engine()
+    engine = gateway().engine()
     return jsonify(TokenCount(input_tokens=len(engine.encode_chat(body.chat()))).model_dump())

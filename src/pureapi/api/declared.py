@@ -6,7 +6,7 @@ file is free; until then it is declared here by endpoint name.
 
 from __future__ import annotations
 
-from . import anthropic, conversations, responses, sessions
+from . import anthropic, conversations, responses, sessions, tenants
 from .docs import BODY_ERRORS, DECLARED, Operation
 
 _NOT_FOUND = (400, 401, 404)
@@ -41,7 +41,7 @@ DECLARED.update(
             ok=anthropic.TokenCount,
             answer="The count",
         ),
-        "sessions.list_sessions": Operation(
+        "sessions.list_directory": Operation(
             "Sessions, newest first, paged",
             "openai",
             (400, 401),
@@ -158,6 +158,13 @@ DECLARED.update(
             body=conversations.ItemsCreate,
             ok=responses.ItemList,
             answer="The items added",
+        ),
+        "tenants.list_tenants": Operation(
+            "Every tenant (API key) with its role, limits, usage and stored state: an admin key only",
+            "openai",
+            (401, 403),
+            ok=tenants.TenantList,
+            answer="The tenants",
         ),
         "conversations.retrieve_item": Operation("One item", "openai", _STORED, answer="The item"),
         "conversations.delete_item": Operation(

@@ -59,6 +59,7 @@ ERROR_BODIES: dict[Envelope, dict[str, Any]] = {
 ERROR_TEXTS = {
     400: "Bad request",
     401: "Missing or wrong API key",
+    403: "Not an admin key",
     404: "Not found",
     409: "Id taken, or Idempotency-Key reused with another request",
     413: "Body too large",

@@ -19,9 +19,9 @@ from .common import (
     TopP,
     drain,
     error_text,
+    gateway,
     json_body,
     primed,
-    sessions,
     sse,
     sse_response,
     validate,
@@ -257,7 +257,7 @@ def create_response() -> Response:
     conversation = body.conversation.id if isinstance(body.conversation, ConversationRef) else body.conversation
     temperature = 1.0 if body.temperature is None else float(body.temperature)
     top_p = 1.0 if body.top_p is None else float(body.top_p)
-    engine = sessions().engine()
+    engine = gateway().engine()
     requested = body.max_output_tokens
     params = SamplingParams(max_tokens=requested or 0, temperature=temperature, top_p=top_p)
     turn = Turn(
