@@ -161,7 +161,7 @@ def idempotency(body: BaseModel) -> tuple[str, str] | None:
                 "in": "header",
                 "required": False,
                 "description": "A retry with the same key on the same session returns the stored reply.",
-                "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
+                "schema": {"type": "string", "pattern": f"^{_SANE_KEY.pattern}$"},
             },
         ),
     )
