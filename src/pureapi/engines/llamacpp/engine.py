@@ -82,6 +82,7 @@ AHEAD_IDLE_SECONDS = 0.1
 
 # The counters /metrics shows, as pureapi_engine_<name>_total.
 COUNTED = (
+    "generated_tokens",
     "kv_cache_hits",
     "kv_cache_misses",
     "reused_tokens",
