@@ -13,7 +13,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,14 +182,14 @@ class TenantLimits:
 
     WINDOW = 60.0
 
-    def __init__(self, clock: object = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         # Guards every principal's counters; held for a check-and-update only.
         self._lock = threading.Lock()
         self._usage: dict[str, _Usage] = {}
 
     def _now(self) -> float:
-        return self._clock()  # type: ignore[operator,no-any-return]
+        return self._clock()
 
     def _trim(self, usage: _Usage, now: float) -> None:
         while usage.window and usage.window[0][0] <= now - self.WINDOW:
