@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .types import ToolCall
+from .types import Message, ToolCall
 
 
 @dataclass(frozen=True)
@@ -218,3 +218,14 @@ def template_tool_calls(message_calls: Sequence[ToolCall]) -> list[dict[str, Any
             arguments = call.arguments
         rendered.append({"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}})
     return rendered
+
+
+def unanswered_result(messages: Sequence[Message]) -> int | None:
+    """The index of the first tool message that answers no call of an earlier assistant message, or None."""
+    calls: set[str] = set()
+    for i, m in enumerate(messages):
+        if m.role == "assistant":
+            calls.update(call.id for call in m.tool_calls)
+        elif m.role == "tool" and m.tool_call_id not in calls:
+            return i
+    return None

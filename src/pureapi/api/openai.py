@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from ..errors import BadRequest
+from ..tools import unanswered_result
 from ..types import Chunk, Message, SamplingParams, ToolCall
 from ..types import TokenLogprob as TokenLogprobData
 from .common import (
@@ -46,13 +47,16 @@ from .common import (
 from .openai_output import MAX_TOP_LOGPROBS, ChoiceLogprobs, ResponseFormat
 from .openai_tools import (
     MessageToolCall,
+    ReplyReader,
     ToolCallDelta,
     ToolChoice,
     ToolPlan,
     ToolSpec,
     parse_reply,
     plan_tools,
+    with_schema,
 )
+from .strict import StrictBody
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -146,12 +150,9 @@ class SamplingFields(BaseModel):
         )
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, StrictBody):
     """Body of POST /v1/chat/completions. A field not listed here is a 400 naming it, never ignored;
     an unknown field sent as null counts as left out (some SDKs send every field they know)."""
-
-    # The document says so too: any other property may only be null.
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"additionalProperties": {"type": "null"}})
 
     model: StrictStr | None = Field(None, description="Ignored beyond echoing: one process serves one model.")
     messages: list[ChatMessage] = Field(min_length=1)
@@ -189,13 +190,6 @@ class ChatCompletionRequest(SamplingFields):
         None, description="Accepted and not used: the KV cache is found by the prompt's tokens."
     )
     safety_identifier: StrictStr | None = Field(None, description="Accepted and not used.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls_are_absent(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None or k in cls.model_fields}
-        return data
 
     @field_validator("logit_bias")
     @classmethod
@@ -340,16 +334,13 @@ def error_event(message: str) -> str:
 
 def _check_tool_results(messages: list[Message]) -> None:
     """Each tool message must answer a call an earlier assistant message made (as OpenAI requires)."""
-    calls: set[str] = set()
-    for i, m in enumerate(messages):
-        if m.role == "assistant":
-            calls.update(call.id for call in m.tool_calls)
-        elif m.role == "tool" and m.tool_call_id not in calls:
-            raise BadRequest(
-                f"messages.{i}.tool_call_id: a tool message must answer a call in an earlier assistant "
-                f"message's tool_calls ({m.tool_call_id!r} is none of them)",
-                param=f"messages.{i}.tool_call_id",
-            )
+    i = unanswered_result(messages)
+    if i is not None:
+        raise BadRequest(
+            f"messages.{i}.tool_call_id: a tool message must answer a call in an earlier assistant "
+            f"message's tool_calls ({messages[i].tool_call_id!r} is none of them)",
+            param=f"messages.{i}.tool_call_id",
+        )
 
 
 @bp.post("/chat/completions")
@@ -366,15 +357,9 @@ def chat_completions() -> Response:
     schema = body.response_format.schema_to_enforce() if body.response_format is not None else None
     service = sessions()
     engine = service.engine()
-    plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, engine)
-    if plan.schema is not None:
-        if schema is not None:
-            raise BadRequest(
-                "response_format: cannot hold the reply to a schema and force a tool call", param="response_format"
-            )
-        schema = plan.schema
-    elif schema is not None:
-        plan = replace(plan, fmt=None)  # the reply is held to the schema, so it holds no calls to parse
+    plan, schema = with_schema(
+        plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, engine), schema, "response_format"
+    )
     if plan.fmt is not None and logprobs is not None:
         raise BadRequest("logprobs: not available together with tools", param="logprobs")
     params = replace(body.sampling(requested or 1), json_schema=schema, logprobs=logprobs)
@@ -409,7 +394,7 @@ def _finish(reason: str | None, called: bool) -> str:
 def _stream(
     meta: dict[str, Any], chunks: Iterator[Chunk], include_usage: bool, logprobs: bool, plan: ToolPlan
 ) -> Iterator[str]:
-    parser = plan.parser()
+    reader = ReplyReader(plan)
 
     def event(delta: Delta, finish: str | None = None, tokens: list[TokenLogprobData] | None = None) -> str:
         lp = ChoiceLogprobs.of(tokens or []) if logprobs and tokens is not None else None
@@ -428,17 +413,14 @@ def _stream(
                 yield event(Delta(tool_calls=[delta]))
 
     def events(chunk: Chunk) -> Iterator[str]:
-        if parser is None:
+        if reader.parser is None:
             if chunk.text or chunk.logprobs:
                 yield event(Delta(content=chunk.text), tokens=chunk.logprobs or [])
         else:
-            text = chunk.text + (plan.closing() if chunk.finish_reason is not None else "")
-            items = parser.feed(text)
-            if chunk.finish_reason is not None:
-                items += parser.finish()
-            yield from parsed(items, len(parser.calls) - sum(isinstance(i, ToolCall) for i in items))
+            items = reader.feed(chunk.text, final=chunk.finish_reason is not None)
+            yield from parsed(items, len(reader.calls) - sum(isinstance(i, ToolCall) for i in items))
         if chunk.finish_reason is not None:
-            yield event(Delta(), _finish(chunk.finish_reason, bool(parser and parser.calls)))
+            yield event(Delta(), _finish(chunk.finish_reason, bool(reader.calls)))
             if include_usage:
                 yield sse(dump(ChatCompletionChunk(**meta, choices=[], usage=Usage.of(chunk))))
 
