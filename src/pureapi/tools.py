@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .types import Message, ToolCall
@@ -229,3 +229,15 @@ def unanswered_result(messages: Sequence[Message]) -> int | None:
         elif m.role == "tool" and m.tool_call_id not in calls:
             return i
     return None
+
+
+def named_results(messages: Sequence[Message]) -> list[Message]:
+    """The messages, each tool result naming the function of the call it answers (templates may show it)."""
+    names: dict[str, str] = {}
+    out: list[Message] = []
+    for m in messages:
+        names.update((call.id, call.name) for call in m.tool_calls)
+        if m.role == "tool" and m.name is None and m.tool_call_id in names:
+            m = replace(m, name=names[m.tool_call_id])
+        out.append(m)
+    return out

@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from ..tools import named_results
 from ..types import Chunk, Message, SamplingParams, ToolCall
 from .common import MAX_STOP, MaxTokens, TopP
 from .openai_tools import NAME, FunctionSpec, ToolMode
@@ -109,20 +110,17 @@ class MessageParam(BaseModel):
             raise ValueError(f"{self.role} messages cannot hold {wrong} blocks")
         return self
 
-    def chat(self, names: dict[str, str]) -> list[Message]:
+    def chat(self) -> list[Message]:
         """The message as chat messages: a user's tool results become tool messages (before its text), an
-        assistant's tool_use blocks its calls. names maps call ids to function names, and learns new ones."""
+        assistant's tool_use blocks its calls."""
         if isinstance(self.content, str):
             return [Message(self.role, self.content)]
         text = "".join(block.text or "" for block in self.content if block.type == "text")
         if self.role == "assistant":
             calls = tuple(block.call() for block in self.content if block.type == "tool_use")
-            names.update((call.id, call.name) for call in calls)
             return [Message("assistant", text, calls)]
         results = [
-            Message("tool", b.result(), tool_call_id=b.tool_use_id, name=names.get(b.tool_use_id or ""))
-            for b in self.content
-            if b.type == "tool_result"
+            Message("tool", b.result(), tool_call_id=b.tool_use_id) for b in self.content if b.type == "tool_result"
         ]
         return [*results, Message("user", text)] if text or not results else results
 
@@ -200,8 +198,7 @@ class CountTokensRequest(BaseModel):
     def chat(self) -> list[Message]:
         """The conversation as chat messages, the system prompt first."""
         head = [Message("system", _joined(self.system))] if self.system else []
-        names: dict[str, str] = {}
-        return head + [m for message in self.messages for m in message.chat(names)]
+        return named_results(head + [m for message in self.messages for m in message.chat()])
 
 
 class MessagesRequest(CountTokensRequest):

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..engines.base import Engine
 from ..errors import BadRequest, NotFound, NotReady
-from ..tools import unanswered_result
+from ..tools import named_results, unanswered_result
 from ..types import Chunk, Message, SamplingParams, ToolCall
 from .response_store import Item, ResponseStore
 from .sessions import SessionService, fit_window
@@ -42,7 +42,6 @@ def item_messages(items: Sequence[Item]) -> list[Message]:
     """The chat messages stored items stand for: messages as they are, a function_call as a call of an
     assistant message (the one just before it, or a new one), a function_call_output as a tool message."""
     out: list[Message] = []
-    names: dict[str, str] = {}
     for item in items:
         kind = item.get("type", "message")
         if kind == "message":
@@ -52,14 +51,12 @@ def item_messages(items: Sequence[Item]) -> list[Message]:
             out.append(Message(role, text))
         elif kind == "function_call":
             call = ToolCall(item["call_id"], item["name"], item["arguments"])
-            names[call.id] = call.name
             if out and out[-1].role == "assistant":
                 out[-1] = replace(out[-1], tool_calls=(*out[-1].tool_calls, call))
             else:
                 out.append(Message("assistant", "", (call,)))
         elif kind == "function_call_output":
-            call_id = item["call_id"]
-            out.append(Message("tool", item["output"], tool_call_id=call_id, name=names.get(call_id)))
+            out.append(Message("tool", item["output"], tool_call_id=item["call_id"]))
     return out
 
 
@@ -164,7 +161,7 @@ class ResponseService:
                     param="input",
                 )
             ids = fit_window(
-                lambda messages: engine.encode_chat([*head, *messages], turn.tools, turn.prefix),
+                lambda messages: engine.encode_chat(named_results([*head, *messages]), turn.tools, turn.prefix),
                 engine.context_length,
                 history,
                 rest,
