@@ -154,9 +154,14 @@ def test_count_tokens_uses_the_chat_template(fake: FakeApp) -> None:
         ({"messages": [{"role": "user", "content": [{"type": "document"}]}]}, "messages.0.content", "'document'"),
         ({"system": [{"type": "image"}]}, "system", "'image'"),
         (
-            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure"}]},
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]},
+                ]
+            },
             "messages",
-            "prefill",
+            "continued",
         ),
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools", "server tool"),
         ({"tools": [{"name": "f", "input_schema": {"minimum": 1}}]}, "tools[0].input_schema", "minimum"),

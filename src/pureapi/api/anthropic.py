@@ -166,15 +166,17 @@ def _stop(chunk: Chunk, called: bool) -> tuple[StopReason, str | None]:
 def messages() -> Response:
     body = validate(MessagesRequest, json_body())
     chat = body.chat()
-    if chat[-1].role != "user" and chat[-1].role != "tool":
-        raise BadRequest(
-            "messages: the last message must be from the user (prefilling the assistant's reply is not supported)",
-            param="messages",
-        )
     _check_results(chat)
     service = sessions()
     engine = service.engine()
     plan, schema = with_schema(_plan(body, engine), None, "tool_choice")
+    if chat[-1].role == "assistant" and (chat[-1].tool_calls or plan.prefix):
+        # A final assistant message is a prefill: the reply continues its text (and leaves it out).
+        raise BadRequest(
+            "messages: a final assistant message is continued, so it cannot hold tool_use blocks "
+            "or be followed by a forced tool call",
+            param="messages",
+        )
     params = replace(body.sampling(), json_schema=schema)
     stream = primed(service.stateless(chat, params, tools=plan.tools, prefix=plan.prefix))
     meta = {"id": f"msg_{uuid.uuid4().hex}", "model": engine.model_name}

@@ -190,6 +190,11 @@ class ChatCompletionRequest(SamplingFields, StrictBody):
         None, description="Accepted and not used: the KV cache is found by the prompt's tokens."
     )
     safety_identifier: StrictStr | None = Field(None, description="Accepted and not used.")
+    continue_final_message: StrictBool | None = Field(
+        None,
+        description="vLLM's: continue a final assistant message (prefill) rather than reply anew; on whenever "
+        "the assistant spoke last, so only true is accepted.",
+    )
 
     @field_validator("logit_bias")
     @classmethod
@@ -347,8 +352,7 @@ def _check_tool_results(messages: list[Message]) -> None:
 def chat_completions() -> Response:
     body = validate(ChatCompletionRequest, json_body())
     messages = [m.message() for m in body.messages]
-    if messages[-1].role == "assistant":
-        raise BadRequest("messages: the last message must not be from the assistant", param="messages")
+    prefill = _prefill(messages, body.continue_final_message)
     _check_tool_results(messages)
     requested = body.max_completion_tokens or body.max_tokens
     if body.top_logprobs and not body.logprobs:
@@ -360,6 +364,8 @@ def chat_completions() -> Response:
     plan, schema = with_schema(
         plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, engine), schema, "response_format"
     )
+    if prefill and plan.prefix:
+        raise BadRequest("messages: a forced tool call cannot continue an assistant message", param="messages")
     if plan.fmt is not None and logprobs is not None:
         raise BadRequest("logprobs: not available together with tools", param="logprobs")
     params = replace(body.sampling(requested or 1), json_schema=schema, logprobs=logprobs)
@@ -382,6 +388,28 @@ def chat_completions() -> Response:
     )
     completion = ChatCompletion(**meta, choices=[choice], usage=Usage.of(last))
     return jsonify(dump(completion))
+
+
+def _prefill(messages: list[Message], continue_final: bool | None) -> bool:
+    """Whether the reply continues a final assistant message (vLLM's continue_final_message, on by default
+    when the assistant spoke last); its text is not repeated in the reply."""
+    last = messages[-1]
+    if last.role != "assistant":
+        if continue_final:
+            raise BadRequest(
+                "continue_final_message: the last message is not the assistant's", param="continue_final_message"
+            )
+        return False
+    if continue_final is False:
+        raise BadRequest(
+            "continue_final_message: a final assistant message is always continued; send true or leave it out",
+            param="continue_final_message",
+        )
+    if last.tool_calls or not last.content:
+        raise BadRequest(
+            "messages: a final assistant message is continued, so it needs text and no tool_calls", param="messages"
+        )
+    return True
 
 
 def _finish(reason: str | None, called: bool) -> str:

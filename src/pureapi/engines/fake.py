@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import EngineError
 from ..tools import HERMES
 from ..types import Message, SamplingParams, TokenLogprob, TopLogprob
+from ._template import continues
 from .base import QueuedEngine
 from .jobs import Job
 
@@ -63,7 +64,8 @@ class FakeEngine(QueuedEngine):
         for m in messages:
             ids.append(self._id(f"<{m.role}>"))
             ids.extend(self._id(w) for w in _WORD.findall(m.content))
-        ids.append(self._id("<assistant>"))
+        if not continues(messages):  # a final assistant message goes on; else a new reply starts
+            ids.append(self._id("<assistant>"))
         ids.extend(self._id(w) for w in _WORD.findall(prefix))
         self.prompts.append(list(messages))
         self.tools.append(tools)

@@ -162,9 +162,11 @@ class TransformersEngine(QueuedEngine):
     def encode_chat(
         self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None, prefix: str = ""
     ) -> list[int]:
-        def render(msgs: list[dict[str, Any]]) -> str:
+        def render(msgs: list[dict[str, Any]], generation_prompt: bool) -> str:
             return str(
-                self.tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=True)
+                self.tokenizer.apply_chat_template(
+                    msgs, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+                )
             )
 
         ids: list[int] = []
