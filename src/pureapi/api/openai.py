@@ -273,6 +273,7 @@ class ChatCompletion(BaseModel):
     created: int
     model: str
     object: Literal["chat.completion"] = "chat.completion"
+    system_fingerprint: str | None = Field(None, description="Changes when the model file or the backend build does.")
     choices: list[Choice]
     usage: Usage
 
@@ -305,6 +306,7 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    system_fingerprint: str | None = Field(None, description="Changes when the model file or the backend build does.")
     choices: list[ChunkChoice]
     usage: Usage | None = Field(None, description="Present (null until the last chunk) only with include_usage.")
 
@@ -374,6 +376,7 @@ def chat_completions() -> Response:
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "created": int(time.time()),
         "model": engine.model_name,
+        "system_fingerprint": engine.system_fingerprint,
     }
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -13,7 +13,7 @@ from ..errors import EngineError
 from ..tools import HERMES
 from ..types import Message, SamplingParams, TokenLogprob, TopLogprob
 from ._template import continues
-from .base import QueuedEngine
+from .base import QueuedEngine, system_fingerprint
 from .jobs import Job
 
 _WORD = re.compile(r"\S+\s*|\s+")
@@ -30,6 +30,7 @@ class FakeEngine(QueuedEngine):
     def __init__(self, context_length: int = 4096, token_delay: float = 0.0, max_queue: int = 64):
         super().__init__(max_queue=max_queue)
         self.model_name = "fake-model"
+        self.system_fingerprint = system_fingerprint("fake-model", "fake")
         self.device = "cpu"
         self.context_length = context_length
         self.token_delay = token_delay

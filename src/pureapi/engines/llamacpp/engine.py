@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import BadRequest, Cancelled, ContextOverflow, EngineError, ModelLoadError, NotReady, PureAPIError
 from ...models.resolve import CPU_CONTEXT_CAP, ResolvedModel, check_gguf
 from ...types import Chunk, GenerationRequest, Message, TokenLogprob
-from ..base import Engine, model_fingerprint
+from ..base import Engine, model_fingerprint, system_fingerprint
 from ..jobs import Job, JobQueue
 from .batch import Batch, plan_step
 from .model import LlamaModel
@@ -197,6 +197,7 @@ class LlamaCppEngine(Engine):
             except OSError as exc:
                 log.warning("KV states stay in RAM only: cannot use %s (%s)", state_dir, exc)
         engine = cls(model, ctx, resolved.name, path.stat().st_size, n_batch, max_queue, kv_cache_mb, disk)
+        engine.system_fingerprint = system_fingerprint(resolved.name, path.stat().st_size, "llama.cpp", llc.__version__)
         log.info("loaded %s: %d slots of %d tokens", resolved.name, n_parallel, engine.context_length)
         return engine
 
