@@ -47,3 +47,14 @@ def test_the_fingerprint_follows_the_model_file_and_build() -> None:
     assert one == system_fingerprint("qwen.gguf", 491_000_000, "llama.cpp", "0.3.36")
     assert one != system_fingerprint("qwen.gguf", 491_000_001, "llama.cpp", "0.3.36")
     assert one != system_fingerprint("qwen.gguf", 491_000_000, "llama.cpp", "0.3.37")
+
+
+def test_with_tools_a_response_format_still_lets_the_model_call(fake: FakeApp) -> None:
+    weather = {"type": "function", "function": {"name": "weather", "parameters": CITY}}
+    fake.engine.enqueue('{"name": "weather", "arguments": {"city": "Oslo"}}')
+    r = chat(fake, tools=[weather], response_format={"type": "json_object", "schema": CITY})
+    choice = r.get_json()["choices"][0]
+    assert (
+        choice["finish_reason"] == "tool_calls" and choice["message"]["tool_calls"][0]["function"]["name"] == "weather"
+    )
+    assert (fake.engine.params[-1].json_schema or {})["anyOf"][1] == CITY

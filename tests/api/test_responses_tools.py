@@ -226,11 +226,6 @@ def test_text_format_is_enforced_while_sampling(fake: FakeApp, fmt: dict[str, An
             "'not'",
         ),
         ({"text": {"format": {"type": "xml"}}}, "text.format.type", ""),
-        (
-            {"tools": [WEATHER], "tool_choice": "required", "text": {"format": {"type": "json_object"}}},
-            "text.format",
-            "tool call",
-        ),
         ({"tools": [{**WEATHER, "parameters": {"minimum": 1}}]}, "tools[0].parameters", "minimum"),
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice", "'nope'"),
         ({"tool_choice": "required"}, "tool_choice", "needs tools"),
@@ -270,3 +265,36 @@ def test_a_model_without_tool_support_is_a_400_that_says_so(fake: FakeApp) -> No
     fake.engine.tool_format = None
     r = respond(fake, tools=[WEATHER])
     assert r.status_code == 400 and "without tool support" in r.get_json()["error"]["message"]
+
+
+CITY = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+SCHEMA_FORMAT = {"format": {"type": "json_schema", "name": "answer", "schema": CITY}}
+
+
+def test_with_tools_and_a_text_format_the_reply_is_a_call_or_the_format(fake: FakeApp) -> None:
+    fake.engine.enqueue('{"name": "weather", "arguments": {"city": "Oslo"}}', '{"city": "Oslo"}')
+    first = respond(fake, tools=[WEATHER], text=SCHEMA_FORMAT).get_json()
+    assert [(i["type"], i.get("name")) for i in first["output"]] == [("function_call", "weather")]
+    schema = fake.engine.params[-1].json_schema or {}
+    call, answer = schema["anyOf"]
+    assert call["properties"]["name"] == {"const": "weather"} and answer == CITY
+    second = respond(fake, tools=[WEATHER], text=SCHEMA_FORMAT).get_json()
+    assert second["output"][0]["content"][0]["text"] == '{"city": "Oslo"}'
+
+
+def test_a_json_reply_that_names_no_tool_is_not_a_call(fake: FakeApp) -> None:
+    fake.engine.enqueue('{"name": "Bob", "arguments": {}}')
+    body = respond(fake, tools=[WEATHER], text={"format": {"type": "json_object"}}).get_json()
+    assert [i["type"] for i in body["output"]] == ["message"]
+
+
+def test_a_forced_call_wins_over_the_text_format(fake: FakeApp) -> None:
+    fake.engine.enqueue('{"name": "weather", "arguments": {"city": "Oslo"}}')
+    body = respond(fake, tools=[WEATHER], tool_choice="required", text=SCHEMA_FORMAT).get_json()
+    assert body["output"][0]["type"] == "function_call"
+    assert (fake.engine.params[-1].json_schema or {})["properties"]["name"] == {"const": "weather"}

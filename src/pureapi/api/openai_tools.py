@@ -109,12 +109,15 @@ class ToolPlan:
     schema: dict[str, Any] | None = None
     fmt: ToolFormat | None = None
     parallel: bool = True
+    # The schema of a bare call to any of the functions: what a reply held to a schema may be instead.
+    any_call: dict[str, Any] | None = None
+    names: frozenset[str] | None = None  # given: calls to other functions stay text
 
     def parser(self) -> ToolCallParser | None:
         """A parser for the reply, already fed the prefix the prompt ended with; None: no parsing."""
         if self.fmt is None:
             return None
-        parser = ToolCallParser(self.fmt, self.parallel)
+        parser = ToolCallParser(self.fmt, self.parallel, self.names)
         parser.feed(self.prefix)
         return parser
 
@@ -153,7 +156,8 @@ def plan_functions(
     fmt = engine.tool_format
     rendered = [{"type": "function", "function": function.model_dump(exclude_none=True)} for function in functions]
     if mode == "auto":
-        return ToolPlan(tools=rendered, fmt=fmt, parallel=parallel)
+        any_call = forced_schema([(function.name, function.arguments_schema()) for function in functions], fmt)
+        return ToolPlan(tools=rendered, fmt=fmt, parallel=parallel, any_call=any_call)
     chosen = [function for function in functions if mode == "required" or function.name == forced]
     if not chosen:
         raise BadRequest(f"tool_choice: no function named {forced!r} in tools", param="tool_choice")
@@ -169,17 +173,24 @@ def plan_tools(tools: list[ToolSpec] | None, choice: ToolChoice | None, parallel
     return plan_functions(functions, choice or "auto", None, parallel, engine)
 
 
-def with_schema(plan: ToolPlan, schema: dict[str, Any] | None, param: str) -> tuple[ToolPlan, dict[str, Any] | None]:
+def with_schema(
+    plan: ToolPlan, schema: dict[str, Any] | None, param: str, forced_wins: bool = False
+) -> tuple[ToolPlan, dict[str, Any] | None]:
     """A plan and the schema the reply is held to, given the request's structured-output schema (param
-    names the field that asked for it): a forced call and a schema exclude each other, and a reply held
-    to a schema holds no calls to parse."""
+    names the field that asked for it). A forced call and a schema exclude each other (forced_wins: the
+    call is the reply, so the schema, which shapes text, has nothing to hold). With tools to choose
+    from, the reply is held to the schema or to a bare call of one of them (a call, not a tagged one:
+    a grammar holds the whole reply), which is read as a call only when it calls one of them."""
     if plan.schema is not None:
-        if schema is not None:
+        if schema is not None and not forced_wins:
             raise BadRequest(f"{param}: cannot hold the reply to a schema and force a tool call", param=param)
         return plan, plan.schema
-    if schema is not None:
+    if schema is None:
+        return plan, None
+    if plan.any_call is None or plan.fmt is None:
         return replace(plan, fmt=None), schema
-    return plan, None
+    names = frozenset(tool["function"]["name"] for tool in plan.tools or ())
+    return replace(plan, names=names), {"anyOf": [plan.any_call, schema]}
 
 
 class ReplyReader:

@@ -88,7 +88,9 @@ def create_response() -> Response:
         engine,
         "tools[{i}].parameters",
     )
-    plan, schema = with_schema(plan, text_format.schema_to_enforce() if text_format else None, "text.format")
+    # text.format shapes text; a forced call is no text, so it wins (OpenAI takes both).
+    text_schema = text_format.schema_to_enforce() if text_format else None
+    plan, schema = with_schema(plan, text_schema, "text.format", forced_wins=True)
     params = SamplingParams(max_tokens=requested or 0, temperature=temperature, top_p=top_p, json_schema=schema)
     turn = Turn(
         input=[],
