@@ -138,3 +138,43 @@ def test_a_prefilled_reply_goes_on_from_the_prefill(qwen: Server) -> None:
         )
     text = r.choices[0].message.content or ""
     assert text.lstrip().lower().startswith("five"), text  # continued, not begun again
+
+
+def test_an_agents_sdk_agent_calls_its_tool_and_returns_its_output_type(qwen: Server) -> None:
+    """The issue's "done when": the OpenAI Agents SDK's default model (Responses), one function tool, a
+    pydantic output_type, against a real server."""
+    from agents import Agent, ModelSettings, OpenAIResponsesModel, RunHooks, Runner, function_tool, set_tracing_disabled
+    from pydantic import BaseModel
+
+    set_tracing_disabled(True)  # no trace export to OpenAI
+    asked: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        asked.append(city)
+        return f"It is 22 degrees Celsius and sunny in {city}."
+
+    class Weather(BaseModel):
+        city: str
+        degrees_celsius: int
+
+    class AnswerAfterTheTool(RunHooks):  # type: ignore[type-arg]
+        """The 0.5B model, shown the tools again, only calls again: once the tool ran, the agent answers."""
+
+        async def on_tool_end(self, context: Any, agent: Any, tool: Any, result: str) -> None:
+            agent.model_settings.tool_choice = "none"
+
+    model = OpenAIResponsesModel("qwen", openai.AsyncOpenAI(base_url=qwen.url + "/v1", api_key="none", max_retries=0))
+    agent = Agent(
+        name="weather",
+        instructions="Use the tool, then answer with the city and its temperature in degrees Celsius.",
+        model=model,
+        tools=[get_weather],
+        output_type=Weather,
+        model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=80),
+        reset_tool_choice=False,  # the hook sets it
+    )
+    result = Runner.run_sync(agent, ASK, max_turns=4, hooks=AnswerAfterTheTool())
+    assert asked and "paris" in asked[0].lower()
+    assert isinstance(result.final_output, Weather) and result.final_output.degrees_celsius == 22
