@@ -77,3 +77,11 @@ def test_anthropic_prefill_is_continued_and_left_out_of_the_reply(fake: FakeApp)
         d["delta"]["text"] for name, d in named_events(streamed.get_data(as_text=True)) if name == "content_block_delta"
     ]
     assert "".join(deltas) == " a time."
+
+
+def test_vllms_add_generation_prompt_must_agree(fake: FakeApp) -> None:
+    fake.engine.enqueue(" a time.")
+    ok = fake.client.post("/v1/chat/completions", json={"messages": PREFILLED, "add_generation_prompt": False})
+    assert ok.status_code == 200, ok.get_data(as_text=True)
+    bad = fake.client.post("/v1/chat/completions", json={"messages": PREFILLED, "add_generation_prompt": True})
+    assert bad.status_code == 400 and bad.get_json()["error"]["param"] == "add_generation_prompt"

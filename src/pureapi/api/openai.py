@@ -190,6 +190,9 @@ class ChatCompletionRequest(SamplingFields, StrictBody):
         None, description="Accepted and not used: the KV cache is found by the prompt's tokens."
     )
     safety_identifier: StrictStr | None = Field(None, description="Accepted and not used.")
+    add_generation_prompt: StrictBool | None = Field(
+        None, description="vLLM's: false exactly when the final assistant message is continued (the default)."
+    )
     continue_final_message: StrictBool | None = Field(
         None,
         description="vLLM's: continue a final assistant message (prefill) rather than reply anew; on whenever "
@@ -355,6 +358,11 @@ def chat_completions() -> Response:
     body = validate(ChatCompletionRequest, json_body())
     messages = [m.message() for m in body.messages]
     prefill = _prefill(messages, body.continue_final_message)
+    if body.add_generation_prompt is not None and body.add_generation_prompt == prefill:
+        raise BadRequest(
+            "add_generation_prompt: a reply continues a final assistant message (false) or starts anew (true)",
+            param="add_generation_prompt",
+        )
     _check_tool_results(messages)
     requested = body.max_completion_tokens or body.max_tokens
     if body.top_logprobs and not body.logprobs:
