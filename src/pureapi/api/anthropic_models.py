@@ -21,7 +21,7 @@ from pydantic import (
 from ..tools import named_results
 from ..types import Chunk, Message, SamplingParams, ToolCall
 from .common import MAX_STOP, MaxTokens, TopP
-from .openai_tools import NAME, FunctionSpec, ToolMode
+from .openai_tools import NAME, FunctionSpec, ToolMode, other_type
 
 CacheControl = Field(None, description="Accepted and not needed: prompt prefixes are reused automatically.")
 BLOCK_TYPES = ("text", "tool_use", "tool_result")
@@ -76,13 +76,9 @@ class BlockParam(BaseModel):
 
 
 def _blocks_of(value: Any, allowed: tuple[str, ...]) -> Any:
-    if isinstance(value, list):
-        for block in value:
-            kind = block.get("type") if isinstance(block, dict) else None
-            if isinstance(kind, str) and kind not in allowed:
-                raise ValueError(
-                    f"content blocks of type {kind!r} are not supported here; {', '.join(map(repr, allowed))} are"
-                )
+    kind = other_type(value, (*allowed, None))
+    if kind is not None:
+        raise ValueError(f"content blocks of type {kind!r} are not supported here; {', '.join(map(repr, allowed))} are")
     return value
 
 
@@ -181,11 +177,9 @@ class CountTokensRequest(BaseModel):
     @field_validator("tools", mode="before")
     @classmethod
     def _client_tools_only(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            for tool in value:
-                kind = tool.get("type") if isinstance(tool, dict) else None
-                if kind not in (None, "custom"):
-                    raise ValueError(f"the server tool {kind!r} is not supported; only client tools are")
+        kind = other_type(value, (None, "custom"))
+        if kind is not None:
+            raise ValueError(f"the server tool {kind!r} is not supported; only client tools are")
         return value
 
     @field_validator("thinking")

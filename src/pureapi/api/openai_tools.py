@@ -129,6 +129,16 @@ class ToolPlan:
 ToolMode = Literal["auto", "none", "required", "named"]
 
 
+def other_type(value: Any, allowed: tuple[str | None, ...]) -> str | None:
+    """The first `type` among a list's objects (tools, content blocks) that is not allowed, for a 400 that
+    names it before the shapes are validated; None when there is none (or value is no list)."""
+    for entry in value if isinstance(value, list) else ():
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        if kind not in allowed and (kind is None or isinstance(kind, str)):
+            return str(kind)
+    return None
+
+
 def plan_functions(
     functions: Sequence[FunctionSpec],
     mode: ToolMode,

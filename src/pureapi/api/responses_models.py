@@ -21,7 +21,7 @@ from ..chat.responses import message_item, new_id
 from ..types import Message
 from .common import MaxTokens, Temperature, TopP
 from .openai_output import format_schema
-from .openai_tools import NAME, FunctionSpec
+from .openai_tools import NAME, FunctionSpec, other_type
 from .strict import StrictBody
 
 MAX_ITEMS = 1000
@@ -203,11 +203,9 @@ class ResponseRequest(StrictBody):
     @field_validator("tools", mode="before")
     @classmethod
     def _function_tools_only(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            for tool in value:
-                kind = tool.get("type") if isinstance(tool, dict) else None
-                if isinstance(kind, str) and kind != "function":
-                    raise ValueError(f"the built-in tool {kind!r} is not supported; only function tools are")
+        kind = other_type(value, ("function", None))
+        if kind is not None:
+            raise ValueError(f"the built-in tool {kind!r} is not supported; only function tools are")
         return value
 
     @field_validator("background")
