@@ -11,6 +11,8 @@ from werkzeug.exceptions import HTTPException
 
 from .api.anthropic import PATH as ANTHROPIC_PATH
 from .api.anthropic import error_body as anthropic_error
+from .chat.directory import SessionDirectory
+from .chat.gateway import Caller, Gateway
 from .chat.response_store import ResponseStore
 from .chat.responses import ResponseService
 from .chat.sessions import SessionService
@@ -19,6 +21,7 @@ from .engines.base import Engine
 from .errors import PureAPIError
 from .metrics import Metrics
 from .settings import Settings
+from .tenants import Keyring, TenantLimits
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +34,37 @@ class AppState:
     store: SessionStore
     engine: Engine | None = None
     load_seconds: float | None = None  # how long the engine took to load, once it has
+    gateway: Gateway = field(init=False)
     sessions: SessionService = field(init=False)
+    directory: SessionDirectory = field(init=False)
     metrics: Metrics = field(init=False)
     responses: ResponseService = field(init=False)
+    keys: Keyring = field(init=False)
+    limits: TenantLimits = field(init=False)
 
     def __post_init__(self) -> None:
-        self.sessions = SessionService(
-            self.store, lambda: self.engine, self.settings.max_rounds, self.settings.max_queue
+        from . import security
+
+        settings = self.settings
+        self.keys = Keyring(
+            settings.api_key,
+            settings.admin_key,
+            settings.api_key_file,
+            settings.tenant_max_concurrent,
+            settings.tenant_tokens_per_minute,
         )
+        self.limits = TenantLimits()
         self.metrics = Metrics(self)
-        self.sessions.metrics = self.metrics
-        self.sessions.cache_scope = lambda: g.get("cache_scope", "") if has_request_context() else ""
+
+        def caller() -> Caller:
+            scope = g.get("cache_scope", "") if has_request_context() else ""
+            return Caller(security.principal(), security.owner(), scope)
+
+        self.gateway = Gateway(
+            lambda: self.engine, settings.max_queue, caller=caller, limits=self.limits, metrics=self.metrics
+        )
+        self.sessions = SessionService(self.store, self.gateway, settings.max_rounds)
+        self.directory = SessionDirectory(self.sessions)
         if not isinstance(self.store, SQLiteStore):
             raise TypeError("the Responses API keeps its state in the SQLite session store")
         self.responses = ResponseService(ResponseStore(self.store), self.sessions, self.settings.response_ttl)
@@ -59,11 +82,11 @@ def create_app(
     app.extensions["pureapi"] = state
 
     from . import logs, metrics, security
-    from .api import anthropic, completions, conversations, openai, openapi, responses, seed, sessions, web
+    from .api import anthropic, completions, conversations, openai, openapi, responses, seed, sessions, tenants, web
 
     logs.install(app)  # first, so that even a request the guard refuses has an id
     metrics.install(app, state.metrics)
-    security.install(app, settings)
+    security.install(app, settings, state.keys)
 
     app.register_blueprint(seed.bp)
     app.register_blueprint(openai.bp)
@@ -73,6 +96,7 @@ def create_app(
     app.register_blueprint(conversations.bp)
     app.register_blueprint(openapi.bp)
     app.register_blueprint(sessions.bp)
+    app.register_blueprint(tenants.bp)
     app.register_blueprint(web.bp)
 
     app.register_error_handler(PureAPIError, _pureapi_error)
@@ -82,7 +106,12 @@ def create_app(
 
 
 def error_response(
-    status: int, message: str, type_: str, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    type_: str,
+    param: str | None = None,
+    code: str | None = None,
+    retry_after: int = 1,
 ) -> Response:
     """The error envelope of the surface the request came to: Anthropic's under /v1/messages, OpenAI's
     elsewhere under /v1, the seed's elsewhere."""
@@ -96,7 +125,7 @@ def error_response(
     response = jsonify(body)
     response.status_code = status
     if status in (429, 503):
-        response.headers["Retry-After"] = "1"
+        response.headers["Retry-After"] = str(retry_after)
     if status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
     return response
@@ -105,7 +134,7 @@ def error_response(
 def _pureapi_error(exc: PureAPIError) -> Response:
     if exc.status >= 500:
         log.warning("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
-    return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+    return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, getattr(exc, "retry_after", 1))
 
 
 def _http_error(exc: HTTPException) -> Response:

@@ -58,6 +58,24 @@ class Conflict(PureAPIError):
     type = "invalid_request_error"
 
 
+class Forbidden(PureAPIError):
+    """The key is valid but may not do this (an admin's right)."""
+
+    status = 403
+    type = "permission_error"
+
+
+class RateLimited(PureAPIError):
+    """A tenant's limit (concurrent generations, tokens per minute) is reached; retry after retry_after seconds."""
+
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
 class UnsupportedMediaType(PureAPIError):
     """The body is not JSON."""
 

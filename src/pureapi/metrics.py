@@ -45,7 +45,7 @@ class _LiveCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         state = self.state
-        service = state.sessions
+        service = state.gateway
         yield GaugeMetricFamily(
             "pureapi_queue_depth", "Generations admitted and waiting for their first token.", value=service.waiting()
         )
@@ -55,6 +55,8 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily(
             "pureapi_sessions", "Conversations kept in the session store.", value=state.store.count_sessions()
         )
+        if _sees_tenants(state):
+            yield from _tenant_metrics(state.limits.usage())
         if state.load_seconds is not None:
             yield GaugeMetricFamily(
                 "pureapi_model_load_seconds",
@@ -78,6 +80,32 @@ class _LiveCollector(Collector):
                 yield CounterMetricFamily(name, help_text, value=value)
             else:
                 yield GaugeMetricFamily(name, help_text, value=value)
+
+
+def _sees_tenants(state: AppState) -> bool:
+    """Other tenants' names and usage are for an admin key, a public /metrics, or a server without keys."""
+    from .security import principal
+
+    return not state.keys or state.settings.metrics_public or principal().admin
+
+
+def _tenant_metrics(usage: dict[str, dict[str, int]]) -> Iterator[Metric]:
+    """Per-tenant counts, labelled by the principal's name (never by its key)."""
+    in_flight = GaugeMetricFamily("pureapi_tenant_in_flight", "Generations in flight, by tenant.", labels=["tenant"])
+    requests = CounterMetricFamily("pureapi_tenant_generations", "Generations admitted, by tenant.", labels=["tenant"])
+    rejected = CounterMetricFamily(
+        "pureapi_tenant_rejected", "Generations refused by the tenant's limits (429), by tenant.", labels=["tenant"]
+    )
+    tokens = CounterMetricFamily(
+        "pureapi_tenant_tokens", "Tokens by tenant and kind (prompt, completion).", labels=["tenant", "kind"]
+    )
+    for name, counts in usage.items():
+        in_flight.add_metric([name], counts["in_flight"])
+        requests.add_metric([name], counts["requests"])
+        rejected.add_metric([name], counts["rejected"])
+        tokens.add_metric([name, "prompt"], counts["prompt_tokens"])
+        tokens.add_metric([name, "completion"], counts["completion_tokens"])
+    yield from (in_flight, requests, rejected, tokens)
 
 
 class Metrics:

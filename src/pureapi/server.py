@@ -13,10 +13,11 @@ from types import FrameType
 from .app import AppState, create_app
 from .chat.expiry import SessionExpirer
 from .chat.store import SQLiteStore, StoreError
-from .engines.registry import load_engine, resolve
+from .engines.registry import choose_engine, load_engine, resolve
 from .errors import ModelLoadError
 from .models.resolve import ResolvedModel
 from .settings import Settings
+from .tenants import KeyFileError
 from .types import GenerationRequest, Message, SamplingParams
 
 log = logging.getLogger("pureapi")
@@ -51,6 +52,18 @@ def _load(state: AppState, model: ResolvedModel, failed: list[str]) -> None:
     _thread.interrupt_main()  # wake the server loop in the main thread so the process exits
 
 
+def shared_kv_refusal(settings: Settings, tenants: int, engine: str) -> str | None:
+    """Why the server must not start: the transformers batch shares KV pages by content across all
+    requests, so with several tenants and --kv-cache-scope key one could time another's cache hits."""
+    batched = settings.concurrency("transformers") > 1
+    if engine == "transformers" and batched and tenants > 1 and settings.kv_cache_scope == "key":
+        return (
+            f"{tenants} API keys with --kv-cache-scope key, but the transformers engine's batch shares cached KV "
+            "pages across keys; start with --kv-cache-scope global to accept that, or --parallel 1"
+        )
+    return None
+
+
 def serve(settings: Settings) -> int:
     """Run the server until SIGINT/SIGTERM; returns the process exit code."""
     from waitress.server import create_server
@@ -61,8 +74,16 @@ def serve(settings: Settings) -> int:
     except (ModelLoadError, StoreError) as exc:
         print(f"pureapi: {exc}", file=sys.stderr)
         return 1
-    app = create_app(settings, store=store)
+    try:
+        app = create_app(settings, store=store)
+    except KeyFileError as exc:
+        print(f"pureapi: {exc}", file=sys.stderr)
+        return 1
     state: AppState = app.extensions["pureapi"]
+    shared = shared_kv_refusal(settings, len(state.keys.principals()), choose_engine(settings, model))
+    if shared:
+        print(f"pureapi: {shared}", file=sys.stderr)
+        return 1
     try:
         server = create_server(
             app,
@@ -82,13 +103,23 @@ def serve(settings: Settings) -> int:
     def stop(signum: int, frame: FrameType | None) -> None:
         # Stop the generations in flight first: waitress then waits (5 s at most) for its threads,
         # and the engine's close waits for its worker, so neither sits out a long reply.
-        state.sessions.cancel_all()
+        state.gateway.cancel_all()
         raise KeyboardInterrupt
+
+    def reload_keys(signum: int, frame: FrameType | None) -> None:
+        try:
+            state.keys.reload()
+        except KeyFileError as exc:  # a mistake in the edited file keeps the keys in force
+            log.error("%s; the keys in force are kept", exc)
+        else:
+            log.info("API keys reloaded: %d tenants", len(state.keys.principals()))
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, reload_keys)
     failed: list[str] = []
-    expirer = SessionExpirer(state.sessions, settings.session_ttl).start() if settings.session_ttl > 0 else None
+    expirer = SessionExpirer(state.directory, settings.session_ttl).start() if settings.session_ttl > 0 else None
     threading.Thread(target=_load, args=(state, model, failed), name="model-loader", daemon=True).start()
     log.info("listening on http://%s:%d (model %s loading)", settings.host, settings.port, settings.model)
     try:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 ENV_PREFIX = "PUREAPI_"
 
@@ -26,8 +26,43 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("pureapi", appauthor=False))
 
 
+DEFAULT_PARALLEL = {"llamacpp": 4, "transformers": 8, "remote": 16}
+
+# Old flag names that keep working: alias -> field.
+ALIASES = {"max_batch_size": "parallel"}
+
+# --help shows the flags in these groups, in this order; every field is in exactly one.
+GROUPS: dict[str, list[str]] = {
+    "model": ["model", "engine", "quant", "device", "ctx_size", "parallel", "fit_check", "max_memory", "cache_dir"],
+    "server": ["host", "port", "threads", "max_queue", "max_body_bytes", "log_level", "log_format"],
+    "conversations and state": ["db", "max_rounds", "session_ttl", "response_ttl", "kv_cache_mb", "kv_cache_scope"],
+    "keys, tenants and access": [
+        "api_key",
+        "admin_key",
+        "api_key_file",
+        "tenant_max_concurrent",
+        "tenant_tokens_per_minute",
+        "cors_origins",
+        "allowed_hosts",
+        "metrics_public",
+    ],
+    "llama.cpp engine": ["cpu_threads", "flash_attn", "kv_disk_mb"],
+    "remote engine (an OpenAI-compatible upstream)": ["upstream", "upstream_key", "upstream_model", "upstream_timeout"],
+}
+
+
 class Settings(BaseModel):
     """Everything `pureapi serve` can be told; each field is a flag and an env var."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            for alias, name in ALIASES.items():
+                if alias in values:
+                    value = values.pop(alias)
+                    values.setdefault(name, value)
+        return values
 
     model: str = Field(
         "smollm2",
@@ -86,17 +121,11 @@ class Settings(BaseModel):
     parallel: int | None = Field(
         None,
         ge=1,
-        le=256,
-        description="llama.cpp engine: generations decoded together in one batch (slots), each with its own "
-        "--ctx-size window of KV cache. Default: min(4, --threads). Remote engine: generations sent upstream at "
-        "once (default 16).",
-    )
-    max_batch_size: int = Field(
-        8,
-        ge=1,
         le=1024,
-        description="transformers engine: generations decoded together in one continuous batch (transformers' "
-        "paged-attention manager, with prefix reuse); 1: one at a time with generate, no KV kept between requests.",
+        description="Concurrent generations, on every engine: llama.cpp's slots (decoded together in one batch, "
+        "each with its own --ctx-size window), the transformers engine's continuous batch (1: one at a time with "
+        "generate, no KV kept between requests), or the requests the remote engine sends upstream at once. "
+        "Default: 4 on llama.cpp, 8 on transformers, 16 on remote. Alias: --max-batch-size.",
     )
     cpu_threads: int | None = Field(
         None, ge=1, le=1024, description="llama.cpp engine: CPU threads that compute. Default: the number of cores."
@@ -110,11 +139,11 @@ class Settings(BaseModel):
         256,
         ge=0,
         le=1_000_000,
-        description="llama.cpp engine: MiB of RAM for the KV states of conversations whose slot another prompt "
-        "took, found again by their tokens, so that the next turn (a session's, or a stateless client's that "
-        "resends the history) is restored instead of prefilled again (least recently used dropped first); "
-        "0 disables. transformers engine on CPU: MiB of paged KV cache beyond the running batch's "
-        "(--max-batch-size x 1024 tokens), where finished requests' pages stay to be reused by content.",
+        description="MiB of RAM for KV kept after a generation ends, found again by its tokens, so that a "
+        "conversation's next turn (a session's, or a stateless client's that resends the history) reuses it "
+        "instead of computing it again (least recently used dropped first); 0 keeps none. llama.cpp keeps the "
+        "states of slots another prompt took; transformers keeps finished requests' pages, beside the running "
+        "batch's (--parallel x 1024 tokens on a CPU).",
     )
     kv_disk_mb: int = Field(
         1024,
@@ -126,8 +155,9 @@ class Settings(BaseModel):
     )
     kv_cache_scope: Literal["key", "global"] = Field(
         "key",
-        description="llama.cpp engine: who shares cached KV when --api-key is set. key: only requests with the "
-        "same API key (another key's client cannot tell from response times what was cached); global: all.",
+        description="Who shares cached KV when API keys are set. key: only requests of the same tenant (another "
+        "tenant cannot tell from response times what was cached; the transformers engine, whose batch shares "
+        "pages across keys, refuses to start with several keys unless --max-batch-size 1); global: all.",
     )
     response_ttl: int = Field(
         30 * 24 * 3600,
@@ -142,7 +172,26 @@ class Settings(BaseModel):
     api_key: list[str] = Field(
         default_factory=list,
         description="Require 'Authorization: Bearer KEY' on every route but /health and the chat page's files; "
-        "repeat the flag (or comma-separate in the env var) for several keys.",
+        "repeat the flag (or comma-separate in the env var) for several keys. Each key is a tenant that sees "
+        "only its own sessions, responses and conversations, named key-<hash of the key>.",
+    )
+    admin_key: list[str] = Field(
+        default_factory=list,
+        description="Like --api-key, with the admin role: GET /v1/tenants, and acting for another tenant with "
+        "the X-Tenant header.",
+    )
+    api_key_file: Path | None = Field(
+        None,
+        description="File of API keys, one 'name:key' a line, optionally followed by admin, max_concurrent=N, "
+        "tokens_per_minute=N; '#' comments. Re-read on SIGHUP. Keeps keys out of ps and shell history.",
+    )
+    tenant_max_concurrent: int = Field(
+        0, ge=0, le=100_000, description="Generations one tenant (API key) may have in flight at once; 0: no limit."
+    )
+    tenant_tokens_per_minute: int = Field(
+        0,
+        ge=0,
+        description="Tokens (prompt + reply) one tenant may use per minute, over a sliding minute; 0: no limit.",
     )
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins allowed to call the API from a browser (CORS); none by default."
@@ -175,6 +224,10 @@ class Settings(BaseModel):
             parse_size(value)  # raises ValueError with the accepted forms
         return value
 
+    def concurrency(self, engine: str) -> int:
+        """Concurrent generations on an engine: --parallel, else the engine's default."""
+        return self.parallel or DEFAULT_PARALLEL.get(engine, 4)
+
     def max_memory_bytes(self) -> int | None:
         """--max-memory in bytes."""
         from .models.fit import parse_size
@@ -200,28 +253,41 @@ def _flag(name: str) -> str:
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per Settings field; env vars PUREAPI_<FIELD> override the built-in default."""
-    for name, field in Settings.model_fields.items():
-        annotation = field.annotation
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
-        default = os.environ.get(ENV_PREFIX + name.upper(), field.get_default(call_default_factory=True))
-        shown = "******" if name in ("api_key", "upstream_key") and default else default
-        help_text = f"{field.description} (default: {shown}; env {ENV_PREFIX}{name.upper()})"
-        if get_origin(annotation) is Literal:
-            kwargs["choices"] = list(get_args(annotation))
-        if get_origin(annotation) is list:
-            kwargs["action"] = "append"
-        if annotation is bool:
-            kwargs["action"] = "store_true"
-        parser.add_argument(_flag(name), help=help_text, **kwargs)
+    """Add one flag per Settings field, in GROUPS; env vars PUREAPI_<FIELD> override the built-in default."""
+    aliases_of = {name: [a for a, n in ALIASES.items() if n == name] for name in Settings.model_fields}
+    for title, names in GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            field = Settings.model_fields[name]
+            annotation = field.annotation
+            kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+            default = _env(name, field.get_default(call_default_factory=True))
+            shown = "******" if name in ("api_key", "admin_key", "upstream_key") and default else default
+            help_text = f"{field.description} (default: {shown}; env {ENV_PREFIX}{name.upper()})"
+            if get_origin(annotation) is Literal:
+                kwargs["choices"] = list(get_args(annotation))
+            if get_origin(annotation) is list:
+                kwargs["action"] = "append"
+            if annotation is bool:
+                kwargs["action"] = "store_true"
+            group.add_argument(_flag(name), *map(_flag, aliases_of[name]), help=help_text, **kwargs)
+
+
+def _env(name: str, default: Any = None) -> Any:
+    """A field's environment variable, or an old alias's; else the default."""
+    for key in [name, *(a for a, n in ALIASES.items() if n == name)]:
+        value = os.environ.get(ENV_PREFIX + key.upper())
+        if value is not None and value != "":
+            return value
+    return default
 
 
 def settings_from_args(ns: argparse.Namespace) -> Settings:
     """Build validated Settings from env vars, then parsed flags (flags win)."""
     values: dict[str, Any] = {}
     for name in Settings.model_fields:
-        env = os.environ.get(ENV_PREFIX + name.upper())
-        if env is not None and env != "":
+        env = _env(name)
+        if env is not None:
             is_list = get_origin(Settings.model_fields[name].annotation) is list
             values[name] = [v.strip() for v in env.split(",") if v.strip()] if is_list else env
     values.update({k: v for k, v in vars(ns).items() if k in Settings.model_fields})

@@ -43,7 +43,7 @@ def test_it_is_stateless(fake: FakeApp) -> None:
     completion(fake, messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "one"}])
     completion(fake, messages=[{"role": "user", "content": "two"}])
     assert fake.engine.prompts[-1] == [Message("user", "two")]
-    assert fake.store.history("default")[0] == []
+    assert fake.store.history("default", owner="")[0] == []
 
 
 def test_length_finish_reason(fake: FakeApp) -> None:

@@ -57,7 +57,7 @@ def test_response_shape_usage_and_storage(fake: FakeApp) -> None:
         ("user", [{"type": "input_text", "text": "hi there"}])
     ]
     assert items["first_id"] == items["last_id"] == items["data"][0]["id"] and items["has_more"] is False
-    assert fake.store.history("default")[0] == []  # sessions are untouched
+    assert fake.store.history("default", owner="")[0] == []  # sessions are untouched
 
 
 def test_a_chain_carries_the_history_but_not_the_instructions(fake: FakeApp) -> None:
@@ -315,7 +315,7 @@ def test_a_sessions_database_from_before_the_responses_api_migrates(tmp_path: Pa
     old.close()
     store = SQLiteStore(tmp_path / "s.db")
     try:
-        assert store.history("s")[0] == [Message("user", "kept")]
+        assert store.history("s", owner="")[0] == [Message("user", "kept")]
         with store.reading() as db:
             assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
             assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 0

@@ -50,7 +50,7 @@ def test_history_keeps_at_most_20_rounds_oldest_dropped(fake: FakeApp) -> None:
         fake.engine.enqueue(f"reply {i}")
         assert chat(fake, message=f"message {i}").status_code == 200
     assert fake.client.get("/status").get_json()["conversation_length"] == 40
-    history = fake.store.history("default")[0]
+    history = fake.store.history("default", owner="")[0]
     assert history[0] == Message("user", "message 3")
     assert history[-1] == Message("assistant", "reply 22")
     # The model saw the 20 stored rounds plus the new message.
@@ -105,7 +105,7 @@ def test_a_failed_generation_leaves_history_unchanged(fake: FakeApp) -> None:
     fake.engine.enqueue(RuntimeError("boom"))
     r = chat(fake, message="second")
     assert r.status_code == 500 and "error" in r.get_json()
-    assert fake.store.history("default")[0] == [Message("user", "first"), Message("assistant", "fine")]
+    assert fake.store.history("default", owner="")[0] == [Message("user", "first"), Message("assistant", "fine")]
 
 
 def test_a_failure_mid_stream_is_an_error_event_and_history_is_unchanged(fake: FakeApp) -> None:
@@ -113,7 +113,7 @@ def test_a_failure_mid_stream_is_an_error_event_and_history_is_unchanged(fake: F
     r = chat(fake, message="x", stream=True)
     events = sse_events(r)
     assert "error" in events[-1]
-    assert fake.store.history("default")[0] == []
+    assert fake.store.history("default", owner="")[0] == []
 
 
 @pytest.mark.parametrize(

@@ -116,7 +116,7 @@ def test_idle_sessions_expire_in_the_background(fake: FakeApp) -> None:
     turn(fake, "old", "hi")
     time.sleep(0.3)
     turn(fake, "fresh", "hi")
-    service = fake.app.extensions["pureapi"].sessions
+    service = fake.app.extensions["pureapi"].directory
     expirer = SessionExpirer(service, ttl_seconds=0.25).start()
     try:
         deadline = time.monotonic() + 10
@@ -130,7 +130,7 @@ def test_idle_sessions_expire_in_the_background(fake: FakeApp) -> None:
 def test_expire_keeps_what_is_younger_than_the_ttl(fake: FakeApp) -> None:
     turn(fake, "a", "hi")
     turn(fake, "b", "hi")
-    service = fake.app.extensions["pureapi"].sessions
+    service = fake.app.extensions["pureapi"].directory
     assert service.expire(3600) == []
     assert sorted(service.expire(0)) == ["a", "b"]
     assert service.store.count_sessions() == 0
@@ -212,7 +212,7 @@ def test_concurrent_retries_run_one_generation(tmp_path: Path) -> None:
         t.join()
     try:
         assert replies == ["a b c d e f"] * 4
-        assert len(engine.params) == 1 and len(store.history("c")[0]) == 2
+        assert len(engine.params) == 1 and len(store.history("c", owner="")[0]) == 2
     finally:
         engine.close()
         store.close()
@@ -234,7 +234,7 @@ def test_a_retry_after_a_restart_is_still_answered_from_the_store(tmp_path: Path
         engine.enqueue("a different answer")
         r = client.post("/chat", json=body, headers=headers)  # type: ignore[attr-defined]
         assert r.get_json()["response"] == "first answer" and len(engine.params) == 0
-        assert len(store.history("r")[0]) == 2
+        assert len(store.history("r", owner="")[0]) == 2
     finally:
         engine.close()
         store.close()
@@ -261,7 +261,7 @@ def test_delete_cancels_a_turn_in_flight_so_its_round_never_lands(tmp_path: Path
         deleter.join(timeout=30)
         assert deleted == [200]
         assert b"error" in rest and rest.count(b"word") < 150
-        assert client.get("/v1/sessions/d").status_code == 404 and store.history("d")[0] == []
+        assert client.get("/v1/sessions/d").status_code == 404 and store.history("d", owner="")[0] == []
     finally:
         engine.close()
         store.close()

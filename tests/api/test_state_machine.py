@@ -274,12 +274,12 @@ class SessionHistory(RuleBasedStateMachine):
     @invariant()
     def histories_match_the_model(self) -> None:
         for session in SESSIONS:
-            assert self.store.history(session)[0] == self.expected(session), session
+            assert self.store.history(session, owner="")[0] == self.expected(session), session
 
     @invariant()
     def histories_alternate_and_are_capped(self) -> None:
         for session in SESSIONS:
-            history = self.store.history(session)[0]
+            history = self.store.history(session, owner="")[0]
             assert len(history) <= 2 * MAX_ROUNDS
             assert [m.role for m in history] == ["user", "assistant"] * (len(history) // 2)
 

@@ -632,7 +632,7 @@ def make_damaged_store(path: Path) -> None:
 
     store = SQLiteStore(path)
     for i in range(100):
-        store.append_round(f"s{i % 7}", f"question {i} " * 20, f"answer {i} " * 20, 0, 20)
+        store.append_round(f"s{i % 7}", f"question {i} " * 20, f"answer {i} " * 20, 0, 20, owner="")
     store.close()
     assert not path.with_name(path.name + "-wal").exists()  # all in the main file
     data = bytearray(path.read_bytes())

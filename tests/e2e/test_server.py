@@ -21,10 +21,12 @@ from ..sse import sse_events
 pytestmark = pytest.mark.real
 
 
-def readme_curls() -> list[str]:
-    """Every curl command in the README, as written."""
+def readme_curls(keyed: bool = False) -> list[str]:
+    """Every curl command in the README, as written: those for a server without keys, or (keyed) those of
+    the Keys and tenants section, which send the example key file's keys."""
     text = (ROOT / "README.md").read_text()
-    return [line.strip() for line in text.splitlines() if line.strip().startswith("curl ")]
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("curl ")]
+    return [line for line in lines if ("Bearer sk-" in line) == keyed]
 
 
 def run_curl(command: str, url: str) -> str:

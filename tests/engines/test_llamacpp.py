@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from pureapi.chat.gateway import Gateway
 from pureapi.chat.sessions import SessionService
 from pureapi.chat.store import SQLiteStore
 from pureapi.engines.llamacpp import LlamaCppEngine
@@ -512,9 +513,11 @@ def test_a_turn_queued_before_its_reset_leaves_no_state_behind(gguf: Path, tmp_p
     its KV (the forgotten conversation) is never kept under the session, in RAM or on disk."""
     engine = load(gguf, n_parallel=1, kv_cache_mb=64, state_dir=tmp_path, kv_disk_mb=64)
     store = SQLiteStore(tmp_path / "sessions.db")
-    service = SessionService(store, lambda: engine)
+    service = SessionService(store, Gateway(lambda: engine))
     try:
-        store.append_round("S", "Write a long story about a dragon.", "Once upon a time there was a dragon.", 0, 20)
+        store.append_round(
+            "S", "Write a long story about a dragon.", "Once upon a time there was a dragon.", 0, 20, owner=""
+        )
         busy = service.chat("X", "Write a long story about rain.", greedy_params(60))
         next(busy)  # X holds the only slot
         waiting = service.chat("S", "Go on, in more detail.", greedy_params(20))  # queued behind X
@@ -547,7 +550,7 @@ def test_a_turn_after_a_reset_is_the_sessions_again(gguf: Path, tmp_path: Path) 
     slot, its KV is kept for the session's next turn."""
     engine = load(gguf, n_parallel=1, kv_cache_mb=64)
     store = SQLiteStore(tmp_path / "sessions.db")
-    service = SessionService(store, lambda: engine)
+    service = SessionService(store, Gateway(lambda: engine))
     try:
         collect(service.chat("S", "Write a long story about a dragon.", greedy_params(20)))
         service.reset("S")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pureapi.chat.sessions import fit_window, rounds_of
 from pureapi.chat.store import MIGRATIONS, SQLiteStore, StoreError
 from pureapi.chat.streams import StopMatcher, with_stops
+from pureapi.chat.window import fit_window, rounds_of
 from pureapi.engines._template import render_segments
 from pureapi.errors import ContextOverflow, ModelLoadError
 from pureapi.models.resolve import check_gguf, resolve_model
@@ -105,19 +105,19 @@ def test_fit_window_drops_oldest_rounds_then_reports_token_counts() -> None:
 
 def test_store_appends_rounds_atomically_and_respects_resets(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "s.db")
-    assert store.history("x") == ([], 0)
-    assert store.append_round("x", "u1", "a1", 0, 20)
-    _, epoch = store.history("x")
-    store.reset("x")
-    assert not store.append_round("x", "late", "reply", epoch, 20)  # reset happened meanwhile
-    assert store.history("x")[0] == []
-    _, epoch = store.history("x")
+    assert store.history("x", owner="") == ([], 0)
+    assert store.append_round("x", "u1", "a1", 0, 20, owner="")
+    _, epoch = store.history("x", owner="")
+    store.reset("x", owner="")
+    assert not store.append_round("x", "late", "reply", epoch, 20, owner="")  # reset happened meanwhile
+    assert store.history("x", owner="")[0] == []
+    _, epoch = store.history("x", owner="")
     for i in range(5):
-        store.append_round("x", f"u{i}", f"a{i}", epoch, 3)
-    assert [m.content for m in store.history("x")[0]] == ["u2", "a2", "u3", "a3", "u4", "a4"]
+        store.append_round("x", f"u{i}", f"a{i}", epoch, 3, owner="")
+    assert [m.content for m in store.history("x", owner="")[0]] == ["u2", "a2", "u3", "a3", "u4", "a4"]
     store.close()
     reopened = SQLiteStore(tmp_path / "s.db")
-    assert len(reopened.history("x")[0]) == 6
+    assert len(reopened.history("x", owner="")[0]) == 6
     assert sqlite3.connect(tmp_path / "s.db").execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 
 

@@ -34,7 +34,7 @@ from .anthropic_models import (
     ToolChoiceParam,
     ToolUseContent,
 )
-from .common import drain, json_body, primed, relay, sessions, sse, sse_response, validate
+from .common import drain, gateway, json_body, primed, relay, sse, sse_response, validate
 from .openai_tools import ReplyReader, ToolPlan, plan_functions, with_schema
 
 __all__ = [
@@ -167,7 +167,7 @@ def messages() -> Response:
     body = validate(MessagesRequest, json_body())
     chat = body.chat()
     _check_results(chat)
-    service = sessions()
+    service = gateway()
     engine = service.engine()
     plan, schema = with_schema(_plan(body, engine), None, "tool_choice")
     if chat[-1].role == "assistant" and (chat[-1].tool_calls or plan.prefix):
@@ -226,7 +226,7 @@ def _stream(meta: dict[str, str], chunks: Iterator[Chunk], reply: ReplyBlocks) -
 @bp.post("/count_tokens")
 def count_tokens() -> Response:
     body = validate(CountTokensRequest, json_body())
-    engine = sessions().engine()
+    engine = gateway().engine()
     plan = _plan(body, engine)
     ids = engine.encode_chat(body.chat(), plan.tools, plan.prefix)
     return jsonify(TokenCount(input_tokens=len(ids)).model_dump())

@@ -10,6 +10,8 @@ from typing import Annotated, Any, TypeVar
 from flask import Response, current_app, request, stream_with_context
 from pydantic import BaseModel, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from ..chat.directory import SessionDirectory
+from ..chat.gateway import Gateway
 from ..chat.sessions import SessionService
 from ..chat.streams import close_stream
 from ..errors import BadRequest, Cancelled, PureAPIError, UnsupportedMediaType
@@ -44,8 +46,18 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def sessions() -> SessionService:
-    """The app's session service."""
+    """The app's conversation service (turns of sessions kept on the server)."""
     return current_app.extensions["pureapi"].sessions  # type: ignore[no-any-return]
+
+
+def gateway() -> Gateway:
+    """The app's generation gateway: the engine, and stateless generations."""
+    return current_app.extensions["pureapi"].gateway  # type: ignore[no-any-return]
+
+
+def directory() -> SessionDirectory:
+    """The app's sessions as records (the sessions API)."""
+    return current_app.extensions["pureapi"].directory  # type: ignore[no-any-return]
 
 
 def _reject_constant(name: str) -> None:

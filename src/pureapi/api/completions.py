@@ -12,11 +12,11 @@ from typing import Any, Literal
 from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
-from ..chat.sessions import fit_prompt
+from ..chat.window import fit_prompt
 from ..engines.base import Engine
 from ..errors import BadRequest
 from ..types import Chunk, TokenLogprob
-from .common import MaxTokens, collecting, drain, json_body, primed, relay, sessions, sse, sse_response, validate
+from .common import MaxTokens, collecting, drain, gateway, json_body, primed, relay, sse, sse_response, validate
 from .openai import SamplingFields, StreamOptions, Usage, dump, error_event
 from .openai_output import MAX_TOP_LOGPROBS
 
@@ -144,7 +144,7 @@ class Completion(BaseModel):
 @bp.post("/completions")
 def completions() -> Response:
     body = validate(CompletionRequest, json_body())
-    service = sessions()
+    service = gateway()
     engine = service.engine()
     if not engine.raw_prompts:
         raise BadRequest(

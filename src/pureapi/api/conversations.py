@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..chat.responses import message_item, new_id
 from ..errors import NotFound
-from .common import json_body, validate
+from .common import json_body, sessions, validate
 from .responses import InputMessage, ItemList, ListQuery, Metadata, ok, service
 
 bp = Blueprint("conversations", __name__, url_prefix="/v1/conversations")
@@ -80,7 +80,9 @@ def _items(messages: list[InputMessage]) -> list[dict[str, object]]:
 @bp.post("")
 def create() -> Response:
     body = validate(ConversationCreate, json_body(allow_empty=True))
-    made = service().store.create_conversation(new_id("conv"), body.metadata or {}, _items(body.items or []))
+    made = service().store.create_conversation(
+        new_id("conv"), body.metadata or {}, _items(body.items or []), owner=sessions().owner()
+    )
     return ok(ConversationObject.model_validate(made))
 
 
@@ -92,7 +94,7 @@ def retrieve(conversation_id: str) -> Response:
 @bp.post("/<conversation_id>")
 def update(conversation_id: str) -> Response:
     body = validate(ConversationUpdate, json_body())
-    updated = service().store.update_conversation(conversation_id, body.metadata)
+    updated = service().store.update_conversation(conversation_id, body.metadata, owner=sessions().owner())
     if updated is None:
         raise NotFound(f"conversation '{conversation_id}' not found")
     return ok(ConversationObject.model_validate(updated))
@@ -107,7 +109,7 @@ def delete(conversation_id: str) -> Response:
 @bp.get("/<conversation_id>/items")
 def list_items(conversation_id: str) -> Response:
     query = validate(ListQuery, request.args.to_dict())
-    page = service().store.items_page(conversation_id, query.limit, query.order, query.after)
+    page = service().store.items_page(conversation_id, query.limit, query.order, query.after, owner=sessions().owner())
     if page is None:
         raise NotFound(f"conversation '{conversation_id}' not found")
     return ok(ItemList.of(page.items, page.has_more))
@@ -117,7 +119,7 @@ def list_items(conversation_id: str) -> Response:
 def add_items(conversation_id: str) -> Response:
     body = validate(ItemsCreate, json_body())
     items = _items(body.items)
-    if not service().store.add_items(conversation_id, items):
+    if not service().store.add_items(conversation_id, items, owner=sessions().owner()):
         raise NotFound(f"conversation '{conversation_id}' not found")
     return ok(ItemList.of(items, False))
 
@@ -125,7 +127,7 @@ def add_items(conversation_id: str) -> Response:
 @bp.get("/<conversation_id>/items/<item_id>")
 def retrieve_item(conversation_id: str, item_id: str) -> Response:
     service().conversation(conversation_id)
-    item = service().store.item(conversation_id, item_id)
+    item = service().store.item(conversation_id, item_id, owner=sessions().owner())
     if item is None:
         raise NotFound(f"item '{item_id}' not found in conversation '{conversation_id}'")
     return jsonify(item)
@@ -134,6 +136,6 @@ def retrieve_item(conversation_id: str, item_id: str) -> Response:
 @bp.delete("/<conversation_id>/items/<item_id>")
 def delete_item(conversation_id: str, item_id: str) -> Response:
     conversation = service().conversation(conversation_id)
-    if not service().store.delete_item(conversation_id, item_id):
+    if not service().store.delete_item(conversation_id, item_id, owner=sessions().owner()):
         raise NotFound(f"item '{item_id}' not found in conversation '{conversation_id}'")
     return ok(ConversationObject.model_validate(conversation))

@@ -36,10 +36,10 @@ from .common import (
     TopP,
     collecting,
     drain,
+    gateway,
     json_body,
     primed,
     relay,
-    sessions,
     sse,
     sse_response,
     validate,
@@ -369,7 +369,7 @@ def chat_completions() -> Response:
         raise BadRequest("top_logprobs: needs logprobs set to true", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     schema = body.response_format.schema_to_enforce() if body.response_format is not None else None
-    service = sessions()
+    service = gateway()
     engine = service.engine()
     plan, schema = with_schema(
         plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, engine), schema, "response_format"
@@ -470,6 +470,6 @@ def _stream(
 
 @bp.get("/models")
 def models() -> Response:
-    engine = sessions().engine()
+    engine = gateway().engine()
     card = ModelCard(id=engine.model_name, max_model_len=engine.context_length)
     return jsonify(ModelList(data=[card]).model_dump())

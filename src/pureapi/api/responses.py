@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from ..chat.responses import Outcome, ResponseService, Turn
 from ..errors import BadRequest
 from ..types import Chunk, SamplingParams
-from .common import drain, error_text, json_body, primed, sessions, sse, sse_response, validate
+from .common import drain, error_text, gateway, json_body, primed, sse, sse_response, validate
 from .openai_tools import plan_functions, with_schema
 from .responses_models import (
     ConversationRef,
@@ -76,7 +76,7 @@ def create_response() -> Response:
     conversation = body.conversation.id if isinstance(body.conversation, ConversationRef) else body.conversation
     temperature = 1.0 if body.temperature is None else float(body.temperature)
     top_p = 1.0 if body.top_p is None else float(body.top_p)
-    engine = sessions().engine()
+    engine = gateway().engine()
     requested = body.max_output_tokens
     text_format = body.text.format if body.text is not None else None
     choice = body.tool_choice

@@ -21,6 +21,7 @@ from .common import (
     Temperature,
     drain,
     error_text,
+    gateway,
     json_body,
     primed,
     sessions,
@@ -171,7 +172,7 @@ def reset() -> Response:
 def status() -> Response:
     query = validate(StatusQuery, request.args.to_dict())
     service = sessions()
-    engine = service.engine()
+    engine = gateway().engine()
     return jsonify(
         StatusResponse(
             model_name=engine.model_name,

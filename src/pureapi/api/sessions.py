@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from ..chat.store import SessionInfo
 from ..errors import BadRequest
-from .common import SessionId, json_body, sessions, validate
+from .common import SessionId, directory, json_body, validate
 
 bp = Blueprint("sessions", __name__, url_prefix="/v1/sessions")
 
@@ -124,9 +124,9 @@ def _fields(body: SessionFields) -> dict[str, Any]:
 
 
 @bp.get("")
-def list_sessions() -> Response:
+def list_directory() -> Response:
     query = validate(ListQuery, request.args.to_dict())
-    page, more = sessions().list_sessions(query.limit, query.after)
+    page, more = directory().list_sessions(query.limit, query.after)
     return jsonify(
         SessionList(
             data=[SessionObject(**_object(s)) for s in page], has_more=more, last_id=page[-1].id if page else None
@@ -138,7 +138,7 @@ def list_sessions() -> Response:
 def create_session() -> tuple[Response, int]:
     body = validate(CreateSession, json_body(allow_empty=True))
     fields = _fields(body)
-    info = sessions().create_session(
+    info = directory().create_session(
         body.id or "s-" + secrets.token_hex(8),
         fields.get("title"),
         fields.get("metadata") or {},
@@ -149,7 +149,7 @@ def create_session() -> tuple[Response, int]:
 
 @bp.get("/<session_id>")
 def get_session(session_id: str) -> Response:
-    info, history = sessions().get_session(_session_id(session_id))
+    info, history = directory().get_session(_session_id(session_id))
     return jsonify(
         SessionWithMessages(
             **_object(info), messages=[MessageObject(role=m.role, content=m.content) for m in history]
@@ -160,19 +160,19 @@ def get_session(session_id: str) -> Response:
 @bp.patch("/<session_id>")
 def update_session(session_id: str) -> Response:
     body = validate(SessionFields, json_body())
-    info = sessions().update_session(_session_id(session_id), _fields(body))
+    info = directory().update_session(_session_id(session_id), _fields(body))
     return jsonify(_object(info))
 
 
 @bp.delete("/<session_id>")
 def delete_session(session_id: str) -> Response:
     sid = _session_id(session_id)
-    sessions().delete_session(sid)
+    directory().delete_session(sid)
     return jsonify({"id": sid, "object": "session.deleted", "deleted": True})
 
 
 @bp.post("/<session_id>/fork")
 def fork_session(session_id: str) -> tuple[Response, int]:
     body = validate(ForkSession, json_body(allow_empty=True))
-    info = sessions().fork_session(_session_id(session_id), body.id or "s-" + secrets.token_hex(8), body.at_turn)
+    info = directory().fork_session(_session_id(session_id), body.id or "s-" + secrets.token_hex(8), body.at_turn)
     return jsonify(_object(info)), 201

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from .sessions import SessionService
+from .directory import SessionDirectory
 
 log = logging.getLogger(__name__)
 
@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 class SessionExpirer:
     """Deletes idle sessions in the background, so that expiry never costs a request its time."""
 
-    def __init__(self, service: SessionService, ttl_seconds: float):
+    def __init__(self, service: SessionDirectory, ttl_seconds: float):
         self.service = service
         self.ttl = ttl_seconds
         self.interval = min(60.0, max(0.05, ttl_seconds / 4))

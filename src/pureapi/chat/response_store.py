@@ -42,16 +42,17 @@ class ResponseStore:
 
     # Responses.
 
-    def response(self, response_id: str) -> tuple[Item, list[Item]] | None:
-        """A stored response's body and input items, or None if unknown, deleted or expired."""
+    def response(self, response_id: str, *, owner: str) -> tuple[Item, list[Item]] | None:
+        """The owner's stored response's body and input items, or None if unknown, deleted, expired or not theirs."""
         with self.store.reading() as db:
             row = db.execute(
-                "SELECT body, input FROM responses WHERE id = ? AND (expires_at IS NULL OR expires_at > ?)",
-                (response_id, time.time()),
+                "SELECT body, input FROM responses WHERE id = ? AND owner = ? "
+                "AND (expires_at IS NULL OR expires_at > ?)",
+                (response_id, owner, time.time()),
             ).fetchone()
         return (json.loads(row[0]), json.loads(row[1])) if row else None
 
-    def chain(self, response_id: str, max_turns: int) -> list[StoredTurn] | None:
+    def chain(self, response_id: str, max_turns: int, *, owner: str) -> list[StoredTurn] | None:
         """The newest max_turns turns ending at response_id, oldest first; None if that response is gone.
 
         A chain whose older part was deleted or expired continues from what is left.
@@ -63,8 +64,8 @@ class ResponseStore:
             while next_id is not None and len(turns) < max_turns:
                 row = db.execute(
                     "SELECT previous_id, body, input FROM responses "
-                    "WHERE id = ? AND (expires_at IS NULL OR expires_at > ?)",
-                    (next_id, now),
+                    "WHERE id = ? AND owner = ? AND (expires_at IS NULL OR expires_at > ?)",
+                    (next_id, owner, now),
                 ).fetchone()
                 if row is None:
                     break
@@ -74,10 +75,10 @@ class ResponseStore:
             return None
         return turns[::-1]
 
-    def delete_response(self, response_id: str) -> bool:
-        """Forget a response; True if it was there."""
+    def delete_response(self, response_id: str, *, owner: str) -> bool:
+        """Forget the owner's response; True if it was there."""
         with self.store.transaction() as db:
-            return db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0
+            return db.execute("DELETE FROM responses WHERE id = ? AND owner = ?", (response_id, owner)).rowcount > 0
 
     def commit_turn(
         self,
@@ -88,6 +89,7 @@ class ResponseStore:
         conversation_id: str | None,
         conversation_items: Sequence[Item],
         ttl: float,
+        owner: str,
     ) -> None:
         """Store a completed turn in one transaction: the response (if kept) and the conversation's new items.
 
@@ -98,10 +100,11 @@ class ResponseStore:
             db.execute("DELETE FROM responses WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))
             if response is not None:
                 db.execute(
-                    "INSERT INTO responses (id, previous_id, body, input, created_at, expires_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO responses (id, owner, previous_id, body, input, created_at, expires_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (
                         response["id"],
+                        owner,
                         previous_id,
                         _dump(response),
                         _dump(list(input_items)),
@@ -111,7 +114,17 @@ class ResponseStore:
                 )
             if conversation_id is not None:
                 # A conversation deleted while the reply was generated takes no items.
-                self._append(db, conversation_id, conversation_items, now)
+                self._append(db, conversation_id, conversation_items, now, owner)
+
+    def counts(self, owner: str) -> tuple[int, int]:
+        """How many unexpired responses and how many conversations the owner keeps."""
+        with self.store.reading() as db:
+            responses = db.execute(
+                "SELECT COUNT(*) FROM responses WHERE owner = ? AND (expires_at IS NULL OR expires_at > ?)",
+                (owner, time.time()),
+            ).fetchone()[0]
+            conversations = db.execute("SELECT COUNT(*) FROM conversations WHERE owner = ?", (owner,)).fetchone()[0]
+        return int(responses), int(conversations)
 
     # Conversations.
 
@@ -120,8 +133,15 @@ class ResponseStore:
         return {"id": row[0], "object": "conversation", "created_at": int(row[2]), "metadata": json.loads(row[1])}
 
     @staticmethod
-    def _append(db: sqlite3.Connection, conversation_id: str, items: Sequence[Item], now: float) -> bool:
-        if db.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone() is None:
+    def _mine(db: sqlite3.Connection, conversation_id: str, owner: str) -> bool:
+        query = "SELECT 1 FROM conversations WHERE id = ? AND owner = ?"
+        return db.execute(query, (conversation_id, owner)).fetchone() is not None
+
+    @classmethod
+    def _append(
+        cls, db: sqlite3.Connection, conversation_id: str, items: Sequence[Item], now: float, owner: str
+    ) -> bool:
+        if not cls._mine(db, conversation_id, owner):
             return False
         db.executemany(
             "INSERT INTO conversation_items (id, conversation_id, item, created_at) VALUES (?, ?, ?, ?)",
@@ -129,76 +149,84 @@ class ResponseStore:
         )
         return True
 
-    def create_conversation(self, conversation_id: str, metadata: dict[str, str], items: Sequence[Item]) -> Item:
-        """Create a conversation with its first items."""
+    def create_conversation(
+        self, conversation_id: str, metadata: dict[str, str], items: Sequence[Item], *, owner: str
+    ) -> Item:
+        """Create a conversation of the owner's with its first items."""
         now = time.time()
         with self.store.transaction() as db:
             db.execute(
-                "INSERT INTO conversations (id, metadata, created_at) VALUES (?, ?, ?)",
-                (conversation_id, _dump(metadata), now),
+                "INSERT INTO conversations (id, owner, metadata, created_at) VALUES (?, ?, ?, ?)",
+                (conversation_id, owner, _dump(metadata), now),
             )
-            self._append(db, conversation_id, items, now)
+            self._append(db, conversation_id, items, now, owner)
         return self._conversation_row((conversation_id, _dump(metadata), now))
 
-    def conversation(self, conversation_id: str) -> Item | None:
-        """A conversation object, or None."""
+    def conversation(self, conversation_id: str, *, owner: str) -> Item | None:
+        """The owner's conversation object, or None."""
         with self.store.reading() as db:
             row = db.execute(
-                "SELECT id, metadata, created_at FROM conversations WHERE id = ?", (conversation_id,)
+                "SELECT id, metadata, created_at FROM conversations WHERE id = ? AND owner = ?",
+                (conversation_id, owner),
             ).fetchone()
         return self._conversation_row(row) if row else None
 
-    def update_conversation(self, conversation_id: str, metadata: dict[str, str]) -> Item | None:
-        """Replace a conversation's metadata; None if it does not exist."""
+    def update_conversation(self, conversation_id: str, metadata: dict[str, str], *, owner: str) -> Item | None:
+        """Replace the owner's conversation's metadata; None if it does not exist."""
         with self.store.transaction() as db:
-            db.execute("UPDATE conversations SET metadata = ? WHERE id = ?", (_dump(metadata), conversation_id))
+            db.execute(
+                "UPDATE conversations SET metadata = ? WHERE id = ? AND owner = ?",
+                (_dump(metadata), conversation_id, owner),
+            )
             row = db.execute(
-                "SELECT id, metadata, created_at FROM conversations WHERE id = ?", (conversation_id,)
+                "SELECT id, metadata, created_at FROM conversations WHERE id = ? AND owner = ?",
+                (conversation_id, owner),
             ).fetchone()
         return self._conversation_row(row) if row else None
 
-    def delete_conversation(self, conversation_id: str) -> bool:
-        """Delete a conversation and its items; True if it was there."""
+    def delete_conversation(self, conversation_id: str, *, owner: str) -> bool:
+        """Delete the owner's conversation and its items; True if it was there."""
         with self.store.transaction() as db:
-            return db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,)).rowcount > 0
+            query = "DELETE FROM conversations WHERE id = ? AND owner = ?"
+            return db.execute(query, (conversation_id, owner)).rowcount > 0
 
-    def add_items(self, conversation_id: str, items: Sequence[Item]) -> bool:
-        """Append items; False if the conversation does not exist."""
+    def add_items(self, conversation_id: str, items: Sequence[Item], *, owner: str) -> bool:
+        """Append items; False if the owner has no such conversation."""
         with self.store.transaction() as db:
-            return self._append(db, conversation_id, items, time.time())
+            return self._append(db, conversation_id, items, time.time(), owner)
 
-    def all_items(self, conversation_id: str) -> list[Item] | None:
-        """Every item of a conversation, oldest first; None if it does not exist."""
+    def all_items(self, conversation_id: str, *, owner: str) -> list[Item] | None:
+        """Every item of the owner's conversation, oldest first; None if it has none such."""
         with self.store.reading() as db:
-            if db.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone() is None:
+            if not self._mine(db, conversation_id, owner):
                 return None
             rows = db.execute(
                 "SELECT item FROM conversation_items WHERE conversation_id = ? ORDER BY seq", (conversation_id,)
             ).fetchall()
         return [json.loads(r[0]) for r in rows]
 
-    def item(self, conversation_id: str, item_id: str) -> Item | None:
-        """One item of a conversation, or None."""
+    def item(self, conversation_id: str, item_id: str, *, owner: str) -> Item | None:
+        """One item of the owner's conversation, or None."""
         with self.store.reading() as db:
             row = db.execute(
-                "SELECT item FROM conversation_items WHERE conversation_id = ? AND id = ?", (conversation_id, item_id)
+                "SELECT i.item FROM conversation_items i JOIN conversations c ON c.id = i.conversation_id "
+                "WHERE i.conversation_id = ? AND i.id = ? AND c.owner = ?",
+                (conversation_id, item_id, owner),
             ).fetchone()
         return json.loads(row[0]) if row else None
 
-    def delete_item(self, conversation_id: str, item_id: str) -> bool:
-        """Delete one item of a conversation; True if it was there."""
+    def delete_item(self, conversation_id: str, item_id: str, *, owner: str) -> bool:
+        """Delete one item of the owner's conversation; True if it was there."""
         with self.store.transaction() as db:
-            return (
-                db.execute(
-                    "DELETE FROM conversation_items WHERE conversation_id = ? AND id = ?", (conversation_id, item_id)
-                ).rowcount
-                > 0
-            )
+            if not self._mine(db, conversation_id, owner):
+                return False
+            query = "DELETE FROM conversation_items WHERE conversation_id = ? AND id = ?"
+            return db.execute(query, (conversation_id, item_id)).rowcount > 0
 
-    def items_page(self, conversation_id: str, limit: int, order: str, after: str | None) -> Page | None:
-        """A page of a conversation's items (order 'asc' or 'desc', after an item id); None if no conversation."""
+    def items_page(self, conversation_id: str, limit: int, order: str, after: str | None, *, owner: str) -> Page | None:
+        """A page of the owner's conversation's items (order 'asc' or 'desc', after an item id); None if none such."""
         with self.store.reading() as db:
-            if db.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone() is None:
+            if not self._mine(db, conversation_id, owner):
                 return None
             op, direction = (">", "ASC") if order == "asc" else ("<", "DESC")
             start = None

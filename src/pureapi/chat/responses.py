@@ -8,18 +8,18 @@ completed, in one transaction; a failed or cancelled one writes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..engines.base import Engine
-from ..errors import BadRequest, NotFound, NotReady
+from ..errors import BadRequest, NotFound
 from ..tools import named_results, unanswered_result
 from ..types import Chunk, Message, SamplingParams, ToolCall
 from .response_store import Item, ResponseStore
-from .sessions import SessionService, fit_window
+from .sessions import SessionService
+from .window import fit_window
 
 
 def new_id(prefix: str) -> str:
@@ -117,10 +117,10 @@ class ResponseService:
         self.sessions = sessions
         self.ttl = ttl
 
-    def _history(self, turn: Turn) -> list[list[Message]]:
+    def _history(self, turn: Turn, owner: str) -> list[list[Message]]:
         max_turns = self.sessions.max_rounds
         if turn.previous_response_id is not None:
-            chain = self.store.chain(turn.previous_response_id, max_turns)
+            chain = self.store.chain(turn.previous_response_id, max_turns, owner=owner)
             if chain is None:
                 raise NotFound(
                     f"previous response '{turn.previous_response_id}' not found (deleted, expired or never stored)",
@@ -129,7 +129,7 @@ class ResponseService:
                 )
             return _turns([item for t in chain for item in (*t.input, *t.output)])
         if turn.conversation_id is not None:
-            items = self.store.all_items(turn.conversation_id)
+            items = self.store.all_items(turn.conversation_id, owner=owner)
             if items is None:
                 raise NotFound(f"conversation '{turn.conversation_id}' not found", param="conversation")
             return _turns(items)[-max_turns:]
@@ -137,7 +137,7 @@ class ResponseService:
 
     def check(self, turn: Turn) -> None:
         """Fail now (404) for an unknown previous response or conversation, before any engine work."""
-        self._history(turn)
+        self._history(turn, self.sessions.owner())
 
     def respond(self, turn: Turn, render: Callable[[Outcome], Item]) -> Iterator[Chunk]:
         """Start the turn; render(outcome) builds the response object stored when the reply completes."""
@@ -147,8 +147,10 @@ class ResponseService:
         head += [m for m in turn.input if m.role == "system"]
         tail = [m for m in turn.input if m.role != "system"]
 
+        owner = self.sessions.owner()  # read now: commit runs while the reply streams, after the request
+
         def prompt(engine: Engine) -> tuple[list[int], SamplingParams]:
-            history, rest = self._history(turn), list(tail)
+            history, rest = self._history(turn, owner), list(tail)
             # A turn that answers calls stays with the turn that made them (the window never splits them).
             while history and (not rest or rest[0].role != "user"):
                 rest = [*history.pop(), *rest]
@@ -186,6 +188,7 @@ class ResponseService:
                 conversation_id=turn.conversation_id,
                 conversation_items=[*turn.input_items, *output],
                 ttl=self.ttl,
+                owner=owner,
             )
 
         self.check(turn)
@@ -198,37 +201,25 @@ class ResponseService:
 
     def response(self, response_id: str) -> tuple[Item, list[Item]]:
         """A stored response and its input items, or NotFound."""
-        found = self.store.response(response_id)
+        found = self.store.response(response_id, owner=self.sessions.owner())
         if found is None:
             raise NotFound(f"response '{response_id}' not found")
         return found
 
     def delete(self, response_id: str) -> None:
         """Forget a stored response, or NotFound."""
-        if not self.store.delete_response(response_id):
+        if not self.store.delete_response(response_id, owner=self.sessions.owner()):
             raise NotFound(f"response '{response_id}' not found")
 
     def conversation(self, conversation_id: str) -> Item:
         """A conversation object, or NotFound."""
-        found = self.store.conversation(conversation_id)
+        found = self.store.conversation(conversation_id, owner=self.sessions.owner())
         if found is None:
             raise NotFound(f"conversation '{conversation_id}' not found")
         return found
 
     def delete_conversation(self, conversation_id: str) -> None:
         """Delete a conversation with its items, and whatever the engine keeps for it."""
-        if not self.store.delete_conversation(conversation_id):
+        if not self.store.delete_conversation(conversation_id, owner=self.sessions.owner()):
             raise NotFound(f"conversation '{conversation_id}' not found")
-        with contextlib.suppress(NotReady):  # a model still loading keeps nothing for it yet
-            self.sessions.engine().forget(conversation_id)
-
-
-def usage(last: Chunk) -> dict[str, Any]:
-    """The Responses API's usage object."""
-    return {
-        "input_tokens": last.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": last.cached_tokens},
-        "output_tokens": last.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": last.prompt_tokens + last.completion_tokens,
-    }
+        self.sessions.forget(conversation_id)

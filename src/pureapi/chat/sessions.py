@@ -1,30 +1,25 @@
-"""SessionService: per-session ordering, the history window, and the commit of completed rounds."""
+"""SessionService: conversation turns kept on the server: per-conversation ordering, the history window,
+and the commit of completed rounds. Every generation goes through the gateway."""
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, closing, contextmanager
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any
 
 from ..engines.base import Engine
-from ..errors import BadRequest, Conflict, ContextOverflow, NotFound, NotReady, Overloaded
+from ..errors import Conflict, Overloaded
 from ..types import Chunk, GenerationRequest, Message, SamplingParams
-from .store import SessionInfo, SessionStore
-from .streams import close_stream, with_stops
-
-if TYPE_CHECKING:
-    from ..metrics import Metrics
+from .gateway import Gateway, Prepared
+from .store import SessionStore, session_key
+from .window import fit_window, rounds_of
 
 DEFAULT_SESSION = "default"
 TURN_WAIT_SECONDS = 600.0
-DELETE_WAIT_SECONDS = 30.0  # a cancelled turn stops at its next token; this bounds a stuck one
 
 
-class _SessionLocks:
-    """One lock per active session so that concurrent turns on it run one after another."""
+class SessionLocks:
+    """One lock per active conversation so that concurrent turns on it run one after another."""
 
     def __init__(self) -> None:
         # Guards the table itself; entries are dropped when no thread holds or waits for them.
@@ -32,170 +27,67 @@ class _SessionLocks:
         self._locks: dict[str, tuple[threading.Lock, int]] = {}
 
     @contextmanager
-    def hold(self, session_id: str, timeout: float) -> Iterator[None]:
+    def hold(self, key: str, timeout: float) -> Iterator[None]:
         with self._guard:
-            lock, users = self._locks.get(session_id, (threading.Lock(), 0))
-            self._locks[session_id] = (lock, users + 1)
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
         try:
             if not lock.acquire(timeout=timeout):
-                raise Overloaded(f"session '{session_id}' is busy with an earlier turn, retry later")
+                name = key.split("/", 1)[-1]  # the client's id, not the owner's name
+                raise Overloaded(f"session '{name}' is busy with an earlier turn, retry later")
             try:
                 yield
             finally:
                 lock.release()
         finally:
             with self._guard:
-                lock, users = self._locks[session_id]
+                lock, users = self._locks[key]
                 if users == 1:
-                    del self._locks[session_id]
+                    del self._locks[key]
                 else:
-                    self._locks[session_id] = (lock, users - 1)
+                    self._locks[key] = (lock, users - 1)
 
 
-def rounds_of(history: Sequence[Message]) -> list[tuple[Message, Message]]:
-    """Pair a stored history into (user, assistant) rounds."""
-    return [(history[i], history[i + 1]) for i in range(0, len(history) - 1, 2)]
-
-
-def fit_window(
-    encode: Callable[[Sequence[Message]], list[int]],
-    context_length: int,
-    rounds: Sequence[Sequence[Message]],
-    tail: Sequence[Message],
-    max_tokens: int,
-    prompt_param: str = "message",
-    head: Sequence[Message] = (),
-) -> list[int]:
-    """Tokenize the newest rounds that fit the context with max_tokens left for the reply.
-
-    prompt_param names the request field that holds the prompt, for the error of a prompt too long;
-    head (a session's system prompt) always stays in front.
-    """
-    for start in range(len(rounds) + 1):
-        messages = list(head) + [m for pair in rounds[start:] for m in pair] + list(tail)
-        ids = encode(messages)
-        if len(ids) + max_tokens <= context_length:
-            return ids
-    return fit_prompt(ids, context_length, max_tokens, prompt_param)
-
-
-def fit_prompt(ids: list[int], context_length: int, max_tokens: int, prompt_param: str = "prompt") -> list[int]:
-    """The prompt's ids if they fit the context with max_tokens left for the reply; else ContextOverflow."""
-    if len(ids) + max_tokens <= context_length:
-        return ids
-    if len(ids) >= context_length:
-        raise ContextOverflow(
-            f"the prompt is {len(ids)} tokens but the model's context is {context_length} tokens", param=prompt_param
-        )
-    raise ContextOverflow(
-        f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's context "
-        f"({context_length} tokens); lower max_tokens to at most {context_length - len(ids)}",
-        param="max_tokens",
-    )
-
-
-class _Admission:
-    """Caps the generation requests in flight (running or waiting), so overload is a quick 503.
-
-    Without it, waiting requests would pile up on WSGI threads (behind a session lock or the
-    engine's queue) until none is left for /health or for the 503 answers themselves.
-    """
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        # Guards the counter; held only for the check-and-increment.
-        self._lock = threading.Lock()
-        self._in_flight = 0
-
-    def in_flight(self) -> int:
-        """Generations admitted and not yet closed."""
-        return self._in_flight
-
-    @contextmanager
-    def slot(self) -> Iterator[None]:
-        with self._lock:
-            if self._in_flight >= self.limit:
-                raise Overloaded(f"server busy: {self._in_flight} generations in flight, retry later")
-            self._in_flight += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._in_flight -= 1
+def finished(chunks: Iterator[Chunk], on_finish: Callable[[str, Chunk], None]) -> Iterator[Chunk]:
+    """The stream, calling on_finish(reply, last chunk) before the last chunk is yielded: a turn is
+    committed only when its reply completed, while the conversation's lock is still held."""
+    parts: list[str] = []
+    with closing(chunks):  # type: ignore[type-var]
+        for chunk in chunks:
+            parts.append(chunk.text)
+            if chunk.finish_reason is not None:
+                on_finish("".join(parts), chunk)
+            yield chunk
 
 
 class SessionService:
-    """Conversations kept on the server: history window in, completed round out."""
+    """Conversations kept on the server: history window in, completed round out; every one has an owner."""
 
-    def __init__(
-        self, store: SessionStore, engine: Callable[[], Engine | None], max_rounds: int = 20, max_queue: int = 16
-    ):
+    def __init__(self, store: SessionStore, gateway: Gateway, max_rounds: int = 20, locks: SessionLocks | None = None):
         self.store = store
-        self._engine = engine
+        self.gateway = gateway
         self.max_rounds = max_rounds
-        self.max_queue = max_queue
-        self._locks = _SessionLocks()
-        self._admission: _Admission | None = None
-        # The cancel events of the generations in flight, so that shutdown can stop them all.
-        self._running_lock = threading.Lock()
-        self._running: dict[threading.Event, str | None] = {}  # cancel event -> its session
-        self._producing = 0  # generations past their first chunk, for the metrics
-        self._closing = False
-        self.metrics: Metrics | None = None  # set by create_app
-        # The KV-cache scope of the request being served (its API key's, or ""): set by create_app.
-        self.cache_scope: Callable[[], str] = lambda: ""
+        self.locks = locks or SessionLocks()
 
-    def _admit(self, engine: Engine) -> _Admission:
-        if self._admission is None:
-            self._admission = _Admission(self.max_queue + engine.slots)
-        return self._admission
-
-    @contextmanager
-    def _tracked(self, request: GenerationRequest) -> Iterator[None]:
-        with self._running_lock:
-            if self._closing:
-                raise NotReady("the server is shutting down")
-            self._running[request.cancel] = request.session_id
-        try:
-            yield
-        finally:
-            with self._running_lock:
-                self._running.pop(request.cancel, None)
-
-    def cancel_all(self) -> None:
-        """Shutdown: cancel every generation in flight (each stops at its next token) and start no more."""
-        with self._running_lock:
-            self._closing = True
-            running = list(self._running)
-        for cancel in running:
-            cancel.set()
-
-    def running(self) -> int:
-        """Generations producing tokens now."""
-        return self._producing
-
-    def waiting(self) -> int:
-        """Generations admitted and waiting for their first token (behind a session's turn or the engine's queue)."""
-        admitted = self._admission.in_flight() if self._admission is not None else 0
-        return max(0, admitted - self._producing)
-
-    def engine(self) -> Engine:
-        """The loaded engine, or NotReady while it loads."""
-        engine = self._engine()
-        if engine is None or not engine.ready():
-            raise NotReady("the model is still loading, retry shortly")
-        return engine
+    def owner(self) -> str:
+        """Whose sessions the request being served reaches."""
+        return self.gateway.owner()
 
     def history(self, session_id: str = DEFAULT_SESSION) -> list[Message]:
-        """The stored messages of a session, oldest first."""
-        return self.store.history(session_id)[0]
+        """The stored messages of the caller's session, oldest first."""
+        return self.store.history(session_id, owner=self.owner())[0]
 
     def reset(self, session_id: str = DEFAULT_SESSION) -> None:
-        """Forget a session; a reply still being generated for it will not land afterwards."""
-        self.store.reset(session_id)
-        engine = self._engine()
+        """Forget the caller's session; a reply still being generated for it will not land afterwards."""
+        owner = self.owner()
+        self.store.reset(session_id, owner=owner)
+        self.forget(session_key(owner, session_id))  # its saved KV state holds the conversation's tokens too
+
+    def forget(self, key: str) -> None:
+        """Drop what the engine keeps for a conversation (its saved KV)."""
+        engine = self.gateway.loaded()
         if engine is not None:
-            engine.forget(session_id)  # its saved KV state holds the conversation's tokens too
+            engine.forget(key)
 
     def chat(
         self, session_id: str, message: str, params: SamplingParams, idempotency: tuple[str, str] | None = None
@@ -205,22 +97,22 @@ class SessionService:
         With idempotency (key, request fingerprint), a turn already made with the key is answered from the
         store and nothing is appended; the key with another request is a Conflict.
         """
-        engine = self.engine()
-        admitted = time.monotonic()
-        # Admission and the session lock are held until the turn's stream is closed,
-        # so the next turn on this session sees this one.
-        hold = ExitStack()
-        hold.enter_context(self._admit(engine).slot())
-        try:
-            hold.enter_context(self._locks.hold(session_id, TURN_WAIT_SECONDS))
+        caller = self.gateway.caller()
+        owner, key = caller.owner, session_key(caller.owner, session_id)
+        epoch, replayed = 0, False
+
+        def prepare(engine: Engine, hold: ExitStack) -> Prepared:
+            nonlocal epoch, replayed
+            # Held until the turn's stream is closed, so the next turn on this session sees this one.
+            hold.enter_context(self.locks.hold(key, TURN_WAIT_SECONDS))
             if idempotency is not None:
                 # Checked again under the session lock: a retry racing the original waits for it here.
-                reply = self.replay(session_id, *idempotency)
+                reply = self._replay(owner, session_id, *idempotency)
                 if reply is not None:
-                    hold.close()
-                    return iter([Chunk(reply, "stop")])
-            history, epoch = self.store.history(session_id)
-            system = self.store.system_prompt(session_id)
+                    replayed = True
+                    return [Chunk(reply, "stop")]
+            history, epoch = self.store.history(session_id, owner=owner)
+            system = self.store.system_prompt(session_id, owner=owner)
             head = [Message("system", system)] if system else []
             rounds = rounds_of(history)[-self.max_rounds :]
             prompt = fit_window(
@@ -231,16 +123,23 @@ class SessionService:
                 params.max_tokens,
                 head=head,
             )
-            stream = self._generate(engine, hold, GenerationRequest(prompt, params, session_id=session_id))
-        except BaseException:
-            hold.close()
-            raise
-        return self._turn(self._released(stream, hold, admitted), session_id, message, epoch, idempotency)
+            return GenerationRequest(prompt, params, session_id=key)
+
+        def commit(reply: str, last: Chunk) -> None:
+            self.store.append_round(
+                session_id, message, reply, epoch, self.max_rounds, idempotency=idempotency, owner=owner
+            )
+
+        stream = self.gateway.generate(prepare, caller)
+        return stream if replayed else finished(stream, commit)
 
     def replay(self, session_id: str, key: str, fingerprint: str) -> str | None:
-        """The stored reply of a turn made with this Idempotency-Key, None if there was none; Conflict if the
-        key was used with a different request."""
-        stored = self.store.idempotent_reply(session_id, key)
+        """The stored reply of the caller's turn made with this Idempotency-Key, None if there was none;
+        Conflict if the key was used with a different request."""
+        return self._replay(self.owner(), session_id, key, fingerprint)
+
+    def _replay(self, owner: str, session_id: str, key: str, fingerprint: str) -> str | None:
+        stored = self.store.idempotent_reply(session_id, key, owner=owner)
         if stored is None:
             return None
         if stored[0] != fingerprint:
@@ -249,48 +148,6 @@ class SessionService:
                 param="Idempotency-Key",
             )
         return stored[1]
-
-    def stateless(
-        self,
-        messages: Sequence[Message],
-        params: SamplingParams,
-        fill: bool = False,
-        tools: list[dict[str, Any]] | None = None,
-        prefix: str = "",
-    ) -> Iterator[Chunk]:
-        """Generate for a whole conversation sent by the client (the OpenAI API); nothing is stored.
-
-        With fill, max_tokens is ignored and the reply may use the rest of the context. tools and prefix
-        go to the chat template (Engine.encode_chat).
-        """
-
-        def prompt(engine: Engine, budget: int) -> list[int]:
-            def encode(ms: Sequence[Message]) -> list[int]:
-                return engine.encode_chat(ms, tools, prefix)
-
-            return fit_window(encode, engine.context_length, [], messages, budget, "messages")
-
-        return self.stateless_prompt(prompt, params, fill)
-
-    def stateless_prompt(
-        self, prompt: Callable[[Engine, int], list[int]], params: SamplingParams, fill: bool = False
-    ) -> Iterator[Chunk]:
-        """Generate for a prompt built by prompt(engine, tokens to leave for the reply), which raises
-        ContextOverflow if they do not fit (the raw completions API, and stateless chat); nothing is stored."""
-        engine = self.engine()
-        admitted = time.monotonic()
-        hold = ExitStack()
-        hold.enter_context(self._admit(engine).slot())
-        try:
-            budget = 1 if fill else params.max_tokens
-            prompt_ids = prompt(engine, budget)
-            if fill:
-                params = replace(params, max_tokens=engine.context_length - len(prompt_ids))
-            stream = self._generate(engine, hold, GenerationRequest(prompt_ids, params))
-        except BaseException:
-            hold.close()
-            raise
-        return self._released(stream, hold, admitted)
 
     def run(
         self,
@@ -307,151 +164,11 @@ class SessionService:
         on_finish(reply, last chunk) runs before the last chunk is yielded, still under the lock: a turn
         is committed only when its reply completed.
         """
-        engine = self.engine()
-        admitted = time.monotonic()
-        hold = ExitStack()
-        hold.enter_context(self._admit(engine).slot())
-        try:
+
+        def prepare(engine: Engine, hold: ExitStack) -> Prepared:
             if lock is not None:
-                hold.enter_context(self._locks.hold(lock, TURN_WAIT_SECONDS))
+                hold.enter_context(self.locks.hold(lock, TURN_WAIT_SECONDS))
             ids, params = prompt(engine)
-            stream = self._generate(engine, hold, GenerationRequest(ids, params, session_id=session_id))
-        except BaseException:
-            hold.close()
-            raise
-        return self._finished(self._released(stream, hold, admitted), on_finish)
+            return GenerationRequest(ids, params, session_id=session_id)
 
-    @staticmethod
-    def _finished(chunks: Generator[Chunk, None, None], on_finish: Callable[[str, Chunk], None]) -> Iterator[Chunk]:
-        parts: list[str] = []
-        with closing(chunks):
-            for chunk in chunks:
-                parts.append(chunk.text)
-                if chunk.finish_reason is not None:
-                    on_finish("".join(parts), chunk)
-                yield chunk
-
-    def _generate(self, engine: Engine, hold: ExitStack, request: GenerationRequest) -> Iterator[Chunk]:
-        """Start a tracked generation (shutdown can cancel it) with the request's stop strings applied."""
-        request.cache_scope = self.cache_scope()
-        hold.enter_context(self._tracked(request))
-        return with_stops(engine.generate(request), request.params.stop)
-
-    def _released(self, stream: Iterator[Chunk], hold: ExitStack, admitted: float) -> Generator[Chunk, None, None]:
-        """The stream, releasing admission (and the session) when closed, with its metrics recorded."""
-        last: Chunk | None = None
-        try:
-            for chunk in stream:
-                if last is None:
-                    with self._running_lock:
-                        self._producing += 1
-                    if self.metrics is not None:
-                        self.metrics.first_token(time.monotonic() - admitted)
-                last = chunk
-                yield chunk
-        finally:
-            close_stream(stream)
-            if last is not None:
-                with self._running_lock:
-                    self._producing -= 1
-            if self.metrics is not None:
-                self.metrics.generation_ended(last, last is not None and last.finish_reason is not None)
-            hold.close()
-
-    def _turn(
-        self,
-        chunks: Generator[Chunk, None, None],
-        session_id: str,
-        message: str,
-        epoch: int,
-        idempotency: tuple[str, str] | None,
-    ) -> Iterator[Chunk]:
-        parts: list[str] = []
-        with closing(chunks):
-            for chunk in chunks:
-                parts.append(chunk.text)
-                if chunk.finish_reason is not None:
-                    self.store.append_round(
-                        session_id, message, "".join(parts), epoch, self.max_rounds, idempotency=idempotency
-                    )
-                yield chunk
-
-    # The sessions API.
-
-    def list_sessions(self, limit: int, after: str | None) -> tuple[list[SessionInfo], bool]:
-        """Sessions newest first, paged."""
-        if after is not None and self.store.get_session(after) is None:
-            raise BadRequest(f"after: no session '{after}' (deleted since?); start from the first page", param="after")
-        return self.store.list_sessions(limit, after)
-
-    def get_session(self, session_id: str) -> tuple[SessionInfo, list[Message]]:
-        """A session's fields and its stored messages; NotFound if there is none."""
-        info = self.store.get_session(session_id)
-        if info is None:
-            raise NotFound(f"no session '{session_id}'", param="session_id")
-        return info, self.history(session_id)
-
-    def create_session(
-        self, session_id: str, title: str | None, metadata: dict[str, Any], system_prompt: str | None
-    ) -> SessionInfo:
-        """A new empty session; Conflict if the id is taken."""
-        now = time.time()
-        info = SessionInfo(session_id, now, now, title, metadata, system_prompt)
-        if not self.store.create_session(info):
-            raise Conflict(f"session '{session_id}' already exists", param="id")
-        return info
-
-    def update_session(self, session_id: str, fields: dict[str, Any]) -> SessionInfo:
-        """Set a session's title, metadata or system prompt."""
-        if not self.store.update_session(session_id, fields):
-            raise NotFound(f"no session '{session_id}'", param="session_id")
-        if "system_prompt" in fields:
-            self._forget(session_id)  # its saved KV starts with the old system prompt
-        return self.get_session(session_id)[0]
-
-    def delete_session(self, session_id: str) -> None:
-        """Delete a session and whatever the engine keeps for it; a turn of it in flight is cancelled first.
-
-        The delete runs under the session's lock, so a turn that was generating cannot land its round
-        afterwards and bring the session back.
-        """
-        deadline = time.monotonic() + DELETE_WAIT_SECONDS
-        while True:
-            with self._running_lock:
-                doomed = [cancel for cancel, sid in self._running.items() if sid == session_id]
-            for cancel in doomed:
-                cancel.set()
-            try:
-                with self._locks.hold(session_id, 0.05):
-                    deleted = self.store.delete_session(session_id)
-                break
-            except Overloaded:  # the session's turn is still closing: cancel again (a new one may have started)
-                if time.monotonic() > deadline:
-                    raise
-        if not deleted:
-            raise NotFound(f"no session '{session_id}'", param="session_id")
-        self._forget(session_id)
-
-    def fork_session(self, source: str, new_id: str, at_turn: int | None) -> SessionInfo:
-        """A new session holding the source's first `at_turn` rounds (all by default), title, metadata, prompt."""
-        _, history = self.get_session(source)
-        rounds = len(rounds_of(history))
-        if at_turn is None:
-            at_turn = rounds
-        if at_turn > rounds:
-            raise BadRequest(f"at_turn: session '{source}' has only {rounds} rounds", param="at_turn")
-        if not self.store.fork_session(source, new_id, at_turn):
-            raise Conflict(f"session '{new_id}' already exists", param="id")
-        return self.get_session(new_id)[0]
-
-    def expire(self, ttl_seconds: float) -> list[str]:
-        """Delete the sessions idle for longer than ttl_seconds; their ids."""
-        expired = self.store.expire_sessions(time.time() - ttl_seconds)
-        for session_id in expired:
-            self._forget(session_id)
-        return expired
-
-    def _forget(self, session_id: str) -> None:
-        engine = self._engine()
-        if engine is not None:
-            engine.forget(session_id)
+        return finished(self.gateway.generate(prepare), on_finish)

@@ -37,7 +37,7 @@ class SessionStore(ABC):
     """Where conversation histories live; SQLite here, something shared later for replicas."""
 
     @abstractmethod
-    def history(self, session_id: str) -> tuple[list[Message], int]:
+    def history(self, session_id: str, *, owner: str) -> tuple[list[Message], int]:
         """The session's messages, oldest first, and its epoch (bumped by each reset)."""
 
     @abstractmethod
@@ -49,6 +49,8 @@ class SessionStore(ABC):
         epoch: int,
         max_rounds: int,
         idempotency: tuple[str, str] | None = None,
+        *,
+        owner: str,
     ) -> bool:
         """Append a user/assistant pair, keep the newest max_rounds; False if the session was reset since `epoch`.
 
@@ -56,47 +58,48 @@ class SessionStore(ABC):
         """
 
     @abstractmethod
-    def reset(self, session_id: str) -> None:
+    def reset(self, session_id: str, *, owner: str) -> None:
         """Forget the session's history and bump its epoch."""
 
     @abstractmethod
-    def count_sessions(self) -> int:
-        """How many sessions the store keeps."""
+    def count_sessions(self, owner: str | None = None) -> int:
+        """How many sessions the store keeps (of one owner, or of all)."""
 
     @abstractmethod
-    def list_sessions(self, limit: int, after: str | None = None) -> tuple[list[SessionInfo], bool]:
-        """Sessions newest (last updated) first, from just after session `after`; and whether more follow."""
+    def list_sessions(self, limit: int, after: str | None = None, *, owner: str) -> tuple[list[SessionInfo], bool]:
+        """The owner's sessions, newest (last updated) first, from just after session `after`; and whether more
+        follow."""
 
     @abstractmethod
-    def get_session(self, session_id: str) -> SessionInfo | None:
+    def get_session(self, session_id: str, *, owner: str) -> SessionInfo | None:
         """One session's fields, or None."""
 
     @abstractmethod
-    def system_prompt(self, session_id: str) -> str | None:
+    def system_prompt(self, session_id: str, *, owner: str) -> str | None:
         """The session's system prompt, if it has one (read on every turn, so a query of its own)."""
 
     @abstractmethod
-    def create_session(self, info: SessionInfo) -> bool:
+    def create_session(self, info: SessionInfo, *, owner: str) -> bool:
         """Create a session with these fields; False if the id is taken."""
 
     @abstractmethod
-    def update_session(self, session_id: str, fields: dict[str, Any]) -> bool:
+    def update_session(self, session_id: str, fields: dict[str, Any], *, owner: str) -> bool:
         """Set title / metadata / system_prompt; False if there is no such session."""
 
     @abstractmethod
-    def delete_session(self, session_id: str) -> bool:
+    def delete_session(self, session_id: str, *, owner: str) -> bool:
         """Delete a session with its messages and idempotency keys; False if there was none."""
 
     @abstractmethod
-    def fork_session(self, source: str, new_id: str, rounds: int) -> bool:
+    def fork_session(self, source: str, new_id: str, rounds: int, *, owner: str) -> bool:
         """Copy the source's fields and its first `rounds` rounds into a new session; False if new_id is taken."""
 
     @abstractmethod
     def expire_sessions(self, updated_before: float) -> list[str]:
-        """Delete the sessions last updated before the given time; their ids."""
+        """Delete the sessions (of every owner) last updated before the given time; their stored keys."""
 
     @abstractmethod
-    def idempotent_reply(self, session_id: str, key: str) -> tuple[str, str] | None:
+    def idempotent_reply(self, session_id: str, key: str, *, owner: str) -> tuple[str, str] | None:
         """(request fingerprint, stored reply) of a turn made with this Idempotency-Key, or None."""
 
     def close(self) -> None:
@@ -162,16 +165,33 @@ MIGRATIONS = [
         PRIMARY KEY (session_id, key)
     );
     """,
+    # Tenants: every row belongs to the principal that made it. A named tenant's session is stored as
+    # '<owner>/<id>' (client ids have no '/'), so two tenants' sessions called 'work' are two rows, and
+    # messages and idempotency keys follow through the existing foreign key. Rows from before tenants
+    # belong to '' (the anonymous principal): the server cannot know which key made them.
+    """
+    ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    CREATE INDEX sessions_by_owner ON sessions(owner, updated_at, id);
+    ALTER TABLE responses ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    ALTER TABLE conversations ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    """,
 ]
+
+
+def session_key(owner: str, session_id: str) -> str:
+    """The stored id of an owner's session: the client's id, behind the owner's name for a named tenant."""
+    return f"{owner}/{session_id}" if owner else session_id
+
 
 _INFO_COLUMNS = (
     "s.id, s.created_at, s.updated_at, s.title, s.metadata, s.system_prompt, "
-    "(SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id)"
+    "(SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id), s.owner"
 )
 
 
 def _info(row: tuple[Any, ...]) -> SessionInfo:
-    return SessionInfo(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], row[6])
+    client_id = row[0].split("/", 1)[1] if row[7] else row[0]
+    return SessionInfo(client_id, row[1], row[2], row[3], json.loads(row[4]), row[5], row[6])
 
 
 class SQLiteStore(SessionStore):
@@ -213,11 +233,14 @@ class SQLiteStore(SessionStore):
                 self._db.execute("ROLLBACK")
                 raise
 
-    def history(self, session_id: str) -> tuple[list[Message], int]:
+    def history(self, session_id: str, *, owner: str) -> tuple[list[Message], int]:
+        key = session_key(owner, session_id)
         with self._lock:
-            row = self._db.execute("SELECT epoch FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            row = self._db.execute("SELECT epoch FROM sessions WHERE id = ? AND owner = ?", (key, owner)).fetchone()
             rows = self._db.execute(
-                "SELECT role, content FROM messages WHERE session_id = ? ORDER BY id", (session_id,)
+                "SELECT m.role, m.content FROM messages m JOIN sessions s ON s.id = m.session_id "
+                "WHERE m.session_id = ? AND s.owner = ? ORDER BY m.id",
+                (key, owner),
             ).fetchall()
         return [Message(role, content) for role, content in rows], (row[0] if row else 0)
 
@@ -229,19 +252,24 @@ class SQLiteStore(SessionStore):
         epoch: int,
         max_rounds: int,
         idempotency: tuple[str, str] | None = None,
+        *,
+        owner: str,
     ) -> bool:
         now = time.time()
+        session_id = session_key(owner, session_id)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                row = self._db.execute("SELECT epoch FROM sessions WHERE id = ?", (session_id,)).fetchone()
+                row = self._db.execute(
+                    "SELECT epoch FROM sessions WHERE id = ? AND owner = ?", (session_id, owner)
+                ).fetchone()
                 if (row[0] if row else 0) != epoch:
                     self._db.execute("ROLLBACK")
                     return False
                 self._db.execute(
-                    "INSERT INTO sessions (id, epoch, created_at, updated_at) VALUES (?, ?, ?, ?) "
+                    "INSERT INTO sessions (id, owner, epoch, created_at, updated_at) VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT(id) DO UPDATE SET updated_at = excluded.updated_at",
-                    (session_id, epoch, now, now),
+                    (session_id, owner, epoch, now, now),
                 )
                 self._db.executemany(
                     "INSERT INTO messages (session_id, role, content, created_at) VALUES (?, ?, ?, ?)",
@@ -264,16 +292,17 @@ class SQLiteStore(SessionStore):
                 raise
         return True
 
-    def reset(self, session_id: str) -> None:
+    def reset(self, session_id: str, *, owner: str) -> None:
         now = time.time()
+        session_id = session_key(owner, session_id)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
                 self._db.execute(
-                    "INSERT INTO sessions (id, epoch, created_at, updated_at) VALUES (?, 1, ?, ?) "
+                    "INSERT INTO sessions (id, owner, epoch, created_at, updated_at) VALUES (?, ?, 1, ?, ?) "
                     "ON CONFLICT(id) DO UPDATE SET epoch = epoch + 1, updated_at = excluded.updated_at",
-                    (session_id, now, now),
+                    (session_id, owner, now, now),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -303,42 +332,53 @@ class SQLiteStore(SessionStore):
         with self.transaction() as db:
             return [db.execute(sql, args).rowcount for sql, args in statements]
 
-    def count_sessions(self) -> int:
+    def count_sessions(self, owner: str | None = None) -> int:
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
+            if owner is None:
+                return int(self._db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
+            return int(self._db.execute("SELECT COUNT(*) FROM sessions WHERE owner = ?", (owner,)).fetchone()[0])
 
-    def list_sessions(self, limit: int, after: str | None = None) -> tuple[list[SessionInfo], bool]:
+    def list_sessions(self, limit: int, after: str | None = None, *, owner: str) -> tuple[list[SessionInfo], bool]:
         with self._lock:
-            where, args = "", ()  # type: tuple[str, tuple[Any, ...]]
+            where, args = "WHERE s.owner = ?", (owner,)  # type: tuple[str, tuple[Any, ...]]
             if after is not None:
-                row = self._db.execute("SELECT updated_at FROM sessions WHERE id = ?", (after,)).fetchone()
+                after = session_key(owner, after)
+                row = self._db.execute(
+                    "SELECT updated_at FROM sessions WHERE id = ? AND owner = ?", (after, owner)
+                ).fetchone()
                 if row is None:
                     return [], False
-                where, args = "WHERE (s.updated_at, s.id) < (?, ?)", (row[0], after)
+                where, args = where + " AND (s.updated_at, s.id) < (?, ?)", (owner, row[0], after)
             rows = self._db.execute(
                 f"SELECT {_INFO_COLUMNS} FROM sessions s {where} ORDER BY s.updated_at DESC, s.id DESC LIMIT ?",
                 (*args, limit + 1),
             ).fetchall()
         return [_info(r) for r in rows[:limit]], len(rows) > limit
 
-    def get_session(self, session_id: str) -> SessionInfo | None:
+    def get_session(self, session_id: str, *, owner: str) -> SessionInfo | None:
         with self._lock:
-            row = self._db.execute(f"SELECT {_INFO_COLUMNS} FROM sessions s WHERE s.id = ?", (session_id,)).fetchone()
+            row = self._db.execute(
+                f"SELECT {_INFO_COLUMNS} FROM sessions s WHERE s.id = ? AND s.owner = ?",
+                (session_key(owner, session_id), owner),
+            ).fetchone()
         return _info(row) if row else None
 
-    def system_prompt(self, session_id: str) -> str | None:
+    def system_prompt(self, session_id: str, *, owner: str) -> str | None:
         with self._lock:
-            row = self._db.execute("SELECT system_prompt FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            row = self._db.execute(
+                "SELECT system_prompt FROM sessions WHERE id = ? AND owner = ?", (session_key(owner, session_id), owner)
+            ).fetchone()
         return row[0] if row else None
 
-    def create_session(self, info: SessionInfo) -> bool:
+    def create_session(self, info: SessionInfo, *, owner: str) -> bool:
         (count,) = self._write(
             [
                 (
-                    "INSERT INTO sessions (id, epoch, created_at, updated_at, title, metadata, system_prompt) "
-                    "VALUES (?, 0, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+                    "INSERT INTO sessions (id, owner, epoch, created_at, updated_at, title, metadata, system_prompt) "
+                    "VALUES (?, ?, 0, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
                     (
-                        info.id,
+                        session_key(owner, info.id),
+                        owner,
                         info.created_at,
                         info.updated_at,
                         info.title,
@@ -350,40 +390,43 @@ class SQLiteStore(SessionStore):
         )
         return count == 1
 
-    def update_session(self, session_id: str, fields: dict[str, Any]) -> bool:
+    def update_session(self, session_id: str, fields: dict[str, Any], *, owner: str) -> bool:
         columns = {k: json.dumps(v) if k == "metadata" else v for k, v in fields.items()}
         assert set(columns) <= {"title", "metadata", "system_prompt"}  # names come from our own schema
         sets = ", ".join(f"{k} = ?" for k in columns)
         (count,) = self._write(
             [
                 (
-                    f"UPDATE sessions SET {sets}{', ' if sets else ''}updated_at = ? WHERE id = ?",
-                    (*columns.values(), time.time(), session_id),
+                    f"UPDATE sessions SET {sets}{', ' if sets else ''}updated_at = ? WHERE id = ? AND owner = ?",
+                    (*columns.values(), time.time(), session_key(owner, session_id), owner),
                 )
             ]
         )
         return count == 1
 
-    def delete_session(self, session_id: str) -> bool:
+    def delete_session(self, session_id: str, *, owner: str) -> bool:
+        key = session_key(owner, session_id)
+        mine = "(SELECT owner FROM sessions WHERE id = ?) = ?"
         counts = self._write(
             [
-                ("DELETE FROM messages WHERE session_id = ?", (session_id,)),
-                ("DELETE FROM idempotency_keys WHERE session_id = ?", (session_id,)),
-                ("DELETE FROM sessions WHERE id = ?", (session_id,)),
+                (f"DELETE FROM messages WHERE session_id = ? AND {mine}", (key, key, owner)),
+                (f"DELETE FROM idempotency_keys WHERE session_id = ? AND {mine}", (key, key, owner)),
+                ("DELETE FROM sessions WHERE id = ? AND owner = ?", (key, owner)),
             ]
         )
         return counts[-1] == 1
 
-    def fork_session(self, source: str, new_id: str, rounds: int) -> bool:
+    def fork_session(self, source: str, new_id: str, rounds: int, *, owner: str) -> bool:
         now = time.time()
+        source, new_id = session_key(owner, source), session_key(owner, new_id)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 created = self._db.execute(
-                    "INSERT INTO sessions (id, epoch, created_at, updated_at, title, metadata, system_prompt) "
-                    "SELECT ?, 0, ?, ?, title, metadata, system_prompt FROM sessions WHERE id = ? "
+                    "INSERT INTO sessions (id, owner, epoch, created_at, updated_at, title, metadata, system_prompt) "
+                    "SELECT ?, owner, 0, ?, ?, title, metadata, system_prompt FROM sessions WHERE id = ? AND owner = ? "
                     "ON CONFLICT(id) DO NOTHING",
-                    (new_id, now, now, source),
+                    (new_id, now, now, source, owner),
                 ).rowcount
                 if created != 1:
                     self._db.execute("ROLLBACK")
@@ -423,10 +466,12 @@ class SQLiteStore(SessionStore):
                 expired.append(session_id)
         return expired
 
-    def idempotent_reply(self, session_id: str, key: str) -> tuple[str, str] | None:
+    def idempotent_reply(self, session_id: str, key: str, *, owner: str) -> tuple[str, str] | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT fingerprint, reply FROM idempotency_keys WHERE session_id = ? AND key = ?", (session_id, key)
+                "SELECT i.fingerprint, i.reply FROM idempotency_keys i JOIN sessions s ON s.id = i.session_id "
+                "WHERE i.session_id = ? AND i.key = ? AND s.owner = ?",
+                (session_key(owner, session_id), key, owner),
             ).fetchone()
         return (row[0], row[1]) if row else None
 

@@ -22,7 +22,7 @@ def _transformers(settings: Settings, model: ResolvedModel) -> Engine:
         ctx_size=settings.ctx_size,
         max_queue=settings.max_queue,
         cache_dir=settings.weights_cache_dir(),
-        max_batch_size=settings.max_batch_size,
+        max_batch_size=settings.concurrency("transformers"),
         kv_cache_mb=settings.kv_cache_mb,
     )
 
@@ -65,7 +65,7 @@ def _remote(settings: Settings, model: ResolvedModel) -> Engine:
         context_length=settings.ctx_size,
         timeout=settings.upstream_timeout,
     )
-    engine.slots = settings.parallel or engine.slots
+    engine.slots = settings.parallel or engine.slots  # else the upstream's own default
     return engine
 
 
@@ -108,7 +108,7 @@ def _cuda_in_play(device: str) -> bool:
 
 
 def _slots(settings: Settings) -> int:
-    return settings.parallel or min(4, settings.threads)
+    return settings.concurrency("llamacpp")
 
 
 def resolve(settings: Settings) -> ResolvedModel:

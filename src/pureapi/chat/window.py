@@ -1,0 +1,50 @@
+"""The history window: the newest rounds that fit the model's context with room left for the reply."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from ..errors import ContextOverflow
+from ..types import Message
+
+
+def rounds_of(history: Sequence[Message]) -> list[tuple[Message, Message]]:
+    """Pair a stored history into (user, assistant) rounds."""
+    return [(history[i], history[i + 1]) for i in range(0, len(history) - 1, 2)]
+
+
+def fit_window(
+    encode: Callable[[Sequence[Message]], list[int]],
+    context_length: int,
+    rounds: Sequence[Sequence[Message]],
+    tail: Sequence[Message],
+    max_tokens: int,
+    prompt_param: str = "message",
+    head: Sequence[Message] = (),
+) -> list[int]:
+    """Tokenize the newest rounds that fit the context with max_tokens left for the reply.
+
+    prompt_param names the request field that holds the prompt, for the error of a prompt too long;
+    head (a session's system prompt) always stays in front.
+    """
+    for start in range(len(rounds) + 1):
+        messages = list(head) + [m for pair in rounds[start:] for m in pair] + list(tail)
+        ids = encode(messages)
+        if len(ids) + max_tokens <= context_length:
+            return ids
+    return fit_prompt(ids, context_length, max_tokens, prompt_param)
+
+
+def fit_prompt(ids: list[int], context_length: int, max_tokens: int, prompt_param: str = "prompt") -> list[int]:
+    """The prompt's ids if they fit the context with max_tokens left for the reply; else ContextOverflow."""
+    if len(ids) + max_tokens <= context_length:
+        return ids
+    if len(ids) >= context_length:
+        raise ContextOverflow(
+            f"the prompt is {len(ids)} tokens but the model's context is {context_length} tokens", param=prompt_param
+        )
+    raise ContextOverflow(
+        f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's context "
+        f"({context_length} tokens); lower max_tokens to at most {context_length - len(ids)}",
+        param="max_tokens",
+    )
