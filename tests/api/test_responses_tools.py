@@ -298,3 +298,21 @@ def test_a_forced_call_wins_over_the_text_format(fake: FakeApp) -> None:
     body = respond(fake, tools=[WEATHER], tool_choice="required", text=SCHEMA_FORMAT).get_json()
     assert body["output"][0]["type"] == "function_call"
     assert (fake.engine.params[-1].json_schema or {})["properties"]["name"] == {"const": "weather"}
+
+
+def test_conversation_items_can_carry_a_tool_exchange(fake: FakeApp) -> None:
+    items = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+    ]
+    conv = fake.client.post("/v1/conversations", json={"items": items}).get_json()["id"]
+    listed = fake.client.get(f"/v1/conversations/{conv}/items?order=asc").get_json()["data"]
+    assert [i["type"] for i in listed] == ["message", "function_call", "function_call_output"]
+    fake.engine.enqueue("Sunny.")
+    r = respond(fake, conversation=conv, input="So?", tools=[WEATHER])
+    assert r.status_code == 200, r.get_data(as_text=True)
+    assert fake.engine.prompts[-1][1:3] == [
+        Message("assistant", "", (ToolCall("c1", "weather", '{"city": "Paris"}'),)),
+        Message("tool", "sunny", tool_call_id="c1", name="weather"),
+    ]

@@ -19,7 +19,7 @@ from .openai_tools import plan_functions, with_schema
 from .responses_models import (
     ConversationRef,
     IncompleteDetails,
-    InputMessage,
+    InputItem,
     InputTokensDetails,
     ItemList,
     ListQuery,
@@ -34,7 +34,7 @@ from .responses_models import (
 from .responses_reply import Called, Opened, ReplyItems, Text
 
 __all__ = [
-    "InputMessage",
+    "InputItem",
     "ItemList",
     "ListQuery",
     "Metadata",

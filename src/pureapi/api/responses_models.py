@@ -18,7 +18,6 @@ from pydantic import (
 
 from ..chat.response_store import Item
 from ..chat.responses import message_item, new_id
-from ..types import Message
 from .common import MaxTokens, Temperature, TopP
 from .openai_output import format_schema
 from .openai_tools import NAME, FunctionSpec, other_type
@@ -39,20 +38,6 @@ class ContentPart(BaseModel):
 
 def _text(content: str | list[ContentPart]) -> str:
     return content if isinstance(content, str) else "".join(p.text for p in content)
-
-
-class InputMessage(BaseModel):
-    """A message item of `input` (or of a conversation)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    type: Literal["message"] = "message"
-    role: Literal["user", "assistant", "system", "developer"]
-    content: StrictStr | list[ContentPart]
-
-    def message(self) -> Message:
-        """The item as a chat message."""
-        return Message("system" if self.role == "developer" else self.role, _text(self.content))
 
 
 class InputItem(BaseModel):
