@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .api.docs import Operation, declare
 from .types import Chunk
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ ENGINE_HELP = {
     "computing the whole prompt.",
     "kv_cache_misses_total": "Generations that reused no prompt KV.",
     "reused_tokens_total": "Prompt tokens whose KV was reused rather than computed.",
+    "generated_tokens_total": "Tokens the model sampled, a cancelled generation's included (up to where it stopped).",
     "restored_tokens_ram_total": "Prompt tokens restored from KV states saved in RAM.",
     "restored_tokens_disk_total": "Prompt tokens restored from KV states saved on disk.",
     "restored_bytes_ram_total": "Bytes of KV states restored from RAM.",
@@ -35,6 +37,14 @@ ENGINE_HELP = {
     "saved_state_bytes_ram": "Bytes of saved KV states held in RAM now.",
     "saved_state_bytes_disk": "Bytes of saved KV states held on disk now.",
 }
+
+
+METRICS_OPERATION = Operation(
+    "Prometheus metrics (text exposition format)",
+    "seed",
+    answer="Metrics",
+    content={"text/plain": {"schema": {"type": "string"}}},
+)
 
 
 class _LiveCollector(Collector):
@@ -183,3 +193,4 @@ def install(app: Flask, metrics: Metrics) -> None:
 
     view: Callable[[], Any] = metrics.render
     app.add_url_rule("/metrics", "metrics", view, methods=["GET"])
+    declare("metrics", METRICS_OPERATION)

@@ -100,7 +100,7 @@ def test_offline_with_a_cached_copy_uses_it(cli: Cli, qwen_repo: Repo) -> None:
     assert offline.rc == 0, offline.err
     assert offline.out == online.out
     assert len(hub.log) == requests_before
-    qwen_row = next(line for line in listed.out.splitlines() if line.startswith("qwen, qwen-7b"))
+    qwen_row = next(line for line in listed.out.splitlines() if line.startswith("Qwen/Qwen2.5-7B-Instruct "))
     assert QWEN_GGUF in qwen_row and "cached" in qwen_row
 
 
@@ -183,10 +183,10 @@ def test_gpus_are_read_from_nvidia_smi_and_the_choice_follows_them(cli: Cli, tmp
     )
     assert listed.rc == 0, listed.err
     assert "cuda:0 NVIDIA H100 80GB HBM3 83.9 GB free" in listed.out  # GPU 1, renumbered as CUDA sees it
-    qwen14 = next(line for line in listed.out.splitlines() if line.startswith("qwen-14b"))
+    qwen14 = next(line for line in listed.out.splitlines() if line.startswith("Qwen/Qwen2.5-14B-Instruct "))
     assert "transformers: Qwen/Qwen2.5-14B-Instruct " in qwen14 and "yes" in qwen14
-    llama70 = next(line for line in listed.out.splitlines() if line.startswith("llama-70b"))
+    llama70 = next(line for line in listed.out.splitlines() if line.startswith("meta-llama/Llama-3.1-70B-Instruct "))
     assert "llamacpp: bartowski/Meta-Llama-3.1-70B-Instruct-GGUF" in llama70  # 141 GB of bf16: not on one GPU
-    qwen_pinned = next(line for line in pinned.out.splitlines() if line.startswith("qwen, qwen-7b"))
+    qwen_pinned = next(line for line in pinned.out.splitlines() if line.startswith("Qwen/Qwen2.5-7B-Instruct "))
     assert "llamacpp: Qwen/Qwen2.5-7B-Instruct-GGUF" in qwen_pinned  # GPU 0 has 1 GB free
     assert probe.stdout.strip() == "False"  # nvidia-smi answered: torch never imported

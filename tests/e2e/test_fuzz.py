@@ -5,15 +5,18 @@ engine, so thousands of requests take seconds. Schemathesis generates both schem
 schema-violating requests; none may get a server error (a 503 for overload is allowed), and every
 answer must match what the document says (status codes, content types, bodies, errors).
 
-The schema object is built from the same `build_spec()` the server serves, so that the tests can be
-parametrized at collection time (schemathesis' lazy `from_fixture` loader does not work with this
-pytest); `test_the_served_document_is_the_one_fuzzed` checks that the server serves exactly it.
+The schema object is built by the same `build_spec()` the server serves, from an app like the
+server's, so that the tests can be parametrized at collection time (schemathesis' lazy
+`from_fixture` loader does not work with this pytest); `test_the_served_document_is_the_one_fuzzed`
+checks that the server serves exactly it.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import hypothesis
@@ -29,6 +32,8 @@ from schemathesis.checks import (
 )
 
 from pureapi.api.openapi import build_spec
+from pureapi.app import create_app
+from pureapi.settings import Settings
 
 from ..conftest import Server, start_server
 
@@ -52,6 +57,7 @@ OPERATIONS = {
     ("DELETE", "/v1/sessions/{session_id}"),
     ("POST", "/v1/sessions/{session_id}/fork"),
     ("GET", "/metrics"),
+    ("GET", "/v1/tenants"),
     ("POST", "/v1/responses"),
     ("GET", "/v1/responses/{response_id}"),
     ("DELETE", "/v1/responses/{response_id}"),
@@ -77,7 +83,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     assert "Traceback" not in log, log[-3000:]
 
 
-schema = schemathesis.openapi.from_dict(build_spec())
+# The document of an app like the server's: it is built from the app's routes.
+SPEC = build_spec(create_app(Settings(engine="fake", db=Path(tempfile.mkdtemp()) / "spec.db")))
+schema = schemathesis.openapi.from_dict(SPEC)
 schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=EXAMPLES)
 # A negative case can be huge (a string far over its maxLength); past --max-body-bytes the answer is
 # 413 before the body is read, which is a rejection too.
@@ -116,7 +124,7 @@ def test_no_server_errors_and_the_document_holds(case: Any, server: Server) -> N
 
 def test_the_served_document_is_the_one_fuzzed(server: Server) -> None:
     served = requests.get(server.url + "/openapi.json", timeout=30).json()
-    assert served == build_spec()
+    assert served == SPEC
     methods = {(m.upper(), p) for p, ops in served["paths"].items() for m in ops if m != "parameters"}
     assert methods == OPERATIONS
     loaded = schemathesis.openapi.from_url(server.url + "/openapi.json")

@@ -38,6 +38,8 @@ MAX_BODY = 32768
 LONG = "Repeat the word hello forever: hello hello hello hello"
 LONG_TOKENS = 3000
 PROMPT_WAIT = 45.0  # a short request after a cancelled long one finishes well within this
+# Tokens a generation may run on after its client left: those sampled while the disconnect is noticed.
+ABANDON_SLACK = 20
 
 
 @dataclass
@@ -449,6 +451,21 @@ def short_request(url: str) -> float:
     return time.monotonic() - started
 
 
+def engine_metric(url: str, name: str) -> float:
+    """One of the llama.cpp engine's values on /metrics."""
+    text = requests.get(url + "/metrics", timeout=30).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(f"pureapi_engine_{name} ")))
+
+
+def abandoned_tokens(url: str, before: float) -> float:
+    """Tokens generated since `before` (the generated_tokens_total then), once no slot generates any more."""
+    deadline = time.monotonic() + PROMPT_WAIT
+    while engine_metric(url, "slots_active") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine_metric(url, "slots_active") == 0, "a slot still generates for the client that left"
+    return engine_metric(url, "generated_tokens_total") - before
+
+
 @pytest.mark.parametrize("surface", ["seed", "v1"])
 def test_a_client_that_leaves_a_stream_cancels_its_generation(smol: Started, surface: str) -> None:
     url = smol.server.url
@@ -457,6 +474,7 @@ def test_a_client_that_leaves_a_stream_cancels_its_generation(smol: Started, sur
         if surface == "v1"
         else {"message": LONG, "max_tokens": LONG_TOKENS, "temperature": 0, "stream": True, "session_id": "gone"}
     )
+    generated = engine_metric(url, "generated_tokens_total")
     r = requests.post(url + path_of(surface), json=body, stream=True, timeout=120)
     assert r.status_code == 200
     lines = r.iter_lines()
@@ -465,6 +483,8 @@ def test_a_client_that_leaves_a_stream_cancels_its_generation(smol: Started, sur
         line = next(lines)
         seen += line.startswith(b"data: ")
     r.close()
+    # The abandoned generation stopped within a few steps of the disconnect, not at its end.
+    assert abandoned_tokens(url, generated) < 3 + ABANDON_SLACK
     assert short_request(url) < PROMPT_WAIT
     if surface == "seed":
         # The cancelled round was not stored.
@@ -479,8 +499,11 @@ def test_a_client_that_times_out_cancels_its_generation(smol: Started, surface: 
         if surface == "v1"
         else {"message": LONG, "max_tokens": LONG_TOKENS, "temperature": 0, "session_id": "impatient"}
     )
+    generated = engine_metric(url, "generated_tokens_total")
     with pytest.raises(requests.exceptions.ReadTimeout):
         requests.post(url + path_of(surface), json=body, timeout=(10, 3))  # the socket closes on timeout
+    # Stopped once the server saw the socket close (after 3 s of tokens), long before its end.
+    assert abandoned_tokens(url, generated) < LONG_TOKENS
     assert short_request(url) < PROMPT_WAIT
     if surface == "seed":
         assert requests.get(url + "/status?session_id=impatient").json()["conversation_length"] == 0

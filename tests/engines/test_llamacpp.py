@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -265,7 +266,7 @@ def test_active_slots_are_kept_consecutive_without_changing_replies(
         threads[4].start()  # lands in an empty slot beyond the active ones
         for t in threads:
             t.join(timeout=300)
-        stats, spans = dict(engine.stats), engine.spans
+        stats, spans = Counter(engine.stats), engine.spans
     finally:
         engine.close()
     assert stats["moved_slots"] >= 2
@@ -286,7 +287,7 @@ def test_second_turn_prefills_only_the_new_tokens(
         reply(pair, pair.encode_chat([Message("user", "What is 2+2?")]), 10, session_id="math")
         ids2 = pair.encode_chat([*first, Message("assistant", answer), Message("user", "Now explain it.")])
         assert ids2[: len(ids1)] == ids1
-        before = dict(pair.stats)
+        before = Counter(pair.stats)
         with_reuse = reply(pair, ids2, 40, session_id="joke")
         reused = pair.stats["reused_tokens"] - before["reused_tokens"]
         prefilled = pair.stats["prefilled_tokens"] - before["prefilled_tokens"]
@@ -344,7 +345,7 @@ def test_repeated_prompt_reuses_the_slot_despite_a_long_reply(engine: LlamaCppEn
     ids = engine.encode_chat([Message("user", "Write a long story about a dragon who learns to sing.")])
     _, last = collect(engine.generate(GenerationRequest(ids, greedy_params(len(ids) + 16))))
     assert last.completion_tokens > len(ids)  # more cached after the prompt than in it
-    before = dict(engine.stats)
+    before = Counter(engine.stats)
     reply(engine, ids, 4)
     assert engine.stats["reused_tokens"] - before["reused_tokens"] == len(ids) - 1
     assert engine.stats["prefilled_tokens"] - before["prefilled_tokens"] == 1
@@ -360,11 +361,11 @@ def test_shared_system_prompt_is_copied_from_another_slot(
         reply(pair, ids_a, 16, session_id="A")
         ids_b = pair.encode_chat([system, Message("user", "Why do cats purr?")])
         shared = next(i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=False)) if x != y)
-        before = dict(pair.stats)
+        before = Counter(pair.stats)
         got = reply(pair, ids_b, 24, session_id="B")
         delta = {k: pair.stats[k] - before[k] for k in before}
         # A's slot still holds A's whole prompt: B copied the shared part instead of taking it.
-        again = dict(pair.stats)
+        again = Counter(pair.stats)
         reply(pair, ids_a, 4, session_id="A")
         a_reused = pair.stats["reused_tokens"] - again["reused_tokens"]
     finally:
@@ -392,7 +393,7 @@ def evicted_session_turn(engine: LlamaCppEngine, sessions: bool = True) -> tuple
     reply(engine, engine.encode_chat([Message("user", "Describe the city of Rome in detail.")]), 40, **b)
     ids2 = engine.encode_chat([*first, Message("assistant", answer), Message("user", "Make it shorter.")])
     assert ids2[: len(ids1)] == ids1
-    before = dict(engine.stats)
+    before = Counter(engine.stats)
     second = reply(engine, ids2, 40, **a)
     return ids2, second, {k: engine.stats[k] - before[k] for k in before}
 
@@ -468,7 +469,7 @@ def test_conversation_state_survives_a_restart(
     try:
         ids2 = restarted.encode_chat([*first, Message("assistant", answer), Message("user", "Make it shorter.")])
         second = reply(restarted, ids2, 40, **a)
-        stats = dict(restarted.stats)
+        stats = Counter(restarted.stats)
     finally:
         restarted.close()
     assert stats["restored_tokens"] >= len(ids1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pureapi.errors import ModelLoadError
-from pureapi.models import fit, gguf
+from pureapi.models import commands, fit, gguf, hardware
 from pureapi.models.catalogue import CATALOGUE, lookup
 from pureapi.models.hardware import Gpu, Hardware
 from pureapi.models.resolve import build_need, check_fit, choose_build
@@ -176,3 +177,16 @@ def test_fit_check_off_lets_a_model_through_and_on_refuses_it_before_loading() -
     with pytest.raises(ModelLoadError, match=r"SmolLM2-135M-Instruct\.Q4_1\.gguf does not fit.*50\.0 MB of RAM"):
         resolve(Settings(**tight))  # type: ignore[arg-type]
     assert resolve(Settings(**tight, fit_check="off")).is_gguf  # type: ignore[arg-type]
+
+
+def test_models_lists_each_id_beside_its_aliases(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(hardware, "detect", lambda want_gpus=True: CPU_24GB)
+    assert commands.models([]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:3] == ["MODEL", "ALIASES", "BUILD"]
+    for entry in CATALOGUE:
+        row = next(line for line in lines if line.startswith(entry.name + " "))
+        assert re.split(r"\s{2,}", row)[1] == ", ".join(entry.aliases), row
+        assert lookup(entry.name) is entry  # the id shown is one `pureapi pull` and --model take

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from typing import Annotated, Any, TypeVar
 
@@ -198,21 +199,67 @@ def sse(data: Any, event: str | None = None) -> str:
     return f"event: {event}\ndata: {payload}\n\n" if event else f"data: {payload}\n\n"
 
 
-def relay(
-    chunks: Iterator[Chunk], events: Callable[[Chunk], Iterable[str]], failed: Callable[[str], str]
-) -> Iterator[str]:
-    """The SSE events of each chunk; a failure mid-stream becomes the event failed(message).
+class Encoder(ABC):
+    """One surface's event shape, for the relay: what opens the stream, each chunk's events, what closes a
+    stream that ended well, and what a failure sends instead."""
 
-    Closing this (the client went away) closes the chunks, and so cancels the generation.
+    def opening(self) -> Iterable[str]:
+        """Events sent before the first chunk's."""
+        return ()
+
+    @abstractmethod
+    def events(self, chunk: Chunk) -> Iterable[str]:
+        """The events of one chunk."""
+
+    def closing(self) -> Iterable[str]:
+        """Events sent after the last chunk of a stream that ended well."""
+        return ()
+
+    @abstractmethod
+    def failed(self, message: str) -> Iterable[str]:
+        """Events sent instead of closing() when the stream failed; `message` is safe to show a client."""
+
+
+class _Functions(Encoder):
+    """An encoder made of two functions: a chunk's events, and the one event of a failure."""
+
+    def __init__(self, events: Callable[[Chunk], Iterable[str]], failed: Callable[[str], str]):
+        self._events, self._failed = events, failed
+
+    def events(self, chunk: Chunk) -> Iterable[str]:
+        return self._events(chunk)
+
+    def failed(self, message: str) -> Iterable[str]:
+        return [self._failed(message)]
+
+
+def relay(
+    chunks: Iterator[Chunk],
+    encoder: Encoder | Callable[[Chunk], Iterable[str]],
+    failed: Callable[[str], str] | None = None,
+) -> Iterator[str]:
+    """The one way a stream reaches a client: the SSE events of each chunk in the surface's shape.
+
+    The engine stream is closed however this ends: at its end, on a failure (sent as the surface's
+    error events), or when the client goes away (WSGI closes this generator: GeneratorExit). So a
+    disconnect cancels the generation at once, whoever else still holds the stream. `encoder` may also
+    be given as two functions, a chunk's events and `failed(message)`, the failure's one event.
     """
+    if not isinstance(encoder, Encoder):
+        if failed is None:
+            raise TypeError("relay: an events function needs its failed function")
+        encoder = _Functions(encoder, failed)
     try:
+        yield from encoder.opening()
         for chunk in chunks:
-            yield from events(chunk)
+            yield from encoder.events(chunk)
+        ending = list(encoder.closing())
     except Exception as exc:
         log.warning("stream failed: %s", exc)
-        yield failed(error_text(exc))
+        ending = list(encoder.failed(error_text(exc)))
     finally:
         close_stream(chunks)
+    yield from ending
 
 
 def sse_response(events: Iterator[str]) -> Response:

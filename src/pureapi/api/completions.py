@@ -17,7 +17,8 @@ from ..engines.base import Engine
 from ..errors import BadRequest
 from ..types import Chunk, TokenLogprob
 from .common import MaxTokens, collecting, drain, gateway, json_body, primed, relay, sse, sse_response, validate
-from .openai import SamplingFields, StreamOptions, Usage, dump, error_event
+from .docs import BODY_ERRORS, Operation, documented
+from .openai import OpenAIEvents, SamplingFields, StreamOptions, Usage, dump
 from .openai_output import MAX_TOP_LOGPROBS
 
 bp = Blueprint("completions", __name__, url_prefix="/v1")
@@ -142,6 +143,18 @@ class Completion(BaseModel):
 
 
 @bp.post("/completions")
+@documented(
+    Operation(
+        "OpenAI-compatible text completion of a raw prompt (no chat template; stateless)",
+        "openai",
+        BODY_ERRORS,
+        body=CompletionRequest,
+        ok=Completion,
+        answer="A completion, or SSE events (each a Completion) ending in [DONE]",
+        stream="Each event's data: a Completion or an error; then [DONE].",
+        events=(Completion,),
+    )
+)
 def completions() -> Response:
     body = validate(CompletionRequest, json_body())
     service = gateway()
@@ -186,5 +199,4 @@ def _stream(meta: dict[str, Any], chunks: Iterator[Chunk], include_usage: bool, 
         if chunk.finish_reason is not None and include_usage:
             yield sse(dump(Completion(**meta, choices=[], usage=Usage.of(chunk))))
 
-    yield from relay(chunks, events, error_event)
-    yield sse("[DONE]")
+    return relay(chunks, OpenAIEvents(events))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -29,6 +29,7 @@ from ..types import Chunk, Message, SamplingParams, ToolCall
 from ..types import TokenLogprob as TokenLogprobData
 from .common import (
     MAX_STOP,
+    Encoder,
     MaxTokens,
     Penalty,
     Seed,
@@ -44,6 +45,7 @@ from .common import (
     sse_response,
     validate,
 )
+from .docs import BODY_ERRORS, Operation, documented
 from .openai_output import MAX_TOP_LOGPROBS, ChoiceLogprobs, ResponseFormat
 from .openai_tools import (
     MessageToolCall,
@@ -342,6 +344,26 @@ def error_event(message: str) -> str:
     return sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
 
 
+class OpenAIEvents(Encoder):
+    """An OpenAI stream (chat or text completions): the surface's chunk events, [DONE] at the end, and a
+    failure as an error event, then [DONE] too."""
+
+    def __init__(self, events: Callable[[Chunk], Iterable[str]], opening: Iterable[str] = ()):
+        self._events, self._opening = events, opening
+
+    def opening(self) -> Iterable[str]:
+        return self._opening
+
+    def events(self, chunk: Chunk) -> Iterable[str]:
+        return self._events(chunk)
+
+    def closing(self) -> Iterable[str]:
+        return [sse("[DONE]")]
+
+    def failed(self, message: str) -> Iterable[str]:
+        return [error_event(message), sse("[DONE]")]
+
+
 def _check_tool_results(messages: list[Message]) -> None:
     """Each tool message must answer a call an earlier assistant message made (as OpenAI requires)."""
     i = unanswered_result(messages)
@@ -354,6 +376,18 @@ def _check_tool_results(messages: list[Message]) -> None:
 
 
 @bp.post("/chat/completions")
+@documented(
+    Operation(
+        "OpenAI-compatible chat completion (stateless)",
+        "openai",
+        BODY_ERRORS,
+        body=ChatCompletionRequest,
+        ok=ChatCompletion,
+        answer="A completion, or SSE chunks ending in [DONE]",
+        stream="Each event's data: a ChatCompletionChunk or an error; then [DONE].",
+        events=(ChatCompletionChunk,),
+    )
+)
 def chat_completions() -> Response:
     body = validate(ChatCompletionRequest, json_body())
     messages = [m.message() for m in body.messages]
@@ -463,12 +497,11 @@ def _stream(
             if include_usage:
                 yield sse(dump(ChatCompletionChunk(**meta, choices=[], usage=Usage.of(chunk))))
 
-    yield event(Delta(role="assistant", content=""))
-    yield from relay(chunks, events, error_event)
-    yield sse("[DONE]")
+    return relay(chunks, OpenAIEvents(events, opening=[event(Delta(role="assistant", content=""))]))
 
 
 @bp.get("/models")
+@documented(Operation("The served model", "openai", (401, 503), ok=ModelList, answer="Model list"))
 def models() -> Response:
     engine = gateway().engine()
     card = ModelCard(id=engine.model_name, max_model_len=engine.context_length)

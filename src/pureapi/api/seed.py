@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 from collections.abc import Iterator
+from typing import Literal
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
@@ -16,21 +16,22 @@ from ..errors import BadRequest
 from ..models import hardware
 from ..types import Chunk, SamplingParams
 from .common import (
+    Encoder,
     MaxTokens,
     SessionId,
     Temperature,
     drain,
-    error_text,
     gateway,
     json_body,
     primed,
+    relay,
     sessions,
     sse,
     sse_response,
     validate,
 )
+from .docs import BODY_ERRORS, Operation, documented
 
-log = logging.getLogger(__name__)
 bp = Blueprint("seed", __name__)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -67,12 +68,41 @@ class ChatResponse(BaseModel):
     status: str = "success"
 
 
+class StreamUsage(BaseModel):
+    """What a streamed turn cost, and how much of the prompt's KV was reused rather than computed."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+class ChatStreamEnd(ChatResponse):
+    """The last event of a streamed POST /chat: the whole reply, with its token counts."""
+
+    usage: StreamUsage
+
+
 class ResetRequest(BaseModel):
     """Body of POST /reset (optional)."""
 
     model_config = ConfigDict(extra="ignore")
 
     session_id: SessionId | None = None
+
+
+class ResetResponse(BaseModel):
+    """Body of a successful POST /reset."""
+
+    status: Literal["success"] = "success"
+    message: str = "conversation history cleared"
+
+
+class HealthResponse(BaseModel):
+    """Body of GET /health: healthy with the model's name, or loading with why."""
+
+    status: Literal["healthy", "loading"]
+    model: str | None = Field(None, description="The served model, once healthy.")
+    error: str | None = Field(None, description="Why it is not healthy yet.")
 
 
 class StatusQuery(BaseModel):
@@ -114,6 +144,28 @@ def idempotency(body: BaseModel) -> tuple[str, str] | None:
 
 
 @bp.post("/chat")
+@documented(
+    Operation(
+        "Chat in a server-side session",
+        "seed",
+        (*BODY_ERRORS, 409),
+        body=ChatRequest,
+        ok=ChatResponse,
+        answer="The reply",
+        stream='Each event\'s data: {"delta": text} per piece of the reply, then a ChatStreamEnd; '
+        'a failure is {"error": message}.',
+        events=(ChatStreamEnd,),
+        parameters=(
+            {
+                "name": IDEMPOTENCY_HEADER,
+                "in": "header",
+                "required": False,
+                "description": "A retry with the same key on the same session returns the stored reply.",
+                "schema": {"type": "string", "pattern": f"^{_SANE_KEY.pattern}$"},
+            },
+        ),
+    )
+)
 def chat() -> Response:
     body = validate(ChatRequest, json_body())
     params = SamplingParams(max_tokens=body.max_tokens, temperature=float(body.temperature))
@@ -132,43 +184,62 @@ def chat() -> Response:
         text, _ = drain(stream)
         response = jsonify(ChatResponse(message=body.message, response=text).model_dump())
     else:
-        response = sse_response(_stream(body.message, stream))
+        response = sse_response(relay(stream, _Events(body.message)))
     if stored is not None:
         response.headers["Idempotent-Replayed"] = "true"
     return response
 
 
-def _stream(message: str, chunks: Iterator[Chunk]) -> Iterator[str]:
-    parts: list[str] = []
-    last: Chunk | None = None
-    try:
-        for chunk in chunks:
-            last = chunk
-            if chunk.text:
-                parts.append(chunk.text)
-                yield sse({"delta": chunk.text})
-        final: dict[str, object] = ChatResponse(message=message, response="".join(parts)).model_dump()
-        if last is not None:
-            # What the turn cost, and how much of the prompt's KV was reused rather than computed.
-            final["usage"] = {
-                "prompt_tokens": last.prompt_tokens,
-                "completion_tokens": last.completion_tokens,
-                "cached_tokens": last.cached_tokens,
-            }
-        yield sse(final)
-    except Exception as exc:
-        log.warning("stream failed: %s", exc)
-        yield sse({"error": error_text(exc)})
+class _Events(Encoder):
+    """The seed stream: {"delta": text} per piece of the reply, then the whole ChatStreamEnd;
+    a failure is {"error": message}."""
+
+    def __init__(self, message: str):
+        self.message = message
+        self.parts: list[str] = []
+        self.last: Chunk | None = None
+
+    def events(self, chunk: Chunk) -> Iterator[str]:
+        self.last = chunk
+        if chunk.text:
+            self.parts.append(chunk.text)
+            yield sse({"delta": chunk.text})
+
+    def closing(self) -> Iterator[str]:
+        last = self.last or Chunk("")
+        usage = StreamUsage(
+            prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens, cached_tokens=last.cached_tokens
+        )
+        yield sse(ChatStreamEnd(message=self.message, response="".join(self.parts), usage=usage).model_dump())
+
+    def failed(self, message: str) -> Iterator[str]:
+        yield sse({"error": message})
 
 
 @bp.post("/reset")
+@documented(
+    Operation(
+        "Clear a session's history",
+        "seed",
+        BODY_ERRORS,
+        body=ResetRequest,
+        body_required=False,
+        ok=ResetResponse,
+        answer="Cleared",
+    )
+)
 def reset() -> Response:
     body = validate(ResetRequest, json_body(allow_empty=True))
     sessions().reset(body.session_id or DEFAULT_SESSION)
-    return jsonify({"status": "success", "message": "conversation history cleared"})
+    return jsonify(ResetResponse().model_dump())
 
 
 @bp.get("/status")
+@documented(
+    Operation(
+        "Model and session status", "seed", (400, 401, 503), query=StatusQuery, ok=StatusResponse, answer="Status"
+    )
+)
 def status() -> Response:
     query = validate(StatusQuery, request.args.to_dict())
     service = sessions()
@@ -192,9 +263,19 @@ def _devices() -> list[DeviceMemory]:
 
 
 @bp.get("/health")
+@documented(
+    Operation(
+        "200 once the model answers, 503 before",
+        "seed",
+        ok=HealthResponse,
+        answer="Healthy",
+        responses={503: ("Loading", HealthResponse)},
+    )
+)
 def health() -> tuple[Response, int]:
     state = current_app.extensions["pureapi"]
     engine = state.engine
     if engine is not None and engine.ready():
-        return jsonify({"status": "healthy", "model": engine.model_name}), 200
-    return jsonify({"status": "loading", "error": "the model is not loaded yet"}), 503
+        return jsonify(HealthResponse(status="healthy", model=engine.model_name).model_dump(exclude_none=True)), 200
+    loading = HealthResponse(status="loading", error="the model is not loaded yet")
+    return jsonify(loading.model_dump(exclude_none=True)), 503

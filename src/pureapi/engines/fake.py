@@ -42,6 +42,7 @@ class FakeEngine(QueuedEngine):
         self.params: list[SamplingParams] = []  # each generation's sampling parameters, in order
         self.tools: list[list[dict[str, Any]] | None] = []  # the tools each encode_chat rendered, in order
         self.prefixes: list[str] = []  # the reply prefix each encode_chat added, in order
+        self.generated: list[int] = []  # the tokens each generation emitted, appended as it ends (cancelled too)
         self.tool_format = HERMES  # tests of a model without tool support set None
         self._vocab: dict[str, int] = {}
         self._words: dict[int, str] = {}
@@ -93,16 +94,19 @@ class FakeEngine(QueuedEngine):
         failure = item if isinstance(item, BaseException) else None
         text = "partial reply " if failure else str(item)
         count = 0
-        for word in _WORD.findall(text):
-            if job.request.cancel.is_set():
-                return
-            if count >= job.request.params.max_tokens:
-                job.finish("length", count)
-                return
-            if self.token_delay:
-                time.sleep(self.token_delay)
-            count += 1
-            job.emit(word, count, _logprobs(word, job.request.params.logprobs))
+        try:
+            for word in _WORD.findall(text):
+                if job.request.cancel.is_set():
+                    return
+                if count >= job.request.params.max_tokens:
+                    job.finish("length", count)
+                    return
+                if self.token_delay:
+                    time.sleep(self.token_delay)
+                count += 1
+                job.emit(word, count, _logprobs(word, job.request.params.logprobs))
+        finally:
+            self.generated.append(count)
         if failure is not None:
             raise EngineError(f"scripted failure: {failure}")
         job.finish("stop", count)

@@ -21,6 +21,7 @@ from ..tools import detect_format
 from ..types import Chunk, GenerationRequest, Message, TokenLogprob
 from ._template import render_segments
 from .base import QueuedEngine, model_fingerprint, system_fingerprint
+from .hf_version import check_transformers
 from .jobs import Job
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ class TransformersEngine(QueuedEngine):
         kv_cache_mb: int = 256,
     ) -> TransformersEngine:
         """Load weights (converting a GGUF once into a cached safetensors folder) onto the device."""
+        check_transformers()
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

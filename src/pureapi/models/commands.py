@@ -47,14 +47,15 @@ def _cached(build: Build) -> str:
 
 
 def rows(hw: hardware.Hardware, *, engine: str, device: str, quant: str | None, slots: int) -> list[list[str]]:
-    """One row per catalogue model: aliases, the build it resolves to here, its memory need, fit, cache state."""
+    """One row per catalogue model: its Hugging Face id, its aliases, the build it resolves to here, its memory
+    need, whether that fits, and its cache state."""
     out = []
     for entry in CATALOGUE:
         alias = entry.aliases[0]
         try:
             build = choose_build(alias, hw, engine=engine, device=device, quant=quant)
         except ModelLoadError as exc:
-            out.append([", ".join(entry.aliases), entry.name, str(exc), "", "", ""])
+            out.append([entry.name, ", ".join(entry.aliases), str(exc), "", "", ""])
             continue
         need = build_need(build, None, slots)
         free = hw.ram_free if build.gguf or build.device == "cpu" else sum(g.free for g in hw.gpus)
@@ -62,6 +63,7 @@ def rows(hw: hardware.Hardware, *, engine: str, device: str, quant: str | None, 
         shown = build.label() if build.repo else f"{build.local.name if build.local else build.name} (embedded)"
         out.append(
             [
+                entry.name,
                 ", ".join(entry.aliases),
                 f"{build.engine}: {shown}",
                 fit.human(need.total) if need else "?",
@@ -73,7 +75,8 @@ def rows(hw: hardware.Hardware, *, engine: str, device: str, quant: str | None, 
 
 
 def models(argv: list[str]) -> int:
-    """List the catalogue: what each model resolves to on this machine, its memory need, whether it is cached."""
+    """List the catalogue: each model's Hugging Face id and aliases (either names it), what it resolves to on this
+    machine, its memory need, whether it is cached."""
     parser = argparse.ArgumentParser(prog="pureapi models", description=models.__doc__)
     _build_flags(parser)
     parser.add_argument("--parallel", type=int, default=4, help="slots the memory need counts (default: 4)")
@@ -81,7 +84,7 @@ def models(argv: list[str]) -> int:
     hw = hardware.detect(want_gpus=ns.device != "cpu")
     gpus = ", ".join(f"cuda:{g.index} {g.name} {fit.human(g.free)} free" for g in hw.gpus) or "no GPU"
     print(f"this machine: {fit.human(hw.ram_free)} of {fit.human(hw.ram_total)} RAM free; {gpus}")
-    table = [["ALIASES", "BUILD HERE", "NEEDS", "FITS", "LOCAL"]]
+    table = [["MODEL", "ALIASES", "BUILD HERE", "NEEDS", "FITS", "LOCAL"]]
     table += rows(hw, engine=ns.engine, device=ns.device, quant=ns.quant, slots=ns.parallel)
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:

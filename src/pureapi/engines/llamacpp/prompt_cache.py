@@ -22,7 +22,7 @@ Invariants:
    session (a reset). The lock guards the RAM cache alone and is never held across disk I/O, so a
    reset never waits behind a spill. A state being spilled while its session is reset may reach
    the disk after the reset: the scheduler forgets reset sessions again before it next admits a
-   prompt (`LlamaCppEngine._apply_forgets`).
+   prompt (`KVReuse.apply_forgets`).
 """
 
 from __future__ import annotations

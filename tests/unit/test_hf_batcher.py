@@ -1,0 +1,163 @@
+"""The transformers batcher's dispatcher without downloaded weights: transformers' own ContinuousBatchingManager
+drives a tiny randomly initialised Llama, and a word-level tokenizer built in memory decodes for the real streamer.
+
+What is checked is the dispatcher's part: tokens reach their own job, a closed stream cancels its
+request and frees its place in the batch, a job still waiting for a place can be cancelled, and
+closing ends every running stream.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from pureapi.engines.hf_batching import Batcher
+from pureapi.engines.jobs import Job
+from pureapi.engines.transformers import _Streamer
+from pureapi.errors import Cancelled
+from pureapi.types import Chunk, GenerationRequest, SamplingParams
+
+VOCAB = 64
+CONTEXT = 4096
+LONG = 3000  # tokens a generation would run to unless cancelled
+NO_END = VOCAB  # an end id the model cannot produce: replies run to max_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[Any, Any]:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=CONTEXT,
+    )
+    model = LlamaForCausalLM(config).eval()
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return model, PreTrainedTokenizerFast(tokenizer_object=words)
+
+
+class Run:
+    """A Batcher over the tiny model, with the token count of each generation that ended."""
+
+    def __init__(self, tiny: tuple[Any, Any], max_batch: int, end_id: int = NO_END):
+        model, tokenizer = tiny
+        self.generated: list[int] = []
+        self.batcher = Batcher(
+            model,
+            [end_id],
+            VOCAB,
+            lambda job: _Streamer(tokenizer, job, {end_id}),
+            max_batch,
+            CONTEXT,
+            self.generated.append,
+            reuse_mb=1,
+        )
+        self.numbers = 0
+
+    def start(self, prompt: list[int], max_tokens: int) -> Job:
+        """Submit a greedy job on a thread of its own (submit waits while the batch is full)."""
+        self.numbers += 1
+        job = Job(GenerationRequest(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0)), self.numbers)
+        threading.Thread(target=self.batcher.submit, args=(job,), daemon=True).start()
+        return job
+
+
+@pytest.fixture
+def run(tiny: tuple[Any, Any]) -> Iterator[Any]:
+    runs: list[Run] = []
+
+    def make(max_batch: int, end_id: int = NO_END) -> Run:
+        runs.append(Run(tiny, max_batch, end_id))
+        return runs[-1]
+
+    yield make
+    for r in runs:
+        r.batcher.close()
+
+
+def wait_for(condition: Any, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def words(chunks: list[Chunk]) -> list[str]:
+    return "".join(c.text for c in chunks).split()
+
+
+def test_each_job_gets_its_own_tokens_and_the_batch_stays_within_its_size(run: Any) -> None:
+    batched = run(2)
+    jobs = [batched.start([1, 2, 3, 4 + i], 20) for i in range(3)]
+    replies = [list(job.stream()) for job in jobs]
+    assert [r[-1].finish_reason for r in replies] == ["length"] * 3
+    assert [r[-1].completion_tokens for r in replies] == [20] * 3
+    assert sorted(batched.generated) == [20, 20, 20]
+    assert batched.batcher.peak == 2  # the third waited for a place
+    alone = run(1)
+    for i, reply in enumerate(replies):  # the same greedy tokens as each prompt run by itself
+        assert words(reply) == words(list(alone.start([1, 2, 3, 4 + i], 20).stream()))
+
+
+def test_an_end_id_stops_a_reply_at_that_token(run: Any) -> None:
+    free = run(1)
+    reply = words(list(free.start([5, 6, 7], 12).stream()))
+    end = int(reply[4][1:])  # the fifth token: the reply must stop before its first occurrence
+    ended = run(1, end_id=end)
+    chunks = list(ended.start([5, 6, 7], 12).stream())
+    first = reply.index(f"w{end}")
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].completion_tokens == first
+    assert words(chunks) == reply[:first]
+
+
+def test_a_closed_stream_cancels_its_request_and_frees_its_place(run: Any) -> None:
+    one = run(1)
+    long = one.start([1, 2, 3], LONG)
+    stream = long.stream()
+    next(stream), next(stream)  # under way
+    waiting = one.start([4, 5, 6], 5)  # no place until the long one leaves
+    stream.close()  # the reader went away
+    reply = list(waiting.stream())
+    assert reply[-1].finish_reason == "length" and reply[-1].completion_tokens == 5
+    wait_for(lambda: len(one.generated) == 2)
+    assert one.generated[0] < LONG // 2, one.generated  # it stopped soon after, not at its end
+    assert one.batcher.peak == 1
+
+
+def test_a_job_cancelled_while_waiting_for_a_place_never_runs(run: Any) -> None:
+    one = run(1)
+    long = one.start([1, 2, 3], LONG)
+    stream = long.stream()
+    next(stream)
+    waiting = one.start([4, 5, 6], 5)
+    waiting.request.cancel.set()
+    with pytest.raises(Cancelled, match="before it started"):
+        list(waiting.stream())
+    stream.close()
+    wait_for(lambda: len(one.generated) == 1)  # only the long one ever ran
+
+
+def test_close_ends_every_running_stream(run: Any) -> None:
+    two = run(2)
+    jobs = [two.start([1, 2, 3 + i], LONG) for i in range(2)]
+    streams = [job.stream() for job in jobs]
+    for stream in streams:
+        next(stream)
+    two.batcher.close()
+    for stream in streams:
+        with pytest.raises(Cancelled):
+            list(stream)
+    assert not two.batcher.alive()
+    assert len(two.generated) == 2 and max(two.generated) < LONG

@@ -1,0 +1,201 @@
+"""The engine shell against a scripted backend, without weights: the one job lifecycle every engine gets."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from pureapi.engines.jobs import Job
+from pureapi.engines.shell import Backend, EngineShell
+from pureapi.errors import Cancelled, EngineError, NotReady, Overloaded
+from pureapi.types import Chunk, GenerationRequest, SamplingParams
+
+
+class Scripted(Backend):
+    """A backend with `room` places that emits one token a step per job, and fails where told."""
+
+    def __init__(self, room: int = 2, step_delay: float = 0.0):
+        self.room = room
+        self.step_delay = step_delay
+        self.jobs: list[Job] = []
+        self.admitted: list[int] = []  # job numbers, in admission order
+        self.dropped: list[tuple[int, bool]] = []  # (job number, failed)
+        self.crash_on_step: int | None = None  # the step number that raises
+        self.refuse: set[int] = set()  # job numbers whose admission raises
+        self.steps = 0
+        self.done: dict[int, int] = {}  # tokens each job has had
+        self.idles = 0
+        self.shut = False
+
+    def has_room(self) -> bool:
+        return len(self.jobs) < self.room
+
+    def admit(self, job: Job) -> None:
+        if job.number in self.refuse:
+            raise ValueError("refused by the backend")
+        self.admitted.append(job.number)
+        self.jobs.append(job)
+
+    def running(self) -> list[Job]:
+        return list(self.jobs)
+
+    def step(self) -> None:
+        self.steps += 1
+        time.sleep(self.step_delay)
+        if self.crash_on_step == self.steps:
+            raise RuntimeError("the device fell over")
+        for job in list(self.jobs):
+            done = self.done[job.number] = self.done.get(job.number, 0) + 1
+            job.emit("x", done)
+            if done >= job.request.params.max_tokens:
+                job.finish("length", done)
+                self.jobs.remove(job)
+
+    def drop(self, job: Job, failed: bool = False) -> None:
+        self.dropped.append((job.number, failed))
+        self.jobs.remove(job)
+
+    def shutdown(self) -> None:
+        self.shut = True
+
+
+def request(tokens: int = 3) -> GenerationRequest:
+    return GenerationRequest([1, 2, 3], SamplingParams(max_tokens=tokens, temperature=0))
+
+
+def text(stream: Iterator[Chunk]) -> str:
+    return "".join(c.text for c in stream)
+
+
+def test_jobs_run_to_their_end_and_share_steps() -> None:
+    backend = Scripted(room=2)
+    shell = EngineShell(backend, max_queue=8).start()
+    try:
+        streams = [shell.submit(request(3)) for _ in range(3)]
+        assert [text(s) for s in streams] == ["xxx"] * 3
+        assert backend.admitted == [1, 2, 3] and backend.steps < 9  # two ran together
+    finally:
+        shell.close()
+    assert backend.shut
+
+
+def test_a_crash_mid_step_fails_only_that_steps_jobs() -> None:
+    backend = Scripted(room=1)
+    backend.crash_on_step = 2
+    shell = EngineShell(backend, max_queue=8).start()
+    try:
+        first = shell.submit(request(5))
+        second = shell.submit(request(2))
+        with pytest.raises(EngineError, match="the device fell over"):
+            text(first)
+        assert text(second) == "xx"  # the worker survived and went on
+        assert backend.dropped == [(1, True)]  # dropped as failed: what it built may be broken
+    finally:
+        shell.close()
+
+
+def test_a_cancel_before_admission_never_reaches_the_backend() -> None:
+    backend = Scripted(room=1, step_delay=0.01)
+    shell = EngineShell(backend, max_queue=8).start()
+    try:
+        busy = shell.submit(request(20))
+        waiting_request = request(3)
+        waiting = shell.submit(waiting_request)
+        waiting_request.cancel.set()
+        with pytest.raises(Cancelled, match="before it started"):
+            text(waiting)
+        assert text(busy) == "x" * 20
+        assert backend.admitted == [1]
+    finally:
+        shell.close()
+
+
+def test_a_cancel_while_running_drops_the_job() -> None:
+    backend = Scripted(room=1, step_delay=0.01)
+    shell = EngineShell(backend, max_queue=8).start()
+    try:
+        stream = shell.submit(request(1000))
+        next(stream)
+        stream.close()  # the reader went away: its cancel is set
+        deadline = time.monotonic() + 10
+        while not backend.dropped and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert backend.dropped == [(1, False)] and backend.steps < 1000
+    finally:
+        shell.close()
+
+
+def test_a_refused_admission_fails_that_job_only() -> None:
+    backend = Scripted(room=1)
+    backend.refuse = {1}
+    shell = EngineShell(backend, max_queue=8).start()
+    try:
+        with pytest.raises(EngineError, match="refused by the backend"):
+            text(shell.submit(request(2)))
+        assert text(shell.submit(request(2))) == "xx"
+    finally:
+        shell.close()
+
+
+def test_close_ends_every_stream_and_refuses_new_ones() -> None:
+    backend = Scripted(room=1, step_delay=0.01)
+    shell = EngineShell(backend, max_queue=8).start()
+    running = shell.submit(request(10_000))
+    queued = shell.submit(request(3))
+    next(running)
+    errors: list[BaseException] = []
+
+    def read(stream: Iterator[Chunk]) -> None:
+        try:
+            text(stream)
+        except BaseException as exc:
+            errors.append(exc)
+
+    readers = [threading.Thread(target=read, args=(s,)) for s in (running, queued)]
+    for reader in readers:
+        reader.start()
+    assert shell.close()
+    for reader in readers:
+        reader.join(timeout=10)
+    assert len(errors) == 2 and all(isinstance(e, Cancelled) for e in errors)
+    assert backend.shut and not shell.ready()
+    with pytest.raises(NotReady):
+        shell.submit(request())
+
+
+def test_a_full_queue_is_refused_at_once() -> None:
+    backend = Scripted(room=1, step_delay=0.05)
+    shell = EngineShell(backend, max_queue=1).start()
+    try:
+        first = shell.submit(request(100))
+        next(first)  # admitted: the queue is empty again
+        shell.submit(request(1))
+        with pytest.raises(Overloaded):
+            shell.submit(request(1))
+    finally:
+        shell.close()
+
+
+def test_idle_work_runs_only_when_nothing_waits() -> None:
+    class Ahead(Scripted):
+        idle_seconds = 0.01
+
+        def wants_idle(self) -> bool:
+            return self.idles < 3
+
+        def idle(self) -> None:
+            self.idles += 1
+
+    backend = Ahead(room=1)
+    shell = EngineShell(backend, max_queue=8).start()
+    try:
+        deadline = time.monotonic() + 10
+        while backend.idles < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert backend.idles == 3 and backend.admitted == []
+        assert text(shell.submit(request(2))) == "xx"
+    finally:
+        shell.close()
