@@ -3,9 +3,8 @@ one, its input items."""
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -14,7 +13,7 @@ from pydantic import BaseModel
 from ..chat.responses import Outcome, ResponseService, Turn
 from ..errors import BadRequest
 from ..types import Chunk, SamplingParams
-from .common import drain, error_text, gateway, json_body, primed, sse, sse_response, validate
+from .common import Encoder, drain, gateway, json_body, primed, relay, sse, sse_response, validate
 from .openai_tools import plan_functions, with_schema
 from .responses_models import (
     ConversationRef,
@@ -47,7 +46,6 @@ __all__ = [
     "service",
 ]
 
-log = logging.getLogger(__name__)
 bp = Blueprint("responses", __name__, url_prefix="/v1")
 
 
@@ -143,80 +141,81 @@ def create_response() -> Response:
 
     stream = primed(service().respond(turn, lambda outcome: final(outcome).model_dump(mode="json")))
     if body.stream:
-        return sse_response(_events(render("in_progress", reply()), reply(), final, stream))
+        return sse_response(relay(stream, ResponseEvents(render("in_progress", reply()), reply(), final)))
     text, last = drain(stream)
     return ok(final(Outcome(text, last)))
 
 
-def _events(
-    start: ResponseObject,
-    reply: ReplyItems,
-    final: Callable[[Outcome, ReplyItems], ResponseObject],
-    chunks: Iterator[Chunk],
-) -> Iterator[str]:
+class ResponseEvents(Encoder):
     """The documented event sequence: created, in_progress, then each output item's added, delta and done
     events (a message's text, a call's arguments), then completed (or incomplete); a failure mid-stream
     is an `error` event and `response.failed`."""
-    sequence = 0
 
-    def event(type_: str, **fields: Any) -> str:
-        nonlocal sequence
-        sequence += 1
-        return sse_event(type_, {"type": type_, "sequence_number": sequence - 1, **fields})
+    def __init__(
+        self, start: ResponseObject, reply: ReplyItems, final: Callable[[Outcome, ReplyItems], ResponseObject]
+    ):
+        self.start, self.reply, self.final = start, reply, final
+        self.sequence = 0
+        self.parts: list[str] = []
 
-    def part(index: int) -> dict[str, Any]:
-        return {"item_id": reply.message_id, "output_index": index, "content_index": 0}
+    def event(self, type_: str, **fields: Any) -> str:
+        """One named event with its sequence number."""
+        self.sequence += 1
+        return sse_event(type_, {"type": type_, "sequence_number": self.sequence - 1, **fields})
 
-    def happenings(text: str, last: bool) -> Iterator[str]:
-        for happened in reply.feed(text, last):
+    def opening(self) -> Iterable[str]:
+        snapshot = self.start.model_dump(mode="json")
+        yield self.event("response.created", response=snapshot)
+        yield self.event("response.in_progress", response=snapshot)
+        yield from self.happenings("", False)
+
+    def events(self, chunk: Chunk) -> Iterable[str]:
+        self.parts.append(chunk.text)
+        yield from self.happenings(chunk.text, chunk.finish_reason is not None)
+        if chunk.finish_reason is None:
+            return
+        reply, done = self.reply, self.final(Outcome("".join(self.parts), chunk), self.reply)
+        if reply.message_at is not None:
+            at, text = reply.message_at, reply.text()
+            yield self.event("response.output_text.done", **self.part(at), text=text, logprobs=[])
+            yield self.event("response.content_part.done", **self.part(at), part=OutputText(text=text).model_dump())
+            yield self.event("response.output_item.done", output_index=at, item=done.output[at].model_dump(mode="json"))
+        kind = "response.completed" if done.status == "completed" else "response.incomplete"
+        yield self.event(kind, response=done.model_dump(mode="json"))
+
+    def failed(self, message: str) -> Iterable[str]:
+        yield self.event("error", code="server_error", message=message, param=None)
+        error = ResponseError(code="server_error", message=message)
+        failed = self.start.model_copy(update={"status": "failed", "error": error})
+        yield self.event("response.failed", response=failed.model_dump(mode="json"))
+
+    def part(self, index: int) -> dict[str, Any]:
+        """Where the message's one text part is."""
+        return {"item_id": self.reply.message_id, "output_index": index, "content_index": 0}
+
+    def happenings(self, text: str, last: bool) -> Iterator[str]:
+        """The events of what this piece of the reply adds: a message opening, text, whole calls."""
+        for happened in self.reply.feed(text, last):
             if isinstance(happened, Opened):
-                item = reply.message("in_progress").model_dump(mode="json")
-                yield event("response.output_item.added", output_index=happened.index, item=item)
+                item = self.reply.message("in_progress").model_dump(mode="json")
+                yield self.event("response.output_item.added", output_index=happened.index, item=item)
                 empty = OutputText(text="").model_dump()
-                yield event("response.content_part.added", **part(happened.index), part=empty)
+                yield self.event("response.content_part.added", **self.part(happened.index), part=empty)
             elif isinstance(happened, Text):
-                at = part(reply.message_at or 0)
-                yield event("response.output_text.delta", **at, delta=happened.delta, logprobs=[])
+                at = self.part(self.reply.message_at or 0)
+                yield self.event("response.output_text.delta", **at, delta=happened.delta, logprobs=[])
             elif isinstance(happened, Called):
-                yield from call_events(happened)
+                yield from self.call_events(happened)
 
-    def call_events(called: Called) -> Iterator[str]:
-        where = {"item_id": called.item.id, "output_index": called.index}
-        added = called.item.model_copy(update={"status": "in_progress", "arguments": ""})
-        yield event("response.output_item.added", output_index=called.index, item=added.model_dump(mode="json"))
-        yield event("response.function_call_arguments.delta", **where, delta=called.item.arguments)
-        yield event(
-            "response.function_call_arguments.done", **where, name=called.item.name, arguments=called.item.arguments
-        )
-        yield event("response.output_item.done", output_index=called.index, item=called.item.model_dump(mode="json"))
-
-    snapshot = start.model_dump(mode="json")
-    yield event("response.created", response=snapshot)
-    yield event("response.in_progress", response=snapshot)
-    try:
-        yield from happenings("", False)
-        parts: list[str] = []
-        for chunk in chunks:
-            parts.append(chunk.text)
-            yield from happenings(chunk.text, chunk.finish_reason is not None)
-            if chunk.finish_reason is not None:
-                done = final(Outcome("".join(parts), chunk), reply)
-                if reply.message_at is not None:
-                    at = reply.message_at
-                    message = done.output[at]
-                    text = reply.text()
-                    yield event("response.output_text.done", **part(at), text=text, logprobs=[])
-                    yield event("response.content_part.done", **part(at), part=OutputText(text=text).model_dump())
-                    yield event("response.output_item.done", output_index=at, item=message.model_dump(mode="json"))
-                kind = "response.completed" if done.status == "completed" else "response.incomplete"
-                yield event(kind, response=done.model_dump(mode="json"))
-    except Exception as exc:
-        log.warning("response stream failed: %s", exc)
-        yield event("error", code="server_error", message=error_text(exc), param=None)
-        failed = start.model_copy(
-            update={"status": "failed", "error": ResponseError(code="server_error", message=error_text(exc))}
-        )
-        yield event("response.failed", response=failed.model_dump(mode="json"))
+    def call_events(self, called: Called) -> Iterator[str]:
+        """A whole call: added, its arguments in one delta, done."""
+        item = called.item
+        where = {"item_id": item.id, "output_index": called.index}
+        added = item.model_copy(update={"status": "in_progress", "arguments": ""}).model_dump(mode="json")
+        yield self.event("response.output_item.added", output_index=called.index, item=added)
+        yield self.event("response.function_call_arguments.delta", **where, delta=item.arguments)
+        yield self.event("response.function_call_arguments.done", **where, name=item.name, arguments=item.arguments)
+        yield self.event("response.output_item.done", output_index=called.index, item=item.model_dump(mode="json"))
 
 
 def sse_event(type_: str, data: dict[str, Any]) -> str:
