@@ -94,3 +94,12 @@ def test_shutdown_writes_everything_and_a_restart_finds_it(tmp_path: Path) -> No
     assert found is not None and found.on_disk and found.common == len(A)
     assert bytes(restarted.read(found, take=True) or b"") == bytes([3]) * 60
     assert restarted.find(B, "k") is None and restarted.find(B, "") is not None
+
+
+def test_covers_tells_a_save_it_would_be_for_nothing() -> None:
+    """A slot whose tokens an entry already holds (or extends) need not copy its KV out at all."""
+    cache = PromptCache(1 << 20)
+    assert cache.put([1, 2, 3, 4], state(8), "", None)
+    assert cache.covers([1, 2, 3], "") and cache.covers([1, 2, 3, 4], "")
+    assert not cache.covers([1, 2, 3, 4, 5], "") and not cache.covers([1, 2, 9], "")
+    assert not cache.covers([1, 2, 3], "other scope")

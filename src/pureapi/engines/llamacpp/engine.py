@@ -52,7 +52,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ...errors import BadRequest, ContextOverflow, EngineError, NotReady, PureAPIError
 from ...models.resolve import ResolvedModel
@@ -70,9 +70,6 @@ from .sampling import grammar_of, log_softmax, make_sampler, token_logprob
 from .slots import Slot, choose_slot, common_prefix
 from .state_files import StateFiles
 
-if TYPE_CHECKING:
-    pass
-
 log = logging.getLogger(__name__)
 
 # Idle this long after a reply ends, the scheduler decodes the opening of the conversation's next turn.
@@ -81,16 +78,26 @@ AHEAD_IDLE_SECONDS = 0.1
 
 
 # The counters /metrics shows, as pureapi_engine_<name>_total.
-COUNTED = (
+# The scheduler's counters (tests, /status); those from generated_tokens on are on /metrics as _total.
+STATS = (
+    "prefilled_tokens",
+    "restored_tokens",  # reused from a saved state
+    "copied_tokens",  # reused from another slot's KV
+    "saved_states",
+    "saves_skipped",  # the prompt cache held the slot's tokens already
+    "moved_slots",  # swaps by _compact
+    "ahead_tokens",  # turn openings decoded while idle
+    "steps",
     "generated_tokens",
-    "kv_cache_hits",
+    "kv_cache_hits",  # turns that reused some KV
     "kv_cache_misses",
-    "reused_tokens",
+    "reused_tokens",  # kept in a slot's KV, restored ones included
     "restored_tokens_ram",
     "restored_tokens_disk",
     "restored_bytes_ram",
     "restored_bytes_disk",
 )
+COUNTED = STATS[STATS.index("generated_tokens") :]
 
 
 class LlamaCppEngine(Engine, Backend):
@@ -130,11 +137,8 @@ class LlamaCppEngine(Engine, Backend):
         self._slots = [Slot(i) for i in range(int(llc.llama_n_seq_max(ctx)))]
         self.slots = len(self._slots)  # generations that run at once, for the server's admission cap
         self._ticks = itertools.count(1)
-        # Counters for tests and /status; written only by the scheduler thread. Tokens: prefilled; reused
-        # (kept in a slot's KV, restored ones included); restored (from a saved state); copied (from
-        # another slot's KV); ahead (turn openings decoded while idle). Turns: kv_cache_hits (reused some
-        # KV) and misses. moved_slots: swaps by _compact.
-        self.stats: Counter[str] = Counter()
+        # Written only by the scheduler thread.
+        self.stats: Counter[str] = Counter(dict.fromkeys(STATS, 0))
         # Slots' KV states saved before another prompt took the slot (RAM, then disk), and all at shutdown.
         self.prompt_cache = PromptCache(kv_cache_mb * 1024 * 1024, disk)
         # The scheduler: the shell's worker is the only thread that touches the context, the batch and
@@ -387,30 +391,7 @@ class LlamaCppEngine(Engine, Backend):
 
     def _decode_openings(self) -> None:
         """Decode the waiting turn openings in one batch, without logits (idle time only, invariant 9)."""
-        batch = self._batch
-        batch.clear()
-        slots: list[Slot] = []
-        for slot in self._slots:
-            if slot.opening and slot.job is None and batch.n_tokens + len(slot.opening) <= batch.capacity:
-                batch.add(slot, slot.opening, logits_last=False)
-                slots.append(slot)
-        if not slots:
-            return
-        try:
-            rc = batch.decode(self._ctx)
-        except Exception:  # the scheduler must survive it: the slots are wiped below
-            log.exception("llama_decode of turn openings failed")
-            rc = -1
-        else:
-            if rc != 0:
-                log.warning("llama_decode of turn openings failed (code %d)", rc)
-        for slot in slots:
-            if rc != 0:
-                self.kv.wipe(slot)  # invariant 2: a failed decode leaves no partial sequence behind
-                continue
-            slot.cached.extend(slot.opening)
-            self.stats["ahead_tokens"] += len(slot.opening)
-            slot.opening = []
+        self.stats["ahead_tokens"] += self.kv.decode_openings(self._batch, self._slots)
 
     def _release(self, slot: Slot) -> None:
         if slot.sampler is not None:

@@ -10,6 +10,7 @@ import ctypes
 import logging
 from typing import TYPE_CHECKING, Any
 
+from .batch import Batch
 from .slots import Slot, compaction_swap
 
 if TYPE_CHECKING:
@@ -97,3 +98,31 @@ class SequenceKV:
             moved += 1
             lost += failed
         return moved, lost
+
+    def decode_openings(self, batch: Batch, slots: list[Slot]) -> int:
+        """Decode the free slots' waiting turn openings in one batch, without logits; the tokens decoded."""
+        batch.clear()
+        taken: list[Slot] = []
+        for slot in slots:
+            if slot.opening and slot.job is None and batch.n_tokens + len(slot.opening) <= batch.capacity:
+                batch.add(slot, slot.opening, logits_last=False)
+                taken.append(slot)
+        if not taken:
+            return 0
+        try:
+            rc = batch.decode(self._ctx)
+        except Exception:  # the scheduler must survive it: the slots are wiped below
+            log.exception("llama_decode of turn openings failed")
+            rc = -1
+        else:
+            if rc != 0:
+                log.warning("llama_decode of turn openings failed (code %d)", rc)
+        decoded = 0
+        for slot in taken:
+            if rc != 0:
+                self.wipe(slot)  # a failed decode leaves no partial sequence behind
+                continue
+            slot.cached.extend(slot.opening)
+            decoded += len(slot.opening)
+            slot.opening = []
+        return decoded

@@ -112,6 +112,17 @@ class PromptCache:
                 best, best_rank = Found(key, tokens, common, on_disk), rank
         return best
 
+    def covers(self, tokens: list[int], scope: str) -> bool:
+        """Whether an entry of the scope, in RAM or on disk, already holds these tokens (or more after them):
+        then saving them is a copy of the slot's KV for nothing."""
+        with self._lock:
+            if any(e.scope == scope and _starts_with(e.tokens, tokens) for e in self._ram.values()):
+                return True
+        # On disk only a longer one: the same tokens on disk are saved again into RAM, which restores faster.
+        on_disk = self.disk.index() if self.disk is not None else {}
+        longer = [m.tokens for m in on_disk.values() if m.scope == scope and len(m.tokens) > len(tokens)]
+        return any(_starts_with(other, tokens) for other in longer)
+
     def put(self, tokens: list[int], state: State, scope: str, session: str | None) -> bool:
         """Keep a state, unless a longer entry of the scope already holds its tokens (then False).
 
@@ -121,13 +132,9 @@ class PromptCache:
         """
         key = content_key(scope, tokens)
         sessions = {session} if session is not None else set()
-        with self._lock:
-            if any(e.scope == scope and _starts_with(e.tokens, tokens) for e in self._ram.values()):
-                return False
-        on_disk = self.disk.index() if self.disk is not None else {}
-        longer = [m.tokens for m in on_disk.values() if m.scope == scope and len(m.tokens) > len(tokens)]
-        if any(_starts_with(other, tokens) for other in longer):
+        if self.covers(tokens, scope):
             return False
+        on_disk = self.disk.index() if self.disk is not None else {}
         spill: list[_Entry] = []
         with self._lock:
             for old_key in [k for k, e in self._ram.items() if e.scope == scope and _starts_with(tokens, e.tokens)]:

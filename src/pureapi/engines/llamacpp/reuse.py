@@ -35,6 +35,9 @@ class KVReuse:
         """Keep the slot's sequence state, found later by its tokens: in RAM, spilling the oldest to disk."""
         if lost < MIN_SAVED_TOKENS or not slot.savable or not self.cache.enabled:
             return
+        if self.cache.covers(slot.cached, slot.scope):  # held already: no copy of the KV at admission
+            self.stats["saves_skipped"] += 1
+            return
         buf = self.kv.state(slot.id)
         if buf is None:
             return
