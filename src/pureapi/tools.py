@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from .types import ToolCall
+from .types import Message, ToolCall
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,9 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def _calls_in(text: str) -> list[ToolCall] | None:
-    """The calls a JSON text holds (one object, or several one after another, `;` or newlines between);
-    None when it is anything else."""
+def _calls_in(text: str, names: frozenset[str] | None = None) -> list[ToolCall] | None:
+    """The calls a JSON text holds (one object, or several one after another, `;` or newlines between),
+    each to one of names where they are given; None when it is anything else."""
     decoder = json.JSONDecoder()
     calls: list[ToolCall] = []
     pos = 0
@@ -80,7 +80,7 @@ def _calls_in(text: str) -> list[ToolCall] | None:
         except json.JSONDecodeError:
             return None
         call = _call_of(obj)
-        if call is None:
+        if call is None or (names is not None and call.name not in names):
             return None
         calls.append(call)
         pos = end
@@ -108,14 +108,16 @@ class ToolCallParser:
 
     Text is passed on as it comes, except what could be the start of a call, which is held back until
     it is one or is not; a reply that begins with `{` is held to its end and read as bare call objects.
-    A call that does not parse stays text (as the model wrote it). Without
+    A call that does not parse (or, where names are given, calls no function of theirs) stays text
+    (as the model wrote it). Without
     `parallel`, calls after the first are dropped. Once a call is seen, whitespace-only text between
     calls is dropped (it is the template's layout, not something the model said).
     """
 
-    def __init__(self, fmt: ToolFormat, parallel: bool = True):
+    def __init__(self, fmt: ToolFormat, parallel: bool = True, names: frozenset[str] | None = None):
         self.fmt = fmt
         self.parallel = parallel
+        self.names = names  # given: a call to any other function stays text
         self.calls: list[ToolCall] = []
         self._buf = ""
         self._in_call = False
@@ -142,7 +144,7 @@ class ToolCallParser:
                 self._mode = "text"
         if self._mode == "json":
             if final:
-                calls = _calls_in(self._head())
+                calls = _calls_in(self._head(), self.names)
                 out.extend(calls if calls is not None else [self._buf])
                 self._buf = ""
         elif self._mode == "text":
@@ -189,7 +191,7 @@ class ToolCallParser:
             if at < 0 and not final:
                 return
             body = self._buf if at < 0 else self._buf[:at]
-            calls = _calls_in(body)
+            calls = _calls_in(body, self.names)
             if calls is None:
                 out.append(opening + body + ("" if at < 0 else closing))
             else:
@@ -218,3 +220,26 @@ def template_tool_calls(message_calls: Sequence[ToolCall]) -> list[dict[str, Any
             arguments = call.arguments
         rendered.append({"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}})
     return rendered
+
+
+def unanswered_result(messages: Sequence[Message]) -> int | None:
+    """The index of the first tool message that answers no call of an earlier assistant message, or None."""
+    calls: set[str] = set()
+    for i, m in enumerate(messages):
+        if m.role == "assistant":
+            calls.update(call.id for call in m.tool_calls)
+        elif m.role == "tool" and m.tool_call_id not in calls:
+            return i
+    return None
+
+
+def named_results(messages: Sequence[Message]) -> list[Message]:
+    """The messages, each tool result naming the function of the call it answers (templates may show it)."""
+    names: dict[str, str] = {}
+    out: list[Message] = []
+    for m in messages:
+        names.update((call.id, call.name) for call in m.tool_calls)
+        if m.role == "tool" and m.name is None and m.tool_call_id in names:
+            m = replace(m, name=names[m.tool_call_id])
+        out.append(m)
+    return out

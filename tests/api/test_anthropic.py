@@ -137,18 +137,41 @@ def test_count_tokens_uses_the_chat_template(fake: FakeApp) -> None:
         ),
         (
             {"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t"}]}]},
-            "messages.0.content",
-            "'tool_result'",
+            "messages",
+            "answers no tool_use",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]},
+            "messages.0",
+            "cannot hold tool_use",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "input": {}}]}]},
+            "messages.0.content.0",
+            "'input'",
         ),
         ({"messages": [{"role": "user", "content": [{"type": "document"}]}]}, "messages.0.content", "'document'"),
         ({"system": [{"type": "image"}]}, "system", "'image'"),
         (
-            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure"}]},
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]},
+                ]
+            },
             "messages",
-            "prefill",
+            "continued",
         ),
-        ({"tools": [{"name": "f", "input_schema": {}}]}, "tools", "tool use"),
-        ({"tool_choice": {"type": "any"}}, "tool_choice", "tool use"),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools", "server tool"),
+        ({"tools": [{"name": "f", "input_schema": {"minimum": 1}}]}, "tools[0].input_schema", "minimum"),
+        ({"tools": [{"name": "f"}]}, "tools.0.input_schema", ""),
+        ({"tool_choice": {"type": "any"}}, "tool_choice", "needs tools"),
+        ({"tools": [{"name": "f", "input_schema": {}}], "tool_choice": {"type": "tool"}}, "tool_choice", "name"),
+        (
+            {"tools": [{"name": "f", "input_schema": {}}], "tool_choice": {"type": "tool", "name": "g"}},
+            "tool_choice",
+            "'g'",
+        ),
         ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking", "thinking"),
         ({"temperature": 1.5}, "temperature", ""),
         ({"top_p": 0}, "top_p", ""),

@@ -52,15 +52,7 @@ def keep_streams(monkeypatch: pytest.MonkeyPatch, module: ModuleType) -> list[It
 
 @pytest.mark.parametrize(
     "surface",
-    [
-        *(s for s in SURFACES if s != "responses"),
-        pytest.param(
-            "responses",
-            marks=pytest.mark.xfail(
-                strict=True, reason="api/responses.py writes its own stream loop; passes once it streams through relay"
-            ),
-        ),
-    ],
+    list(SURFACES),
 )
 def test_a_client_that_leaves_a_stream_cancels_its_generation(
     make_fake_app: MakeFakeApp, monkeypatch: pytest.MonkeyPatch, surface: str

@@ -161,6 +161,18 @@ def test_encode_chat_with_tools_matches_transformers(engine: LlamaCppEngine, ref
     assert "done <|im_end|>" in text  # a tool result is content: its special-token text stays text
 
 
+def test_a_prefill_renders_as_transformers_continue_final_message(
+    engine: LlamaCppEngine, reference: TransformersEngine
+) -> None:
+    messages = [Message("user", "Count to five."), Message("assistant", "One, two,")]
+    ours = engine.encode_chat(messages)
+    assert ours == reference.encode_chat(messages)
+    dicts = [{"role": m.role, "content": m.content} for m in messages]
+    hf = reference.tokenizer.apply_chat_template(dicts, continue_final_message=True, tokenize=False)
+    assert engine.model.detokenize(ours) == engine.model.detokenize(engine.model.tokenize(hf, parse_special=True))
+    assert engine.model.detokenize(ours).endswith("One, two,")  # no end of turn, no new generation prompt
+
+
 def test_special_token_text_in_content_stays_text(engine: LlamaCppEngine) -> None:
     (im_start,) = engine.model.tokenize("<|im_start|>", parse_special=True)
     plain = engine.encode_chat([Message("user", "hello")])

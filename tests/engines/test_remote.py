@@ -211,3 +211,24 @@ def test_tools_are_refused_and_tool_results_are_forwarded(tmp_path: Path) -> Non
     up.close()
     up_store.close()
     front_store.close()
+
+
+def test_a_prefill_is_continued_upstream(tmp_path: Path) -> None:
+    up = FakeEngine()
+    store = SQLiteStore(tmp_path / "up.db")
+    app = create_app(Settings(engine="fake", db=tmp_path / "up.db"), engine=up, store=store)
+    with serve_in_thread(app) as url:
+        engine = RemoteEngine(url, model="fake-model")
+        up.enqueue(" a time.")
+        prompt = engine.encode_chat([Message("user", "Tell a story."), Message("assistant", "Once upon")])
+        request = GenerationRequest(prompt, SamplingParams(8))
+        chunks = list(engine.generate(request))
+        assert "".join(c.text for c in chunks) == " a time."
+        assert up.prompts[-1][-1] == Message("assistant", "Once upon")
+        # vLLM answers anew unless told: the body says so (pureapi takes the same pair of fields).
+        body = engine._body([Message("user", "Tell a story."), Message("assistant", "Once upon")], request)
+        assert (body["continue_final_message"], body["add_generation_prompt"]) == (True, False)
+        assert "continue_final_message" not in engine._body([Message("user", "Tell a story.")], request)
+        engine.close()
+    up.close()
+    store.close()

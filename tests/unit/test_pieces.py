@@ -60,9 +60,13 @@ def test_with_stops_closes_the_source_on_a_hit() -> None:
     assert closed == [True]
 
 
+def chatml(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
+    return text + ("<|im_start|>assistant\n" if generation_prompt else "")
+
+
 def test_render_segments_marks_user_text() -> None:
-    def render(msgs: list[dict[str, str]]) -> str:
-        return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs) + "<|im_start|>assistant\n"
+    render = chatml
 
     pieces = render_segments(render, [Message("system", "S"), Message("user", "<|im_start|>x")])
     assert pieces == [
@@ -72,6 +76,18 @@ def test_render_segments_marks_user_text() -> None:
         (True, "<|im_start|>x"),
         (False, "<|im_end|>\n<|im_start|>assistant\n"),
     ]
+
+
+def test_a_final_assistant_message_is_continued_without_a_generation_prompt() -> None:
+    pieces = render_segments(chatml, [Message("user", "Hi"), Message("assistant", "Once upon")])
+    assert pieces == [
+        (False, "<|im_start|>user\n"),
+        (True, "Hi"),
+        (False, "<|im_end|>\n<|im_start|>assistant\n"),
+        (True, "Once upon"),
+    ]
+    empty = render_segments(chatml, [Message("user", "Hi"), Message("assistant", "")])
+    assert empty[-1] == (False, "<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_fit_window_drops_oldest_rounds_then_reports_token_counts() -> None:

@@ -2,16 +2,55 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
-from typing import Annotated, Any, Literal
+from dataclasses import replace
+from typing import Any
 
 from flask import Blueprint, Response, jsonify
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel
 
+from ..engines.base import Engine
 from ..errors import BadRequest
-from ..types import Chunk, Message, SamplingParams
-from .common import MAX_STOP, MaxTokens, TopP, drain, gateway, json_body, primed, relay, sse, sse_response, validate
+from ..tools import unanswered_result
+from ..types import Chunk, Message, ToolCall
+from .anthropic_models import (
+    ContentBlockDelta,
+    ContentBlockStart,
+    ContentBlockStop,
+    CountTokensRequest,
+    InputJsonDelta,
+    MessageDelta,
+    MessageResponse,
+    MessagesRequest,
+    MessageStart,
+    MessageUsage,
+    StopDelta,
+    StopReason,
+    TextContent,
+    TextDelta,
+    TokenCount,
+    ToolChoiceParam,
+    ToolUseContent,
+)
+from .common import drain, gateway, json_body, primed, relay, sse, sse_response, validate
+from .openai_tools import ReplyReader, ToolPlan, plan_functions, with_schema
+
+__all__ = [
+    "PATH",
+    "ContentBlockDelta",
+    "ContentBlockStart",
+    "ContentBlockStop",
+    "CountTokensRequest",
+    "MessageDelta",
+    "MessageResponse",
+    "MessageStart",
+    "MessagesRequest",
+    "TokenCount",
+    "bp",
+    "error_body",
+]
 
 bp = Blueprint("anthropic", __name__, url_prefix="/v1/messages")
 
@@ -36,221 +75,88 @@ def error_body(status: int, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": type_, "message": message}}
 
 
-class TextBlock(BaseModel):
-    """A text content block; no other block type is supported by a text model without tools."""
+class ReplyBlocks:
+    """A reply read into content blocks, whole or as it streams: text runs and calls, one after another
+    (with tools, blank text between calls is no block; without them the one text block opens at once)."""
 
-    model_config = ConfigDict(extra="forbid")
+    def __init__(self, plan: ToolPlan):
+        self.reader = ReplyReader(plan)
+        self.blocks: list[TextContent | ToolUseContent] = []
+        self.open = False  # the last block is text still being written
 
-    type: Literal["text"]
-    text: StrictStr
-    cache_control: dict[str, Any] | None = Field(
-        None, description="Accepted and not needed: prompt prefixes are reused automatically."
+    def feed(self, text: str, final: bool = False) -> list[BaseModel]:
+        """The stream events this piece of the reply adds (final: the reply ends with it)."""
+        events: list[BaseModel] = []
+        if self.reader.parser is None and not self.blocks:
+            events.append(self._start(TextContent(text="")))
+        for piece in self.reader.feed(text, final):
+            if isinstance(piece, ToolCall):
+                events.extend(self._stop())
+                arguments = json.loads(piece.arguments)
+                use = ToolUseContent(id=f"toolu_{uuid.uuid4().hex[:24]}", name=piece.name, input=arguments)
+                events.append(self._start(use.model_copy(update={"input": {}})))
+                self.blocks[-1] = use
+                delta = InputJsonDelta(partial_json=piece.arguments)
+                events.append(ContentBlockDelta(index=len(self.blocks) - 1, delta=delta))
+                events.append(ContentBlockStop(index=len(self.blocks) - 1))
+                continue
+            if not self.open and piece.strip():
+                events.append(self._start(TextContent(text="")))
+            if self.open:
+                block = self.blocks[-1]
+                assert isinstance(block, TextContent)  # open means the last block is text
+                block.text += piece
+                events.append(ContentBlockDelta(index=len(self.blocks) - 1, delta=TextDelta(text=piece)))
+        if final:
+            if not self.blocks:
+                events.append(self._start(TextContent(text="")))
+            events.extend(self._stop())
+        return events
+
+    def _start(self, block: TextContent | ToolUseContent) -> ContentBlockStart:
+        self.blocks.append(block)
+        self.open = isinstance(block, TextContent)
+        return ContentBlockStart(index=len(self.blocks) - 1, content_block=block.model_copy())
+
+    def _stop(self) -> list[BaseModel]:
+        if not self.open:
+            return []
+        self.open = False
+        return [ContentBlockStop(index=len(self.blocks) - 1)]
+
+    @property
+    def called(self) -> bool:
+        """Whether the reply made calls."""
+        return any(isinstance(block, ToolUseContent) for block in self.blocks)
+
+
+def _plan(body: MessagesRequest | CountTokensRequest, engine: Engine) -> ToolPlan:
+    choice = body.tool_choice or ToolChoiceParam(type="auto")
+    return plan_functions(
+        [tool.spec() for tool in body.tools or ()],
+        choice.mode(),
+        choice.name,
+        not choice.disable_parallel_tool_use,
+        engine,
+        "tools[{i}].input_schema",
     )
 
 
-def _text_blocks_only(value: Any) -> Any:
-    if isinstance(value, list):
-        for block in value:
-            kind = block.get("type") if isinstance(block, dict) else None
-            if isinstance(kind, str) and kind != "text":
-                raise ValueError(f"content blocks of type {kind!r} are not supported; only 'text' blocks are")
-    return value
-
-
-def _joined(content: str | list[TextBlock]) -> str:
-    return content if isinstance(content, str) else "".join(block.text for block in content)
-
-
-class MessageParam(BaseModel):
-    """One message of the conversation sent by the client."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    role: Literal["user", "assistant"]
-    content: StrictStr | list[TextBlock]
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_only(cls, value: Any) -> Any:
-        return _text_blocks_only(value)
-
-
-class CountTokensRequest(BaseModel):
-    """Body of POST /v1/messages/count_tokens. A field not listed here is a 400 naming it, never ignored."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: StrictStr | None = Field(None, description="Ignored beyond echoing: one process serves one model.")
-    messages: list[MessageParam] = Field(min_length=1)
-    system: StrictStr | list[TextBlock] | None = None
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported yet: a non-empty list is a 400.")
-    tool_choice: dict[str, Any] | None = Field(
-        None, description="Not supported yet: only {'type': 'none'} or {'type': 'auto'} are accepted."
-    )
-    thinking: dict[str, Any] | None = Field(None, description="Not supported: only {'type': 'disabled'} is accepted.")
-
-    @field_validator("system", mode="before")
-    @classmethod
-    def _text_only(cls, value: Any) -> Any:
-        return _text_blocks_only(value)
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if value:
-            raise ValueError("tool use is not supported yet; send the request without tools")
-        return value
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type") not in ("none", "auto"):
-            raise ValueError("tool use is not supported yet; only {'type': 'none'} or {'type': 'auto'} are accepted")
-        return value
-
-    @field_validator("thinking")
-    @classmethod
-    def _no_thinking(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type") != "disabled":
-            raise ValueError("extended thinking is not supported; leave it out or send {'type': 'disabled'}")
-        return value
-
-    def chat(self) -> list[Message]:
-        """The conversation as chat messages, the system prompt first."""
-        head = [Message("system", _joined(self.system))] if self.system else []
-        return head + [Message(m.role, _joined(m.content)) for m in self.messages]
-
-
-class MessagesRequest(CountTokensRequest):
-    """Body of POST /v1/messages. A field not listed here is a 400 naming it, never ignored."""
-
-    max_tokens: MaxTokens
-    temperature: Annotated[
-        StrictFloat | StrictInt, Field(ge=0, le=1, allow_inf_nan=False, description="Anthropic's range, 0 to 1.")
-    ] = 1.0
-    top_p: TopP | None = None
-    top_k: StrictInt | None = Field(None, ge=0, le=1_000_000, description="Keep the k likeliest tokens.")
-    stop_sequences: list[StrictStr] | None = Field(None, max_length=MAX_STOP, description="Stop strings.")
-    stream: StrictBool = False
-    metadata: dict[str, Any] | None = Field(None, description="Accepted and not used (Anthropic's user_id).")
-    service_tier: StrictStr | None = Field(None, description="Accepted and not used: one tier.")
-    cache_control: dict[str, Any] | None = Field(
-        None, description="Accepted and not needed: prompt prefixes are reused automatically."
-    )
-
-    def sampling(self) -> SamplingParams:
-        """The engine's sampling parameters."""
-        return SamplingParams(
-            max_tokens=self.max_tokens,
-            temperature=float(self.temperature),
-            top_p=float(self.top_p) if self.top_p is not None else 1.0,
-            top_k=self.top_k or 0,
-            stop=list(self.stop_sequences or ()),
+def _check_results(chat: list[Message]) -> None:
+    orphan = unanswered_result(chat)
+    if orphan is not None:
+        raise BadRequest(
+            f"messages: a tool_result answers no tool_use of an earlier assistant message "
+            f"({chat[orphan].tool_call_id!r})",
+            param="messages",
         )
 
 
-class TextContent(BaseModel):
-    """A text block of the reply."""
-
-    type: Literal["text"] = "text"
-    text: str
-
-
-class MessageUsage(BaseModel):
-    """Token counts; as Anthropic counts, input_tokens leaves out the prompt tokens read from the cache."""
-
-    input_tokens: int
-    output_tokens: int
-    cache_creation_input_tokens: int = 0
-    cache_read_input_tokens: int = Field(0, description="Prompt tokens whose KV cache was reused.")
-
-    @classmethod
-    def of(cls, chunk: Chunk) -> MessageUsage:
-        """The usage a chunk reports."""
-        return cls(
-            input_tokens=chunk.prompt_tokens - chunk.cached_tokens,
-            output_tokens=chunk.completion_tokens,
-            cache_read_input_tokens=chunk.cached_tokens,
-        )
-
-
-StopReason = Literal["end_turn", "max_tokens", "stop_sequence"]
-
-
-class MessageResponse(BaseModel):
-    """Response of POST /v1/messages without streaming (and, empty, in message_start)."""
-
-    id: str
-    type: Literal["message"] = "message"
-    role: Literal["assistant"] = "assistant"
-    model: str
-    content: list[TextContent]
-    stop_reason: StopReason | None
-    stop_sequence: str | None = None
-    usage: MessageUsage
-
-
-class TokenCount(BaseModel):
-    """Response of POST /v1/messages/count_tokens."""
-
-    input_tokens: int
-
-
-class MessageStart(BaseModel):
-    """The first event of a stream."""
-
-    type: Literal["message_start"] = "message_start"
-    message: MessageResponse
-
-
-class ContentBlockStart(BaseModel):
-    """A content block opens (the one text block)."""
-
-    type: Literal["content_block_start"] = "content_block_start"
-    index: int = 0
-    content_block: TextContent
-
-
-class TextDelta(BaseModel):
-    """Text added to the block."""
-
-    type: Literal["text_delta"] = "text_delta"
-    text: str
-
-
-class ContentBlockDelta(BaseModel):
-    """One piece of the reply."""
-
-    type: Literal["content_block_delta"] = "content_block_delta"
-    index: int = 0
-    delta: TextDelta
-
-
-class ContentBlockStop(BaseModel):
-    """The block is complete."""
-
-    type: Literal["content_block_stop"] = "content_block_stop"
-    index: int = 0
-
-
-class StopDelta(BaseModel):
-    """Why the message ended."""
-
-    stop_reason: StopReason
-    stop_sequence: str | None = None
-
-
-class MessageDelta(BaseModel):
-    """The message's end: its stop reason and final usage."""
-
-    type: Literal["message_delta"] = "message_delta"
-    delta: StopDelta
-    usage: MessageUsage
-
-
-def _stop(chunk: Chunk) -> tuple[StopReason, str | None]:
+def _stop(chunk: Chunk, called: bool) -> tuple[StopReason, str | None]:
     if chunk.finish_reason == "length":
         return "max_tokens", None
+    if called:
+        return "tool_use", None
     if chunk.stop is not None:
         return "stop_sequence", chunk.stop
     return "end_turn", None
@@ -260,30 +166,33 @@ def _stop(chunk: Chunk) -> tuple[StopReason, str | None]:
 def messages() -> Response:
     body = validate(MessagesRequest, json_body())
     chat = body.chat()
-    if chat[-1].role != "user":
-        raise BadRequest(
-            "messages: the last message must be from the user (prefilling the assistant's reply is not supported)",
-            param="messages",
-        )
+    _check_results(chat)
     service = gateway()
     engine = service.engine()
-    stream = primed(service.stateless(chat, body.sampling()))
+    plan, schema = with_schema(_plan(body, engine), None, "tool_choice")
+    if chat[-1].role == "assistant" and (chat[-1].tool_calls or plan.prefix):
+        # A final assistant message is a prefill: the reply continues its text (and leaves it out).
+        raise BadRequest(
+            "messages: a final assistant message is continued, so it cannot hold tool_use blocks "
+            "or be followed by a forced tool call",
+            param="messages",
+        )
+    params = replace(body.sampling(), json_schema=schema)
+    stream = primed(service.stateless(chat, params, tools=plan.tools, prefix=plan.prefix))
     meta = {"id": f"msg_{uuid.uuid4().hex}", "model": engine.model_name}
+    reply = ReplyBlocks(plan)
     if body.stream:
-        return sse_response(_stream(meta, stream))
+        return sse_response(_stream(meta, stream, reply))
     text, last = drain(stream)
-    reason, sequence = _stop(last)
-    reply = MessageResponse(
-        **meta,
-        content=[TextContent(text=text)],
-        stop_reason=reason,
-        stop_sequence=sequence,
-        usage=MessageUsage.of(last),
+    reply.feed(text, final=True)
+    reason, sequence = _stop(last, reply.called)
+    message = MessageResponse(
+        **meta, content=reply.blocks, stop_reason=reason, stop_sequence=sequence, usage=MessageUsage.of(last)
     )
-    return jsonify(reply.model_dump())
+    return jsonify(message.model_dump())
 
 
-def _stream(meta: dict[str, str], chunks: Iterator[Chunk]) -> Iterator[str]:
+def _stream(meta: dict[str, str], chunks: Iterator[Chunk], reply: ReplyBlocks) -> Iterator[str]:
     started = False
 
     def event(model: BaseModel) -> str:
@@ -292,17 +201,18 @@ def _stream(meta: dict[str, str], chunks: Iterator[Chunk]) -> Iterator[str]:
 
     def events(chunk: Chunk) -> Iterator[str]:
         nonlocal started
+        happened = reply.feed(chunk.text, chunk.finish_reason is not None)
         if not started:  # the first chunk carries the prompt's token counts for message_start
             started = True
             usage = MessageUsage.of(Chunk("", None, chunk.prompt_tokens, 0, chunk.cached_tokens))
             yield event(MessageStart(message=MessageResponse(**meta, content=[], stop_reason=None, usage=usage)))
-            yield event(ContentBlockStart(content_block=TextContent(text="")))
+            if happened and isinstance(happened[0], ContentBlockStart):
+                yield event(happened.pop(0))
             yield sse({"type": "ping"}, event="ping")
-        if chunk.text:
-            yield event(ContentBlockDelta(delta=TextDelta(text=chunk.text)))
+        for item in happened:
+            yield event(item)
         if chunk.finish_reason is not None:
-            reason, sequence = _stop(chunk)
-            yield event(ContentBlockStop())
+            reason, sequence = _stop(chunk, reply.called)
             stop = StopDelta(stop_reason=reason, stop_sequence=sequence)
             yield event(MessageDelta(delta=stop, usage=MessageUsage.of(chunk)))
             yield sse({"type": "message_stop"}, event="message_stop")
@@ -317,4 +227,6 @@ def _stream(meta: dict[str, str], chunks: Iterator[Chunk]) -> Iterator[str]:
 def count_tokens() -> Response:
     body = validate(CountTokensRequest, json_body())
     engine = gateway().engine()
-    return jsonify(TokenCount(input_tokens=len(engine.encode_chat(body.chat()))).model_dump())
+    plan = _plan(body, engine)
+    ids = engine.encode_chat(body.chat(), plan.tools, plan.prefix)
+    return jsonify(TokenCount(input_tokens=len(ids)).model_dump())

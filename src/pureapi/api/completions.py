@@ -135,6 +135,7 @@ class Completion(BaseModel):
     created: int
     model: str
     object: Literal["text_completion"] = "text_completion"
+    system_fingerprint: str | None = Field(None, description="Changes when the model file or the backend build does.")
     choices: list[CompletionChoice]
     usage: Usage | None = Field(
         None, description="Without streaming, always; streamed, only on a last event with no choices (include_usage)."
@@ -169,7 +170,12 @@ def completions() -> Response:
 
     params = replace(body.sampling(body.max_tokens or 1), logprobs=body.logprobs)
     stream = primed(service.stateless_prompt(prompt, params, fill=fill))
-    meta: dict[str, Any] = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
+    meta: dict[str, Any] = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": engine.model_name,
+        "system_fingerprint": engine.system_fingerprint,
+    }
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(_stream(meta, stream, include_usage, body.logprobs is not None))

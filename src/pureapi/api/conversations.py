@@ -7,10 +7,10 @@ from typing import Literal
 from flask import Blueprint, Response, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..chat.responses import message_item, new_id
+from ..chat.responses import new_id
 from ..errors import NotFound
 from .common import json_body, sessions, validate
-from .responses import InputMessage, ItemList, ListQuery, Metadata, ok, service
+from .responses import InputItem, ItemList, ListQuery, Metadata, ok, service
 
 bp = Blueprint("conversations", __name__, url_prefix="/v1/conversations")
 
@@ -33,7 +33,7 @@ class ConversationCreate(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     metadata: Metadata | None = None
-    items: list[InputMessage] | None = Field(None, max_length=MAX_NEW_ITEMS)
+    items: list[InputItem] | None = Field(None, max_length=MAX_NEW_ITEMS)
 
     _metadata = field_validator("metadata")(_check_metadata)
 
@@ -53,7 +53,7 @@ class ItemsCreate(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    items: list[InputMessage] = Field(min_length=1, max_length=MAX_NEW_ITEMS)
+    items: list[InputItem] = Field(min_length=1, max_length=MAX_NEW_ITEMS)
 
 
 class ConversationObject(BaseModel):
@@ -73,8 +73,8 @@ class ConversationDeleted(BaseModel):
     deleted: bool = True
 
 
-def _items(messages: list[InputMessage]) -> list[dict[str, object]]:
-    return [message_item(m.role, m.message().content, status="completed") for m in messages]
+def _items(items: list[InputItem]) -> list[dict[str, object]]:
+    return [item.item() for item in items]
 
 
 @bp.post("")

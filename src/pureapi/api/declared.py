@@ -22,9 +22,10 @@ DECLARED.update(
             body=anthropic.MessagesRequest,
             ok=anthropic.MessageResponse,
             answer="The message, or its named SSE events",
-            stream="Named events: message_start, content_block_start, ping, content_block_delta per piece, "
-            "content_block_stop, message_delta and message_stop last; a failure is an `error` event in the "
-            "error envelope.",
+            stream="Named events: message_start, then per block (text or tool_use, indices from 0) "
+            "content_block_start, content_block_delta per piece (text_delta or input_json_delta), "
+            "content_block_stop, with ping after the first start; message_delta and message_stop last; a "
+            "failure is an `error` event in the error envelope.",
             events=(
                 anthropic.MessageStart,
                 anthropic.ContentBlockStart,
@@ -99,7 +100,9 @@ DECLARED.update(
             answer="The response, or its named SSE events",
             stream="Named events, each data object carrying its type and sequence_number: response.created, "
             "response.in_progress, output item and content part added, response.output_text.delta per piece, "
-            "the done events, then response.completed (or incomplete); a failure is `error`, then response.failed.",
+            "for each function call its output_item.added, response.function_call_arguments.delta and .done, "
+            "output_item.done, the message's done events, then response.completed (or incomplete); a failure is "
+            "`error`, then response.failed.",
             responses={404: ("Unknown previous response or conversation", None)},
         ),
         "responses.get_response": Operation(

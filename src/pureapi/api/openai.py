@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from ..errors import BadRequest
+from ..tools import unanswered_result
 from ..types import Chunk, Message, SamplingParams, ToolCall
 from ..types import TokenLogprob as TokenLogprobData
 from .common import (
@@ -48,13 +49,16 @@ from .docs import BODY_ERRORS, Operation, documented
 from .openai_output import MAX_TOP_LOGPROBS, ChoiceLogprobs, ResponseFormat
 from .openai_tools import (
     MessageToolCall,
+    ReplyReader,
     ToolCallDelta,
     ToolChoice,
     ToolPlan,
     ToolSpec,
     parse_reply,
     plan_tools,
+    with_schema,
 )
+from .strict import StrictBody
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -148,12 +152,9 @@ class SamplingFields(BaseModel):
         )
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, StrictBody):
     """Body of POST /v1/chat/completions. A field not listed here is a 400 naming it, never ignored;
     an unknown field sent as null counts as left out (some SDKs send every field they know)."""
-
-    # The document says so too: any other property may only be null.
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"additionalProperties": {"type": "null"}})
 
     model: StrictStr | None = Field(None, description="Ignored beyond echoing: one process serves one model.")
     messages: list[ChatMessage] = Field(min_length=1)
@@ -191,13 +192,14 @@ class ChatCompletionRequest(SamplingFields):
         None, description="Accepted and not used: the KV cache is found by the prompt's tokens."
     )
     safety_identifier: StrictStr | None = Field(None, description="Accepted and not used.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls_are_absent(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None or k in cls.model_fields}
-        return data
+    add_generation_prompt: StrictBool | None = Field(
+        None, description="vLLM's: false exactly when the final assistant message is continued (the default)."
+    )
+    continue_final_message: StrictBool | None = Field(
+        None,
+        description="vLLM's: continue a final assistant message (prefill) rather than reply anew; on whenever "
+        "the assistant spoke last, so only true is accepted.",
+    )
 
     @field_validator("logit_bias")
     @classmethod
@@ -276,6 +278,7 @@ class ChatCompletion(BaseModel):
     created: int
     model: str
     object: Literal["chat.completion"] = "chat.completion"
+    system_fingerprint: str | None = Field(None, description="Changes when the model file or the backend build does.")
     choices: list[Choice]
     usage: Usage
 
@@ -308,6 +311,7 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    system_fingerprint: str | None = Field(None, description="Changes when the model file or the backend build does.")
     choices: list[ChunkChoice]
     usage: Usage | None = Field(None, description="Present (null until the last chunk) only with include_usage.")
 
@@ -362,16 +366,13 @@ class OpenAIEvents(Encoder):
 
 def _check_tool_results(messages: list[Message]) -> None:
     """Each tool message must answer a call an earlier assistant message made (as OpenAI requires)."""
-    calls: set[str] = set()
-    for i, m in enumerate(messages):
-        if m.role == "assistant":
-            calls.update(call.id for call in m.tool_calls)
-        elif m.role == "tool" and m.tool_call_id not in calls:
-            raise BadRequest(
-                f"messages.{i}.tool_call_id: a tool message must answer a call in an earlier assistant "
-                f"message's tool_calls ({m.tool_call_id!r} is none of them)",
-                param=f"messages.{i}.tool_call_id",
-            )
+    i = unanswered_result(messages)
+    if i is not None:
+        raise BadRequest(
+            f"messages.{i}.tool_call_id: a tool message must answer a call in an earlier assistant "
+            f"message's tool_calls ({messages[i].tool_call_id!r} is none of them)",
+            param=f"messages.{i}.tool_call_id",
+        )
 
 
 @bp.post("/chat/completions")
@@ -390,8 +391,12 @@ def _check_tool_results(messages: list[Message]) -> None:
 def chat_completions() -> Response:
     body = validate(ChatCompletionRequest, json_body())
     messages = [m.message() for m in body.messages]
-    if messages[-1].role == "assistant":
-        raise BadRequest("messages: the last message must not be from the assistant", param="messages")
+    prefill = _prefill(messages, body.continue_final_message)
+    if body.add_generation_prompt is not None and body.add_generation_prompt == prefill:
+        raise BadRequest(
+            "add_generation_prompt: a reply continues a final assistant message (false) or starts anew (true)",
+            param="add_generation_prompt",
+        )
     _check_tool_results(messages)
     requested = body.max_completion_tokens or body.max_tokens
     if body.top_logprobs and not body.logprobs:
@@ -400,15 +405,11 @@ def chat_completions() -> Response:
     schema = body.response_format.schema_to_enforce() if body.response_format is not None else None
     service = gateway()
     engine = service.engine()
-    plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, engine)
-    if plan.schema is not None:
-        if schema is not None:
-            raise BadRequest(
-                "response_format: cannot hold the reply to a schema and force a tool call", param="response_format"
-            )
-        schema = plan.schema
-    elif schema is not None:
-        plan = replace(plan, fmt=None)  # the reply is held to the schema, so it holds no calls to parse
+    plan, schema = with_schema(
+        plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, engine), schema, "response_format"
+    )
+    if prefill and plan.prefix:
+        raise BadRequest("messages: a forced tool call cannot continue an assistant message", param="messages")
     if plan.fmt is not None and logprobs is not None:
         raise BadRequest("logprobs: not available together with tools", param="logprobs")
     params = replace(body.sampling(requested or 1), json_schema=schema, logprobs=logprobs)
@@ -417,6 +418,7 @@ def chat_completions() -> Response:
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "created": int(time.time()),
         "model": engine.model_name,
+        "system_fingerprint": engine.system_fingerprint,
     }
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -433,6 +435,28 @@ def chat_completions() -> Response:
     return jsonify(dump(completion))
 
 
+def _prefill(messages: list[Message], continue_final: bool | None) -> bool:
+    """Whether the reply continues a final assistant message (vLLM's continue_final_message, on by default
+    when the assistant spoke last); its text is not repeated in the reply."""
+    last = messages[-1]
+    if last.role != "assistant":
+        if continue_final:
+            raise BadRequest(
+                "continue_final_message: the last message is not the assistant's", param="continue_final_message"
+            )
+        return False
+    if continue_final is False:
+        raise BadRequest(
+            "continue_final_message: a final assistant message is always continued; send true or leave it out",
+            param="continue_final_message",
+        )
+    if last.tool_calls or not last.content:
+        raise BadRequest(
+            "messages: a final assistant message is continued, so it needs text and no tool_calls", param="messages"
+        )
+    return True
+
+
 def _finish(reason: str | None, called: bool) -> str:
     """OpenAI's finish_reason: tool_calls when a reply that ended on its own made calls."""
     if called and reason in (None, "stop"):
@@ -443,7 +467,7 @@ def _finish(reason: str | None, called: bool) -> str:
 def _stream(
     meta: dict[str, Any], chunks: Iterator[Chunk], include_usage: bool, logprobs: bool, plan: ToolPlan
 ) -> Iterator[str]:
-    parser = plan.parser()
+    reader = ReplyReader(plan)
 
     def event(delta: Delta, finish: str | None = None, tokens: list[TokenLogprobData] | None = None) -> str:
         lp = ChoiceLogprobs.of(tokens or []) if logprobs and tokens is not None else None
@@ -462,17 +486,14 @@ def _stream(
                 yield event(Delta(tool_calls=[delta]))
 
     def events(chunk: Chunk) -> Iterator[str]:
-        if parser is None:
+        if reader.parser is None:
             if chunk.text or chunk.logprobs:
                 yield event(Delta(content=chunk.text), tokens=chunk.logprobs or [])
         else:
-            text = chunk.text + (plan.closing() if chunk.finish_reason is not None else "")
-            items = parser.feed(text)
-            if chunk.finish_reason is not None:
-                items += parser.finish()
-            yield from parsed(items, len(parser.calls) - sum(isinstance(i, ToolCall) for i in items))
+            items = reader.feed(chunk.text, final=chunk.finish_reason is not None)
+            yield from parsed(items, len(reader.calls) - sum(isinstance(i, ToolCall) for i in items))
         if chunk.finish_reason is not None:
-            yield event(Delta(), _finish(chunk.finish_reason, bool(parser and parser.calls)))
+            yield event(Delta(), _finish(chunk.finish_reason, bool(reader.calls)))
             if include_usage:
                 yield sse(dump(ChatCompletionChunk(**meta, choices=[], usage=Usage.of(chunk))))
 

@@ -28,24 +28,38 @@ class JsonSchemaSpec(BaseModel):
     strict: StrictBool | None = Field(None, description="Accepted; the schema is always enforced.")
 
 
+def format_schema(kind: str, schema: dict[str, Any] | None, param: str) -> dict[str, Any] | None:
+    """The JSON schema a reply format enforces (checked; param names the schema's field), None for text.
+
+    json_object may carry a schema too (llama-server's shape); without one it is any JSON object."""
+    if kind == "text":
+        return None
+    if kind == "json_object" and schema is None:
+        return dict(JSON_OBJECT)
+    if schema is None:
+        raise BadRequest(f"{param}: field required", param=param)
+    check_schema(schema, param)
+    return schema
+
+
 class ResponseFormat(BaseModel):
     """OpenAI's response_format: free text, any JSON object, or JSON matching a schema."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None
+    schema_: dict[str, Any] | None = Field(
+        None, alias="schema", description="With json_object (llama-server's shape): the schema the object matches."
+    )
 
     def schema_to_enforce(self) -> dict[str, Any] | None:
         """The JSON schema the reply must match (checked), or None for free text."""
-        if self.type == "text":
-            return None
-        if self.type == "json_object":
-            return dict(JSON_OBJECT)
-        if self.json_schema is None:
-            raise BadRequest("response_format.json_schema: field required", param="response_format.json_schema")
-        check_schema(self.json_schema.schema_, "response_format.json_schema.schema")
-        return self.json_schema.schema_
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise BadRequest("response_format.json_schema: field required", param="response_format.json_schema")
+            return format_schema(self.type, self.json_schema.schema_, "response_format.json_schema.schema")
+        return format_schema(self.type, self.schema_, "response_format.schema")
 
 
 class TopLogprob(BaseModel):

@@ -1,234 +1,52 @@
-"""OpenAI's Responses API: POST /v1/responses (stored, chained, streamed), GET/DELETE one, its input items."""
+"""OpenAI's Responses API: POST /v1/responses (stored, chained, streamed, with function tools), GET/DELETE
+one, its input items."""
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
+from pydantic import BaseModel
 
-from ..chat.responses import Outcome, ResponseService, Turn, message_item
+from ..chat.responses import Outcome, ResponseService, Turn
 from ..errors import BadRequest
-from ..types import Chunk, Message, SamplingParams
-from .common import (
-    MaxTokens,
-    Temperature,
-    TopP,
-    drain,
-    error_text,
-    gateway,
-    json_body,
-    primed,
-    sse,
-    sse_response,
-    validate,
+from ..types import Chunk, SamplingParams
+from .common import Encoder, drain, gateway, json_body, primed, relay, sse, sse_response, validate
+from .openai_tools import plan_functions, with_schema
+from .responses_models import (
+    ConversationRef,
+    IncompleteDetails,
+    InputItem,
+    InputTokensDetails,
+    ItemList,
+    ListQuery,
+    Metadata,
+    OutputText,
+    ResponseDeleted,
+    ResponseError,
+    ResponseObject,
+    ResponseRequest,
+    ResponseUsage,
 )
+from .responses_reply import Called, Opened, ReplyItems, Text
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "InputItem",
+    "ItemList",
+    "ListQuery",
+    "Metadata",
+    "ResponseDeleted",
+    "ResponseObject",
+    "ResponseRequest",
+    "bp",
+    "ok",
+    "page",
+    "service",
+]
+
 bp = Blueprint("responses", __name__, url_prefix="/v1")
-
-MAX_ITEMS = 1000
-Metadata = dict[StrictStr, StrictStr]
-
-
-class ContentPart(BaseModel):
-    """A text part of a message item; other part types are not supported by a text model."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    type: Literal["input_text", "output_text", "text"]
-    text: StrictStr
-
-
-class InputMessage(BaseModel):
-    """A message item of `input` (or of a conversation)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    type: Literal["message"] = "message"
-    role: Literal["user", "assistant", "system", "developer"]
-    content: StrictStr | list[ContentPart]
-
-    def message(self) -> Message:
-        """The item as a chat message."""
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return Message("system" if self.role == "developer" else self.role, text)
-
-
-class ConversationRef(BaseModel):
-    """A conversation named by id."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    id: StrictStr
-
-
-class ResponseRequest(BaseModel):
-    """Body of POST /v1/responses. Unknown fields are ignored (SDKs send extras)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: StrictStr | None = Field(None, description="Ignored beyond echoing: one process serves one model.")
-    input: StrictStr | list[InputMessage] = Field(description="The new user text, or message items.")
-    instructions: StrictStr | None = Field(None, description="A system message for this turn only.")
-    max_output_tokens: MaxTokens | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    store: StrictBool = Field(True, description="Keep the response, so it can be retrieved and continued.")
-    previous_response_id: StrictStr | None = Field(None, description="Continue from this stored response.")
-    conversation: StrictStr | ConversationRef | None = Field(
-        None, description="Continue this conversation; the turn's input and output are appended to it."
-    )
-    stream: StrictBool = False
-    metadata: Metadata | None = None
-    tools: list[Any] = Field(default_factory=list, description="Not supported: must be empty.")
-    background: StrictBool = Field(False, description="Not supported: must be false.")
-
-    @field_validator("input")
-    @classmethod
-    def _input(cls, value: str | list[InputMessage]) -> str | list[InputMessage]:
-        if isinstance(value, list):
-            if not 1 <= len(value) <= MAX_ITEMS:
-                raise ValueError(f"give 1 to {MAX_ITEMS} items")
-            talk = [m for m in value if m.role not in ("system", "developer")]
-            if not talk or talk[-1].role != "user":
-                raise ValueError("the last non-system item must be a user message")
-        return value
-
-    @field_validator("tools")
-    @classmethod
-    def _tools(cls, value: list[Any]) -> list[Any]:
-        if value:
-            raise ValueError("tools are not supported by this server")
-        return value
-
-    @field_validator("background")
-    @classmethod
-    def _background(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("background responses are not supported by this server")
-        return value
-
-
-class OutputText(BaseModel):
-    """The text of a reply."""
-
-    type: Literal["output_text"] = "output_text"
-    text: str
-    annotations: list[Any] = Field(default_factory=list)
-
-
-class OutputMessage(BaseModel):
-    """The assistant's message item."""
-
-    id: str
-    type: Literal["message"] = "message"
-    status: Literal["in_progress", "completed", "incomplete"]
-    role: Literal["assistant"] = "assistant"
-    content: list[OutputText]
-
-
-class InputTokensDetails(BaseModel):
-    """How much of the input came from the KV cache (a continued chain, a shared prefix)."""
-
-    cached_tokens: int
-
-
-class OutputTokensDetails(BaseModel):
-    """Reasoning tokens: none for these models."""
-
-    reasoning_tokens: int = 0
-
-
-class ResponseUsage(BaseModel):
-    """Token counts of one response."""
-
-    input_tokens: int
-    input_tokens_details: InputTokensDetails
-    output_tokens: int
-    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
-    total_tokens: int
-
-
-class IncompleteDetails(BaseModel):
-    """Why a response stopped early."""
-
-    reason: Literal["max_output_tokens"]
-
-
-class ResponseError(BaseModel):
-    """Why a response failed."""
-
-    code: str
-    message: str
-
-
-class ResponseObject(BaseModel):
-    """A response, as returned, streamed in events and stored."""
-
-    id: str
-    object: Literal["response"] = "response"
-    created_at: int
-    status: Literal["in_progress", "completed", "incomplete", "failed"]
-    error: ResponseError | None = None
-    incomplete_details: IncompleteDetails | None = None
-    instructions: str | None
-    max_output_tokens: int | None
-    model: str
-    output: list[OutputMessage]
-    parallel_tool_calls: bool = False
-    previous_response_id: str | None
-    store: bool
-    temperature: float
-    top_p: float
-    text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
-    tool_choice: str = "none"
-    tools: list[Any] = Field(default_factory=list)
-    truncation: Literal["auto"] = "auto"  # the oldest turns are dropped to fit the context
-    usage: ResponseUsage | None
-    metadata: Metadata
-    conversation: ConversationRef | None
-
-
-class ResponseDeleted(BaseModel):
-    """The answer to DELETE /v1/responses/{id}."""
-
-    id: str
-    object: Literal["response"] = "response"
-    deleted: bool = True
-
-
-class ListQuery(BaseModel):
-    """Paging of an item list: newest first by default."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    limit: int = Field(20, ge=1, le=100)
-    order: Literal["asc", "desc"] = "desc"
-    after: str | None = None
-
-
-class ItemList(BaseModel):
-    """A page of items."""
-
-    object: Literal["list"] = "list"
-    data: list[dict[str, Any]]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
-
-    @classmethod
-    def of(cls, items: list[dict[str, Any]], has_more: bool) -> ItemList:
-        """A page with its first and last ids."""
-        return cls(
-            data=items,
-            first_id=items[0]["id"] if items else None,
-            last_id=items[-1]["id"] if items else None,
-            has_more=has_more,
-        )
 
 
 def service() -> ResponseService:
@@ -253,30 +71,41 @@ def _usage(last: Chunk) -> ResponseUsage:
 @bp.post("/responses")
 def create_response() -> Response:
     body = validate(ResponseRequest, json_body())
-    items = [InputMessage(role="user", content=body.input)] if isinstance(body.input, str) else body.input
     conversation = body.conversation.id if isinstance(body.conversation, ConversationRef) else body.conversation
     temperature = 1.0 if body.temperature is None else float(body.temperature)
     top_p = 1.0 if body.top_p is None else float(body.top_p)
     engine = gateway().engine()
     requested = body.max_output_tokens
-    params = SamplingParams(max_tokens=requested or 0, temperature=temperature, top_p=top_p)
+    text_format = body.text.format if body.text is not None else None
+    choice = body.tool_choice
+    plan = plan_functions(
+        [tool.spec() for tool in body.tools],
+        "named" if not isinstance(choice, str) else choice,
+        None if isinstance(choice, str) else choice.name,
+        body.parallel_tool_calls,
+        engine,
+        "tools[{i}].parameters",
+    )
+    # text.format shapes text; a forced call is no text, so it wins (OpenAI takes both).
+    text_schema = text_format.schema_to_enforce() if text_format else None
+    plan, schema = with_schema(plan, text_schema, "text.format", forced_wins=True)
+    params = SamplingParams(max_tokens=requested or 0, temperature=temperature, top_p=top_p, json_schema=schema)
     turn = Turn(
-        input=[m.message() for m in items],
+        input=[],
         params=params,
         instructions=body.instructions,
         previous_response_id=body.previous_response_id,
         conversation_id=conversation,
         store=body.store,
-        input_items=[message_item(m.role, m.message().content, status="completed") for m in items],
+        input_items=[item.item() for item in body.items()],
+        tools=plan.tools,
+        prefix=plan.prefix,
+        truncation=body.truncation,
     )
     created = int(time.time())
+    echoed_format = text_format.model_dump(by_alias=True, exclude_none=True) if text_format else {"type": "text"}
 
-    def render(status: str, text: str = "", last: Chunk | None = None) -> ResponseObject:
-        output = (
-            []
-            if status == "in_progress"
-            else [OutputMessage(id=turn.output_id, status=status, content=[OutputText(text=text)])]
-        )  # type: ignore[arg-type]
+    def render(status: str, reply: ReplyItems, last: Chunk | None = None) -> ResponseObject:
         return ResponseObject(
             id=turn.response_id,
             created_at=created,
@@ -285,67 +114,108 @@ def create_response() -> Response:
             instructions=body.instructions,
             max_output_tokens=requested,
             model=engine.model_name,
-            output=output,
+            output=[] if status == "in_progress" else reply.output(status),
+            parallel_tool_calls=body.parallel_tool_calls,
             previous_response_id=body.previous_response_id,
             store=body.store,
             temperature=temperature,
             top_p=top_p,
+            text={"format": echoed_format},
+            tool_choice=choice if isinstance(choice, str) else choice.model_dump(),
+            tools=[tool.model_dump(exclude_none=True) for tool in body.tools],
+            truncation=body.truncation,
             usage=_usage(last) if last is not None else None,
             metadata=body.metadata or {},
             conversation=ConversationRef(id=conversation) if conversation else None,
         )
 
-    def final(outcome: Outcome) -> ResponseObject:
+    def reply() -> ReplyItems:
+        return ReplyItems(plan, turn.response_id, turn.output_id)
+
+    def final(outcome: Outcome, items: ReplyItems | None = None) -> ResponseObject:
+        if items is None:
+            items = reply()
+            items.feed(outcome.text, final=True)
         status = "incomplete" if outcome.last.finish_reason == "length" else "completed"
-        return render(status, outcome.text, outcome.last)
+        return render(status, items, outcome.last)
 
     stream = primed(service().respond(turn, lambda outcome: final(outcome).model_dump(mode="json")))
     if body.stream:
-        return sse_response(_events(render("in_progress"), turn.output_id, final, stream))
+        return sse_response(relay(stream, ResponseEvents(render("in_progress", reply()), reply(), final)))
     text, last = drain(stream)
     return ok(final(Outcome(text, last)))
 
 
-def _events(
-    start: ResponseObject, item_id: str, final: Callable[[Outcome], ResponseObject], chunks: Iterator[Chunk]
-) -> Iterator[str]:
-    """The documented event sequence: created, in_progress, item and part added, text deltas, done events,
-    then completed (or incomplete); a failure mid-stream is an `error` event and `response.failed`."""
-    sequence = 0
+class ResponseEvents(Encoder):
+    """The documented event sequence: created, in_progress, then each output item's added, delta and done
+    events (a message's text, a call's arguments), then completed (or incomplete); a failure mid-stream
+    is an `error` event and `response.failed`."""
 
-    def event(type_: str, **fields: Any) -> str:
-        nonlocal sequence
-        sequence += 1
-        return sse_event(type_, {"type": type_, "sequence_number": sequence - 1, **fields})
+    def __init__(
+        self, start: ResponseObject, reply: ReplyItems, final: Callable[[Outcome, ReplyItems], ResponseObject]
+    ):
+        self.start, self.reply, self.final = start, reply, final
+        self.sequence = 0
+        self.parts: list[str] = []
 
-    snapshot = start.model_dump(mode="json")
-    yield event("response.created", response=snapshot)
-    yield event("response.in_progress", response=snapshot)
-    item = OutputMessage(id=item_id, status="in_progress", content=[])
-    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
-    yield event("response.output_item.added", output_index=0, item=item.model_dump(mode="json"))
-    yield event("response.content_part.added", **where, part=OutputText(text="").model_dump(mode="json"))
-    parts: list[str] = []
-    try:
-        for chunk in chunks:
-            if chunk.text:
-                parts.append(chunk.text)
-                yield event("response.output_text.delta", **where, delta=chunk.text, logprobs=[])
-            if chunk.finish_reason is not None:
-                done = final(Outcome("".join(parts), chunk))
-                message = done.output[0]
-                yield event("response.output_text.done", **where, text=message.content[0].text, logprobs=[])
-                yield event("response.content_part.done", **where, part=message.content[0].model_dump(mode="json"))
-                yield event("response.output_item.done", output_index=0, item=message.model_dump(mode="json"))
-                kind = "response.completed" if done.status == "completed" else "response.incomplete"
-                yield event(kind, response=done.model_dump(mode="json"))
-    except Exception as exc:
-        log.warning("response stream failed: %s", exc)
-        yield event("error", code="server_error", message=error_text(exc), param=None)
-        failed = start.model_copy(
-            update={"status": "failed", "error": ResponseError(code="server_error", message=error_text(exc))}
-        )
-        yield event("response.failed", response=failed.model_dump(mode="json"))
+    def event(self, type_: str, **fields: Any) -> str:
+        """One named event with its sequence number."""
+        self.sequence += 1
+        return sse_event(type_, {"type": type_, "sequence_number": self.sequence - 1, **fields})
+
+    def opening(self) -> Iterable[str]:
+        snapshot = self.start.model_dump(mode="json")
+        yield self.event("response.created", response=snapshot)
+        yield self.event("response.in_progress", response=snapshot)
+        yield from self.happenings("", False)
+
+    def events(self, chunk: Chunk) -> Iterable[str]:
+        self.parts.append(chunk.text)
+        yield from self.happenings(chunk.text, chunk.finish_reason is not None)
+        if chunk.finish_reason is None:
+            return
+        reply, done = self.reply, self.final(Outcome("".join(self.parts), chunk), self.reply)
+        if reply.message_at is not None:
+            at, text = reply.message_at, reply.text()
+            yield self.event("response.output_text.done", **self.part(at), text=text, logprobs=[])
+            yield self.event("response.content_part.done", **self.part(at), part=OutputText(text=text).model_dump())
+            yield self.event("response.output_item.done", output_index=at, item=done.output[at].model_dump(mode="json"))
+        kind = "response.completed" if done.status == "completed" else "response.incomplete"
+        yield self.event(kind, response=done.model_dump(mode="json"))
+
+    def failed(self, message: str) -> Iterable[str]:
+        yield self.event("error", code="server_error", message=message, param=None)
+        error = ResponseError(code="server_error", message=message)
+        failed = self.start.model_copy(update={"status": "failed", "error": error})
+        yield self.event("response.failed", response=failed.model_dump(mode="json"))
+
+    def part(self, index: int) -> dict[str, Any]:
+        """Where the message's one text part is."""
+        return {"item_id": self.reply.message_id, "output_index": index, "content_index": 0}
+
+    def happenings(self, text: str, last: bool) -> Iterator[str]:
+        """The events of what this piece of the reply adds: a message opening, text, whole calls."""
+        for happened in self.reply.feed(text, last):
+            if isinstance(happened, Opened):
+                item = self.reply.message("in_progress").model_dump(mode="json")
+                yield self.event("response.output_item.added", output_index=happened.index, item=item)
+                empty = OutputText(text="").model_dump()
+                yield self.event("response.content_part.added", **self.part(happened.index), part=empty)
+            elif isinstance(happened, Text):
+                at = self.part(self.reply.message_at or 0)
+                yield self.event("response.output_text.delta", **at, delta=happened.delta, logprobs=[])
+            elif isinstance(happened, Called):
+                yield from self.call_events(happened)
+
+    def call_events(self, called: Called) -> Iterator[str]:
+        """A whole call: added, its arguments in one delta, done."""
+        item = called.item
+        where = {"item_id": item.id, "output_index": called.index}
+        added = item.model_copy(update={"status": "in_progress", "arguments": ""}).model_dump(mode="json")
+        yield self.event("response.output_item.added", output_index=called.index, item=added)
+        yield self.event("response.function_call_arguments.delta", **where, delta=item.arguments)
+        yield self.event("response.function_call_arguments.done", **where, name=item.name, arguments=item.arguments)
+        yield self.event("response.output_item.done", output_index=called.index, item=item.model_dump(mode="json"))
 
 
 def sse_event(type_: str, data: dict[str, Any]) -> str:

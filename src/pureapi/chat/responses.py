@@ -11,10 +11,12 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..engines.base import Engine
 from ..errors import BadRequest, NotFound
-from ..types import Chunk, Message, SamplingParams
+from ..tools import named_results, unanswered_result
+from ..types import Chunk, Message, SamplingParams, ToolCall
 from .response_store import Item, ResponseStore
 from .sessions import SessionService
 from .window import fit_window
@@ -36,26 +38,40 @@ def message_item(role: str, text: str, item_id: str | None = None, status: str |
     return item
 
 
-def item_message(item: Item) -> Message | None:
-    """The chat message a stored item stands for (message items only)."""
-    if item.get("type") != "message":
-        return None
-    role = "system" if item["role"] == "developer" else item["role"]
-    return Message(role, "".join(part.get("text", "") for part in item["content"]))
+def item_messages(items: Sequence[Item]) -> list[Message]:
+    """The chat messages stored items stand for: messages as they are, a function_call as a call of an
+    assistant message (the one just before it, or a new one), a function_call_output as a tool message."""
+    out: list[Message] = []
+    for item in items:
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = "system" if item["role"] == "developer" else item["role"]
+            content = item["content"]
+            text = content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+            out.append(Message(role, text))
+        elif kind == "function_call":
+            call = ToolCall(item["call_id"], item["name"], item["arguments"])
+            if out and out[-1].role == "assistant":
+                out[-1] = replace(out[-1], tool_calls=(*out[-1].tool_calls, call))
+            else:
+                out.append(Message("assistant", "", (call,)))
+        elif kind == "function_call_output":
+            out.append(Message("tool", item["output"], tool_call_id=item["call_id"]))
+    return out
 
 
 def _messages(items: Sequence[Item]) -> list[Message]:
-    """The user and assistant messages among stored items (system text is not replayed)."""
-    return [m for m in map(item_message, items) if m is not None and m.role != "system"]
+    """The conversation's messages among stored items (system text is not replayed)."""
+    return [m for m in item_messages(items) if m.role != "system"]
 
 
 def _turns(items: Sequence[Item]) -> list[list[Message]]:
-    """Group a conversation's items into turns, each ending with an assistant message."""
+    """Group items into turns, each opened by a user message (a tool exchange stays in its turn)."""
     turns: list[list[Message]] = [[]]
     for message in _messages(items):
-        turns[-1].append(message)
-        if message.role == "assistant":
+        if message.role == "user" and turns[-1]:
             turns.append([])
+        turns[-1].append(message)
     return [t for t in turns if t]
 
 
@@ -63,12 +79,15 @@ def _turns(items: Sequence[Item]) -> list[list[Message]]:
 class Turn:
     """What one POST /v1/responses asks for, validated."""
 
-    input: list[Message]
+    input: list[Message]  # empty: the messages input_items stand for
     params: SamplingParams  # max_tokens 0: the rest of the context
     instructions: str | None = None
     previous_response_id: str | None = None
     conversation_id: str | None = None
     store: bool = True
+    tools: list[dict[str, Any]] | None = None  # rendered by the chat template (Engine.encode_chat)
+    prefix: str = ""  # the start of the reply, put after the generation prompt (a forced call's opening)
+    truncation: str = "auto"  # "disabled": a history that does not fit is an error, not dropped
     response_id: str = field(default_factory=lambda: new_id("resp"))
     output_id: str = field(default_factory=lambda: new_id("msg"))
     input_items: list[Item] = field(default_factory=list)
@@ -78,6 +97,8 @@ class Turn:
             raise BadRequest("previous_response_id and conversation cannot both be given", param="conversation")
         if not self.input_items:
             self.input_items = [message_item(m.role, m.content) for m in self.input]
+        if not self.input:
+            self.input = item_messages(self.input_items)
 
 
 @dataclass
@@ -106,7 +127,7 @@ class ResponseService:
                     param="previous_response_id",
                     code="previous_response_not_found",
                 )
-            return [_messages([*t.input, *t.output]) for t in chain]
+            return _turns([item for t in chain for item in (*t.input, *t.output)])
         if turn.conversation_id is not None:
             items = self.store.all_items(turn.conversation_id, owner=owner)
             if items is None:
@@ -129,12 +150,23 @@ class ResponseService:
         owner = self.sessions.owner()  # read now: commit runs while the reply streams, after the request
 
         def prompt(engine: Engine) -> tuple[list[int], SamplingParams]:
-            history = self._history(turn, owner)
+            history, rest = self._history(turn, owner), list(tail)
+            # A turn that answers calls stays with the turn that made them (the window never splits them).
+            while history and (not rest or rest[0].role != "user"):
+                rest = [*history.pop(), *rest]
+            if turn.truncation == "disabled":
+                history, rest = [], [m for t in history for m in t] + rest
+            orphan = unanswered_result(rest)
+            if orphan is not None:
+                raise BadRequest(
+                    f"input: a function_call_output answers no function_call ({rest[orphan].tool_call_id!r})",
+                    param="input",
+                )
             ids = fit_window(
-                lambda messages: engine.encode_chat([*head, *messages]),
+                lambda messages: engine.encode_chat(named_results([*head, *messages]), turn.tools, turn.prefix),
                 engine.context_length,
                 history,
-                tail,
+                rest,
                 turn.params.max_tokens or 1,
                 "input",
             )
@@ -148,7 +180,7 @@ class ResponseService:
 
         def commit(text: str, last: Chunk) -> None:
             response = render(Outcome(text, last))
-            output = [message_item("assistant", text, turn.output_id, "completed")]
+            output = response["output"]  # the reply's items: its message, its calls
             self.store.commit_turn(
                 response=response if turn.store else None,
                 input_items=turn.input_items,

@@ -61,14 +61,19 @@ class ChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
 
-    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> str:
         """Render the conversation (with the tools the model may call) and the assistant's generation prompt."""
         return self._template.render(
             messages=messages,
             tools=tools,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
-            add_generation_prompt=True,
+            add_generation_prompt=add_generation_prompt,
         )
 
 
@@ -88,18 +93,28 @@ def _as_dict(message: Message, holder: str) -> dict[str, Any]:
 _PLACEHOLDER = "\u27e6pureapi-{nonce}-{i}\u27e7"
 
 
+def continues(messages: Sequence[Message]) -> bool:
+    """Whether the prompt continues the final message (an assistant's prefill) rather than starting a reply."""
+    return bool(messages) and messages[-1].role == "assistant" and bool(messages[-1].content)
+
+
 def render_segments(
-    render: Callable[[list[dict[str, Any]]], str], messages: Sequence[Message]
+    render: Callable[[list[dict[str, Any]], bool], str], messages: Sequence[Message]
 ) -> list[tuple[bool, str]]:
     """Render a chat template with placeholders for the content, then split the result.
 
-    Returns (is_user_text, text) pieces in order, so that an engine can tokenize the template's
-    own text with special tokens parsed and the messages' text with special tokens as plain text:
-    a user who types `<|im_start|>` gets those characters, not a control token.
+    render(messages, add_generation_prompt) is the template. Returns (is_user_text, text) pieces in
+    order, so that an engine can tokenize the template's own text with special tokens parsed and the
+    messages' text with special tokens as plain text: a user who types `<|im_start|>` gets those
+    characters, not a control token. A final assistant message with text is continued (transformers'
+    continue_final_message): rendered without a generation prompt and cut right after its text.
     """
     nonce = secrets.token_hex(6)
     holders = [_PLACEHOLDER.format(nonce=nonce, i=i) for i in range(len(messages))]
-    rendered = render([_as_dict(m, h) for m, h in zip(messages, holders, strict=True)])
+    continuing = continues(messages)
+    rendered = render([_as_dict(m, h) for m, h in zip(messages, holders, strict=True)], not continuing)
+    if continuing:
+        rendered = rendered[: rendered.rindex(holders[-1]) + len(holders[-1])]
     pattern = re.compile("\u27e6pureapi-" + nonce + r"-(\d+)\u27e7")
     pieces: list[tuple[bool, str]] = []
     pos = 0

@@ -30,11 +30,18 @@ def model_fingerprint(model_path: Path, *extra: object) -> str:
     return f"{model_path.stem[:40]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
+def system_fingerprint(*parts: object) -> str:
+    """OpenAI's system_fingerprint: a short, stable id of the model file and the build that serves it."""
+    return "fp_" + hashlib.sha256(repr(parts).encode()).hexdigest()[:10]
+
+
 class Engine(ABC):
     """What the API layer needs from a model backend."""
 
     name: str = "engine"
     model_name: str = ""
+    # Changes when the model file or the backend's version does (sent as system_fingerprint); None: unknown.
+    system_fingerprint: str | None = None
     device: str = "cpu"
     context_length: int = 2048
     slots: int = 1  # generations that run at the same time

@@ -12,7 +12,8 @@ from typing import Any
 from ..errors import EngineError
 from ..tools import HERMES
 from ..types import Message, SamplingParams, TokenLogprob, TopLogprob
-from .base import QueuedEngine
+from ._template import continues
+from .base import QueuedEngine, system_fingerprint
 from .jobs import Job
 
 _WORD = re.compile(r"\S+\s*|\s+")
@@ -29,6 +30,7 @@ class FakeEngine(QueuedEngine):
     def __init__(self, context_length: int = 4096, token_delay: float = 0.0, max_queue: int = 64):
         super().__init__(max_queue=max_queue)
         self.model_name = "fake-model"
+        self.system_fingerprint = system_fingerprint("fake-model", "fake")
         self.device = "cpu"
         self.context_length = context_length
         self.token_delay = token_delay
@@ -64,7 +66,8 @@ class FakeEngine(QueuedEngine):
         for m in messages:
             ids.append(self._id(f"<{m.role}>"))
             ids.extend(self._id(w) for w in _WORD.findall(m.content))
-        ids.append(self._id("<assistant>"))
+        if not continues(messages):  # a final assistant message goes on; else a new reply starts
+            ids.append(self._id("<assistant>"))
         ids.extend(self._id(w) for w in _WORD.findall(prefix))
         self.prompts.append(list(messages))
         self.tools.append(tools)

@@ -21,6 +21,7 @@ import requests
 from ..errors import BadGateway, BadRequest, Cancelled, EngineError, GatewayTimeout, ModelLoadError, Overloaded
 from ..structured import JSON_OBJECT
 from ..types import Chunk, GenerationRequest, Message, TokenLogprob, TopLogprob
+from ._template import continues
 from .base import Engine
 
 BYTES_PER_TOKEN = 3  # below the ~4 of English text in BPE vocabularies: the estimate stays high
@@ -156,6 +157,8 @@ class RemoteEngine(Engine):
         if p.logprobs is not None:
             body["logprobs"] = True
             body["top_logprobs"] = p.logprobs
+        if continues(messages):  # a prefill: vLLM's pair of fields (pureapi takes them too)
+            body.update(continue_final_message=True, add_generation_prompt=False)
         return body
 
     def _read(self, response: requests.Response, request: GenerationRequest, estimate: int) -> Iterator[Chunk]:

@@ -20,7 +20,7 @@ from ..models.resolve import CPU_CONTEXT_CAP, ResolvedModel
 from ..tools import detect_format
 from ..types import Chunk, GenerationRequest, Message, TokenLogprob
 from ._template import render_segments
-from .base import QueuedEngine, model_fingerprint
+from .base import QueuedEngine, model_fingerprint, system_fingerprint
 from .hf_version import check_transformers
 from .jobs import Job
 
@@ -159,14 +159,23 @@ class TransformersEngine(QueuedEngine):
             limit = min(limit, ctx_size)
         elif device == "cpu":
             limit = min(limit, CPU_CONTEXT_CAP)
-        return cls(model, tokenizer, resolved.name, device, limit, max_queue, max_batch_size, kv_cache_mb)
+        engine = cls(model, tokenizer, resolved.name, device, limit, max_queue, max_batch_size, kv_cache_mb)
+        import transformers
+
+        size = resolved.path.stat().st_size if resolved.path.is_file() else None
+        engine.system_fingerprint = system_fingerprint(
+            resolved.name, size, "transformers", transformers.__version__, torch.__version__, str(dtype)
+        )
+        return engine
 
     def encode_chat(
         self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None, prefix: str = ""
     ) -> list[int]:
-        def render(msgs: list[dict[str, Any]]) -> str:
+        def render(msgs: list[dict[str, Any]], generation_prompt: bool) -> str:
             return str(
-                self.tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=True)
+                self.tokenizer.apply_chat_template(
+                    msgs, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+                )
             )
 
         ids: list[int] = []

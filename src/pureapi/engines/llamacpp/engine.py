@@ -57,7 +57,7 @@ from typing import Any
 from ...errors import BadRequest, ContextOverflow, EngineError, NotReady, PureAPIError
 from ...models.resolve import ResolvedModel
 from ...types import Chunk, GenerationRequest, Message, TokenLogprob
-from ..base import Engine
+from ..base import Engine, system_fingerprint
 from ..jobs import Job
 from ..shell import Backend, EngineShell
 from .batch import Batch, plan_step
@@ -172,6 +172,7 @@ class LlamaCppEngine(Engine, Backend):
         model, ctx = open_context(resolved, n_ctx, n_parallel, n_batch, n_threads, flash_attn)
         disk = state_files(path, model, flash_attn, state_dir, kv_disk_mb)
         engine = cls(model, ctx, resolved.name, path.stat().st_size, n_batch, max_queue, kv_cache_mb, disk)
+        engine.system_fingerprint = system_fingerprint(resolved.name, path.stat().st_size, model.llc.__version__)
         log.info("loaded %s: %d slots of %d tokens", resolved.name, n_parallel, engine.context_length)
         return engine
 

@@ -145,7 +145,7 @@ class LlamaModel:
         prompt goes on after a reply that ended at end of turn. Empty if the template gives none."""
         probe = [Message("user", "a"), Message("assistant", "b"), Message("user", "c")]
         try:
-            segments = render_segments(self.template.render, probe)
+            segments = render_segments(lambda msgs, gen: self.template.render(msgs, None, gen), probe)
         except jinja2.TemplateError:
             return []
         contents = [i for i, (is_user_text, _) in enumerate(segments) if is_user_text]
@@ -161,7 +161,7 @@ class LlamaModel:
     ) -> list[int]:
         """Render the chat template; template text may hold special tokens, message content never does."""
         try:
-            segments = render_segments(lambda msgs: self.template.render(msgs, tools), messages)
+            segments = render_segments(lambda msgs, gen: self.template.render(msgs, tools, gen), messages)
         except jinja2.TemplateError as exc:
             raise BadRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from None
         ids: list[int] = []
