@@ -10,7 +10,7 @@ from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
 from ..errors import BadRequest
-from ..types import Chunk, Message, SamplingParams
+from ..types import ChatPrompt, Chunk, Message, SamplingParams
 from .common import MAX_STOP, MaxTokens, TopP, drain, json_body, primed, relay, sessions, sse, sse_response, validate
 
 bp = Blueprint("anthropic", __name__, url_prefix="/v1/messages")
@@ -194,6 +194,8 @@ class TokenCount(BaseModel):
     """Response of POST /v1/messages/count_tokens."""
 
     input_tokens: int
+    # Present (true) only where the engine cannot count (a remote upstream without /tokenize): a guess, said so.
+    estimated: bool | None = Field(None, description="true when input_tokens is an estimate, not a count")
 
 
 class MessageStart(BaseModel):
@@ -317,4 +319,6 @@ def _stream(meta: dict[str, str], chunks: Iterator[Chunk]) -> Iterator[str]:
 def count_tokens() -> Response:
     body = validate(CountTokensRequest, json_body())
     engine = sessions().engine()
-    return jsonify(TokenCount(input_tokens=len(engine.encode_chat(body.chat()))).model_dump())
+    prompt = engine.encode_chat(body.chat())
+    estimated = True if isinstance(prompt, ChatPrompt) and prompt.estimated else None
+    return jsonify(TokenCount(input_tokens=len(prompt), estimated=estimated).model_dump(exclude_none=True))

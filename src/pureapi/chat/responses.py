@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from ..engines.base import Engine
 from ..errors import BadRequest, NotFound, NotReady
-from ..types import Chunk, Message, SamplingParams
+from ..types import Chunk, Message, Prompt, SamplingParams
 from .response_store import Item, ResponseStore
 from .sessions import SessionService, fit_window
 
@@ -128,7 +128,7 @@ class ResponseService:
 
         owner = self.sessions.owner()  # read now: commit runs while the reply streams, after the request
 
-        def prompt(engine: Engine) -> tuple[list[int], SamplingParams]:
+        def prompt(engine: Engine) -> tuple[Prompt, SamplingParams]:
             history = self._history(turn, owner)
             ids = fit_window(
                 lambda messages: engine.encode_chat([*head, *messages]),

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence, Sized
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..engines.base import Engine
 from ..errors import BadRequest, Conflict, ContextOverflow, NotFound, NotReady, Overloaded
 from ..tenants import NOBODY, Principal, TenantLimits
-from ..types import Chunk, GenerationRequest, Message, SamplingParams
+from ..types import Chunk, GenerationRequest, Message, Prompt, SamplingParams
 from .store import SessionInfo, SessionStore, session_key
 from .streams import close_stream, with_stops
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
 
+_Sized = TypeVar("_Sized", bound=Sized)  # a prompt: token ids or a ChatPrompt, both sized in tokens
 DEFAULT_SESSION = "default"
 TURN_WAIT_SECONDS = 600.0
 DELETE_WAIT_SECONDS = 30.0  # a cancelled turn stops at its next token; this bounds a stuck one
@@ -59,14 +60,14 @@ def rounds_of(history: Sequence[Message]) -> list[tuple[Message, Message]]:
 
 
 def fit_window(
-    encode: Callable[[Sequence[Message]], list[int]],
+    encode: Callable[[Sequence[Message]], Prompt],
     context_length: int,
     rounds: Sequence[Sequence[Message]],
     tail: Sequence[Message],
     max_tokens: int,
     prompt_param: str = "message",
     head: Sequence[Message] = (),
-) -> list[int]:
+) -> Prompt:
     """Tokenize the newest rounds that fit the context with max_tokens left for the reply.
 
     prompt_param names the request field that holds the prompt, for the error of a prompt too long;
@@ -80,7 +81,7 @@ def fit_window(
     return fit_prompt(ids, context_length, max_tokens, prompt_param)
 
 
-def fit_prompt(ids: list[int], context_length: int, max_tokens: int, prompt_param: str = "prompt") -> list[int]:
+def fit_prompt(ids: _Sized, context_length: int, max_tokens: int, prompt_param: str = "prompt") -> _Sized:
     """The prompt's ids if they fit the context with max_tokens left for the reply; else ContextOverflow."""
     if len(ids) + max_tokens <= context_length:
         return ids
@@ -295,8 +296,8 @@ class SessionService:
         go to the chat template (Engine.encode_chat).
         """
 
-        def prompt(engine: Engine, budget: int) -> list[int]:
-            def encode(ms: Sequence[Message]) -> list[int]:
+        def prompt(engine: Engine, budget: int) -> Prompt:
+            def encode(ms: Sequence[Message]) -> Prompt:
                 return engine.encode_chat(ms, tools, prefix)
 
             return fit_window(encode, engine.context_length, [], messages, budget, "messages")
@@ -304,7 +305,7 @@ class SessionService:
         return self.stateless_prompt(prompt, params, fill)
 
     def stateless_prompt(
-        self, prompt: Callable[[Engine, int], list[int]], params: SamplingParams, fill: bool = False
+        self, prompt: Callable[[Engine, int], Prompt], params: SamplingParams, fill: bool = False
     ) -> Iterator[Chunk]:
         """Generate for a prompt built by prompt(engine, tokens to leave for the reply), which raises
         ContextOverflow if they do not fit (the raw completions API, and stateless chat); nothing is stored."""
@@ -326,7 +327,7 @@ class SessionService:
 
     def run(
         self,
-        prompt: Callable[[Engine], tuple[list[int], SamplingParams]],
+        prompt: Callable[[Engine], tuple[Prompt, SamplingParams]],
         on_finish: Callable[[str, Chunk], None],
         *,
         lock: str | None = None,
