@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -20,9 +19,13 @@ from pathlib import Path
 
 import requests
 
+from .conftest import free_port
+
 MODEL_NAME = "smollm2"
 MAX_MODEL_LEN = 2048
-START_TIMEOUT = 900.0  # the first start compiles for minutes on CPUs; later ones take the cached kernels
+START_TIMEOUT = 900.0  # vLLM's CPU build compiles its model for minutes at every start
+# No model hub here; 1 GB of KV cache (the machine is shared), in vLLM's server and in pureapi's process alike.
+VLLM_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 def vllm_python() -> Path | None:
@@ -47,12 +50,6 @@ def smollm2_hf() -> Path:
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class VLLMServer:
     """`python -m vllm.entrypoints.openai.api_server` on 127.0.0.1, in its own process group."""
@@ -60,7 +57,7 @@ class VLLMServer:
     python: Path
     model: Path
     log: Path
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -74,9 +71,10 @@ class VLLMServer:
             "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(self.port),
             "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "bfloat16",
             "--enable-prompt-tokens-details",  # usage.prompt_tokens_details.cached_tokens from the prefix cache
+            "--enable-auto-tool-choice", "--tool-call-parser", "hermes",  # tool_choice auto is not a 400
             "--enable-log-requests",  # logs "Aborted request(s)" when a client goes away: the test looks for it
         ]  # fmt: skip
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **VLLM_ENV, "PYTHONUNBUFFERED": "1"}
         started = time.monotonic()
         with self.log.open("a") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -159,3 +159,28 @@ def test_an_upstream_killed_mid_reply_is_a_502_and_nothing_is_stored(vllm: VLLMS
     r = requests.post(front.url + "/chat", json={"message": "Hello again", "session_id": "k", **GREEDY}, timeout=120)
     assert r.status_code == 200, r.text
     assert session_length(front, "k") == 4
+
+
+def test_a_forced_tool_call_and_its_result_go_through_vllm(vllm: VLLMServer, front: Server) -> None:
+    """vLLM holds a named call to the function's schema (SmolLM2's template shows no tools, so auto calls
+    nothing here); the front hands the call on, then sends the result back with the conversation."""
+    parameters = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    weather = {"name": "weather", "description": "Current weather in a city", "parameters": parameters}
+    tools: list[Any] = [{"type": "function", "function": weather}]
+    ask: list[Any] = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    api = client(front)
+    named: Any = {"type": "function", "function": {"name": "weather"}}
+    forced = api.chat.completions.create(model="x", messages=ask, tools=tools, tool_choice=named, **GREEDY)
+    assert forced.choices[0].finish_reason == "tool_calls"
+    calls = forced.choices[0].message.tool_calls
+    assert calls is not None and calls[0].function.name == "weather"  # type: ignore[union-attr]
+    assert isinstance(json.loads(calls[0].function.arguments)["city"], str)  # type: ignore[union-attr]
+    follow = [
+        *ask,
+        {"role": "assistant", "tool_calls": [calls[0].model_dump()]},
+        {"role": "tool", "tool_call_id": calls[0].id, "content": "12 C and sunny"},
+    ]
+    answer = api.chat.completions.create(model="x", messages=follow, tools=tools, **GREEDY)  # auto
+    assert answer.choices[0].finish_reason in ("stop", "length") and answer.choices[0].message.content
+    want = direct(vllm, follow, tools=tools)  # the same conversation, tools and all, straight to vLLM
+    assert answer.choices[0].message.content == want["choices"][0]["message"]["content"]
