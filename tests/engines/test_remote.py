@@ -18,9 +18,11 @@ from pureapi.app import create_app
 from pureapi.chat.store import SQLiteStore
 from pureapi.engines.fake import FakeEngine
 from pureapi.engines.remote import RemoteEngine
+from pureapi.engines.remote_tools import UpstreamCalls, upstream_choice
 from pureapi.errors import BadGateway, EngineError, GatewayTimeout
 from pureapi.settings import Settings
-from pureapi.types import ChatPrompt, GenerationRequest, Message, SamplingParams
+from pureapi.tools import HERMES, ToolCallParser, forced_schema
+from pureapi.types import ChatPrompt, GenerationRequest, Message, SamplingParams, ToolCall
 
 from ..conftest import ROOT, Server, free_port, serve_in_thread, start_server
 from ..sse import sse_events
@@ -267,3 +269,28 @@ def test_without_an_upstream_tokenizer_sizes_are_estimates_and_say_so(tmp_path: 
     up.close()
     up_store.close()
     front_store.close()
+
+
+def test_upstream_calls_become_hermes_text_and_forced_choices_name_their_function() -> None:
+    calls = UpstreamCalls()
+    calls.feed([{"index": 0, "id": "c", "function": {"name": "wea", "arguments": '{"city": '}}])
+    calls.feed(
+        [{"index": 0, "function": {"name": "ther", "arguments": '"Oslo"}'}}, {"index": 1, "function": {"name": "time"}}]
+    )
+    text = calls.text(forced=False)
+    parser = ToolCallParser(HERMES)
+    items = [*parser.feed(text), *parser.finish()]
+    assert [(c.name, c.arguments) for c in parser.calls] == [("weather", '{"city": "Oslo"}'), ("time", "{}")]
+    assert all(isinstance(i, ToolCall) for i in items)
+    cut = UpstreamCalls()
+    cut.feed([{"index": 0, "function": {"name": "weather", "arguments": '{\n  "ci'}}])
+    parser = ToolCallParser(HERMES)
+    parser.feed(HERMES.forced_prefix)
+    kept = [*parser.feed(cut.text(forced=True) + "\n" + HERMES.closing), *parser.finish()]
+    assert not parser.calls and '"ci' in "".join(i for i in kept if isinstance(i, str))  # cut off: text, no 502
+    # tool_choice from what a forced plan carries (tools.forced_schema), so the two cannot drift apart.
+    one = forced_schema([("weather", {"type": "object"})], HERMES)
+    two = forced_schema([("weather", {"type": "object"}), ("time", {"type": "object"})], HERMES)
+    assert upstream_choice("", None) == "auto"
+    assert upstream_choice(HERMES.forced_prefix, one) == {"type": "function", "function": {"name": "weather"}}
+    assert upstream_choice(HERMES.forced_prefix, two) == "required"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..errors import BadGateway
 from ..tools import HERMES
 
 
@@ -44,13 +43,13 @@ class UpstreamCalls:
         """The calls as Hermes text; a forced reply's first call follows the opening the prompt ended with."""
         parts = []
         for i, (_, call) in enumerate(sorted(self._calls.items())):
+            name = json.dumps(call["name"], ensure_ascii=False)
             try:
-                arguments = json.loads(call["arguments"] or "{}")
+                arguments = json.dumps(json.loads(call["arguments"] or "{}"), ensure_ascii=False)
             except json.JSONDecodeError:
-                raise BadGateway(
-                    f"upstream sent tool call arguments that are not JSON: {call['arguments'][:80]}"
-                ) from None
-            body = json.dumps({"name": call["name"], "arguments": arguments}, ensure_ascii=False)
+                # A call cut off (max_tokens): written as it came, it parses as no call and stays text.
+                arguments = call["arguments"]
+            body = f'{{"name": {name}, "arguments": {arguments}}}'
             opening = "" if forced and i == 0 else HERMES.opening + "\n"
             closing = "" if forced and i == len(self._calls) - 1 else "\n" + HERMES.closing
             parts.append(opening + body + closing)
