@@ -1,7 +1,7 @@
 # make check     linters and the fast tests (a scripted engine, no model weights): about a minute
 # make test-all  linters and the whole suite, real weights and real servers included (what CI runs)
 # make test-vllm  pureapi in front of a real vLLM, and vLLM in process (its CPU build, in a venv of its own):
-#                 about 10 minutes once the venv exists (vLLM compiles its model at each start), plus its install
+#                 about 5 minutes once the venv exists (vLLM compiles its model at each start), plus its install
 .PHONY: check lint test-all test-vllm
 
 # vLLM's CPU build pins its own torch and transformers, so it gets a venv of its own beside this checkout.

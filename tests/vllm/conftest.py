@@ -12,12 +12,11 @@ from ..vllm_server import VLLMServer, smollm2_hf, vllm_python
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test here needs vLLM: marked `vllm`, and skipped with the way to run it where it is missing."""
+    """Every test here needs vLLM (each module is marked `vllm`): skipped, with the way to run it, without it."""
     python = vllm_python()
     for item in items:
         if Path(item.path).parent != Path(__file__).parent:
             continue
-        item.add_marker(pytest.mark.vllm)
         if python is None:
             item.add_marker(pytest.mark.skip(reason="no vLLM: set PUREAPI_VLLM_PYTHON or run `make test-vllm`"))
 

@@ -15,6 +15,8 @@ from ..conftest import Server, start_server
 from ..sse import sse_events
 from ..vllm_server import START_TIMEOUT, VLLM_ENV, smollm2_hf, vllm_python
 
+pytestmark = pytest.mark.vllm  # selected with -m vllm; skipped without PUREAPI_VLLM_PYTHON (conftest)
+
 KEY = "vk"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 24}

@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import pytest
 import requests
 
 from ..conftest import Server
 from ..sse import sse_events
 from ..vllm_server import MAX_MODEL_LEN, MODEL_NAME, VLLMServer
 from .conftest import start_front
+
+pytestmark = pytest.mark.vllm  # selected with -m vllm; skipped without PUREAPI_VLLM_PYTHON (conftest)
 
 GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 32}
 LONG_REPLY: dict[str, Any] = {"temperature": 1.0, "seed": 7, "max_tokens": 1500}  # rambles far past a few deltas
