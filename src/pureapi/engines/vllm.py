@@ -145,7 +145,10 @@ class VLLMEngine(HFTokenized, Engine):
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as exc:
-            raise ModelLoadError(f"--engine vllm needs vLLM installed (pip install 'pureapi[vllm]'): {exc}") from None
+            raise ModelLoadError(
+                f"--engine vllm needs vLLM in this Python ({exc}); run pureapi from a venv built around vLLM "
+                "(README: Bigger than one machine)"
+            ) from None
         from transformers import AutoTokenizer
 
         args = AsyncEngineArgs(
