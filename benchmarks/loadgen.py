@@ -181,11 +181,13 @@ def concurrent(
     )
 
 
-def single_stream(base: str, max_tokens: int, repeats: int = 3) -> dict[str, float]:
+def single_stream(
+    base: str, max_tokens: int, repeats: int = 3, extra: dict[str, Any] | None = None
+) -> dict[str, float]:
     """Decode speed and TTFT of one client alone (median of repeats, after a warm-up)."""
     messages = [{"role": "user", "content": "Write a long story about a dragon who learns to sing."}]
-    stream_chat(base, messages, 8)
-    runs = [stream_chat(base, messages, max_tokens) for _ in range(repeats)]
+    stream_chat(base, messages, 8, extra)
+    runs = [stream_chat(base, messages, max_tokens, extra) for _ in range(repeats)]
     good = [r for r in runs if r.ok]
     return {
         "decode_tps": round(statistics.median(r.decode_tps for r in good), 2) if good else 0.0,

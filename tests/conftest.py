@@ -106,12 +106,19 @@ class Server:
 
 
 def start_server(
-    args: list[str], db: Path, log: Path, timeout: float = 600, script: str = "pure_model_api.py"
+    args: list[str],
+    db: Path,
+    log: Path,
+    timeout: float = 600,
+    script: str = "pure_model_api.py",
+    python: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Server:
-    """Start the seed entry point and wait until /health says 200."""
+    """Start the seed entry point (with another venv's python, and more environment, where given) and wait
+    until /health says 200."""
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(ROOT / script), "--port", str(port), "--db", str(db), *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = [str(python or sys.executable), str(ROOT / script), "--port", str(port), "--db", str(db), *args]
     if script.endswith(".sh"):
         cmd = ["bash", str(ROOT / script), "--port", str(port), "--db", str(db), *args]
         env["PYTHON"] = sys.executable

@@ -48,6 +48,7 @@ GROUPS: dict[str, list[str]] = {
     ],
     "llama.cpp engine": ["cpu_threads", "flash_attn", "kv_disk_mb"],
     "remote engine (an OpenAI-compatible upstream)": ["upstream", "upstream_key", "upstream_model", "upstream_timeout"],
+    "vLLM engine (in process)": ["vllm_tensor_parallel", "vllm_gpu_memory"],
 }
 
 
@@ -69,10 +70,10 @@ class Settings(BaseModel):
         description="Model: an alias (smollm2, qwen, llama, ...), a Hugging Face id, "
         "a local HF model folder or a .gguf file. Default: the embedded SmolLM2-135M-Instruct.",
     )
-    engine: Literal["auto", "transformers", "llamacpp", "remote", "fake"] = Field(
+    engine: Literal["auto", "transformers", "llamacpp", "vllm", "remote", "fake"] = Field(
         "auto",
-        description="Inference engine; auto picks the best one for the model and device; remote forwards "
-        "generation to --upstream.",
+        description="Inference engine; auto picks the best one for the model and device; vllm runs vLLM in "
+        "process (pip install 'pureapi[vllm]'); remote forwards generation to --upstream.",
     )
     upstream: str | None = Field(
         None,
@@ -85,6 +86,13 @@ class Settings(BaseModel):
     )
     upstream_timeout: float = Field(
         300.0, gt=0, le=86_400, description="Remote engine: seconds the upstream may stay silent before a 504."
+    )
+    # --engine vllm (vLLM's AsyncLLM in process); --parallel sets its concurrent sequences, --ctx-size its window.
+    vllm_tensor_parallel: int = Field(
+        1, ge=1, le=1024, description="vLLM engine: GPUs each model replica is split across (tensor parallel)."
+    )
+    vllm_gpu_memory: float = Field(
+        0.9, gt=0, le=1, description="vLLM engine: share of each GPU's memory vLLM takes (weights and KV cache)."
     )
     quant: str | None = Field(
         None,

@@ -49,16 +49,50 @@ class SamplingParams:
     logprobs: int | None = None
 
 
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation for an engine that renders its own chat template (the remote one, vLLM's): the messages
+    and tools it is sent, and its size in tokens as that engine counted them, or an estimate (`estimated`).
+
+    Its len() is that size, which is all the history window and the context check need from a prompt.
+    """
+
+    messages: tuple[Message, ...]
+    tokens: int
+    estimated: bool = False
+    tools: tuple[dict[str, Any], ...] = ()  # the functions the model may call (OpenAI's tools entries)
+    prefix: str = ""  # encode_chat's prefix: the start of a forced tool call
+
+    def __len__(self) -> int:
+        return self.tokens
+
+
+# What Engine.encode_chat builds: token ids rendered beside the model, or messages the engine renders itself.
+Prompt = list[int] | ChatPrompt
+
+
 @dataclass
 class GenerationRequest:
-    """A tokenized prompt and its sampling parameters."""
+    """A prompt (token ids, or a ChatPrompt for an engine that takes messages) and its sampling parameters."""
 
-    prompt_ids: list[int]
+    prompt: Prompt
     params: SamplingParams
     cancel: threading.Event = field(default_factory=threading.Event)
     session_id: str | None = None
     # Who may share KV cached from this prompt: requests of the same scope (an API key's, or "" for all).
     cache_scope: str = ""
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The prompt's token ids; an engine that takes token ids is never handed a ChatPrompt."""
+        if isinstance(self.prompt, ChatPrompt):
+            raise TypeError("this prompt is chat messages, not token ids")
+        return self.prompt
+
+    @property
+    def chat(self) -> ChatPrompt | None:
+        """The prompt as messages, for an engine that renders its own template; None for token ids."""
+        return self.prompt if isinstance(self.prompt, ChatPrompt) else None
 
 
 @dataclass(frozen=True)

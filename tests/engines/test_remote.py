@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -17,11 +18,14 @@ from pureapi.app import create_app
 from pureapi.chat.store import SQLiteStore
 from pureapi.engines.fake import FakeEngine
 from pureapi.engines.remote import RemoteEngine
-from pureapi.errors import BadGateway, GatewayTimeout
+from pureapi.engines.remote_tools import UpstreamCalls, upstream_choice
+from pureapi.errors import BadGateway, EngineError, GatewayTimeout
 from pureapi.settings import Settings
-from pureapi.types import GenerationRequest, Message, SamplingParams
+from pureapi.tools import HERMES, ToolCallParser, forced_schema
+from pureapi.types import ChatPrompt, GenerationRequest, Message, SamplingParams, ToolCall
 
 from ..conftest import ROOT, Server, free_port, serve_in_thread, start_server
+from ..sse import sse_events
 
 
 @pytest.fixture
@@ -83,7 +87,9 @@ def test_a_silent_upstream_is_a_504(tmp_path: Path) -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen()  # connections are accepted by the kernel and never answered
         engine = RemoteEngine(f"http://127.0.0.1:{silent.getsockname()[1]}", model="m", timeout=0.5)
-        prompt = engine.encode_chat([Message("user", "hi")])
+        with pytest.raises(GatewayTimeout, match=r"did not answer within 0\.5s"):
+            engine.encode_chat([Message("user", "hi")])  # asks the upstream to count
+        prompt = ChatPrompt((Message("user", "hi"),), 9)
         with pytest.raises(GatewayTimeout, match=r"did not answer within 0\.5s"):
             engine.generate(GenerationRequest(prompt, SamplingParams(max_tokens=4)))
         engine.close()
@@ -91,7 +97,7 @@ def test_a_silent_upstream_is_a_504(tmp_path: Path) -> None:
 
 def test_a_prompt_from_elsewhere_is_refused() -> None:
     engine = RemoteEngine("http://127.0.0.1:9", model="m")
-    with pytest.raises(Exception, match="not built by this engine"):
+    with pytest.raises(EngineError, match="takes chat messages"):
         engine.generate(GenerationRequest([12345], SamplingParams()))
     engine.close()
 
@@ -184,7 +190,8 @@ def test_response_format_and_logprobs_are_forwarded_upstream(tmp_path: Path) -> 
     store.close()
 
 
-def test_tools_are_refused_and_tool_results_are_forwarded(tmp_path: Path) -> None:
+def test_tools_choices_and_results_are_forwarded_and_calls_come_back(tmp_path: Path) -> None:
+    """A front before a pureapi upstream: the upstream parses its model's call, the front hands it on."""
     up = FakeEngine()
     up_store, front_store = SQLiteStore(tmp_path / "up.db"), SQLiteStore(tmp_path / "front.db")
     upstream = create_app(Settings(engine="fake", db=tmp_path / "up.db"), engine=up, store=up_store)
@@ -192,21 +199,45 @@ def test_tools_are_refused_and_tool_results_are_forwarded(tmp_path: Path) -> Non
         engine = RemoteEngine(url, model="fake-model")
         front = create_app(Settings(engine="fake", db=tmp_path / "front.db"), engine=engine, store=front_store)
         client = front.test_client()
-        tool = {"type": "function", "function": {"name": "f"}}
-        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "tools": [tool]})
-        assert r.status_code == 400
-        assert r.get_json()["error"]["param"] == "tools" and "remote engine" in r.get_json()["error"]["message"]
-        call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-        messages = [
-            {"role": "user", "content": "x"},
-            {"role": "assistant", "tool_calls": [call]},
-            {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+        params = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+        tools = [
+            {"type": "function", "function": {"name": "weather", "parameters": params}},
+            {"type": "function", "function": {"name": "time", "parameters": {"type": "object"}}},
         ]
-        up.enqueue("It is 42.")
-        r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8})
+        ask = [{"role": "user", "content": "Weather in Oslo?"}]
+
+        up.enqueue('Let me look. <tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
+        r = client.post("/v1/chat/completions", json={"messages": ask, "tools": tools, "max_tokens": 50})
         assert r.status_code == 200, r.get_data(as_text=True)
-        assert r.get_json()["choices"][0]["message"]["content"] == "It is 42."
-        assert up.prompts[-1][1].tool_calls[0].id == "call_1" and up.prompts[-1][2].tool_call_id == "call_1"
+        choice = r.get_json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Let me look."
+        call = choice["message"]["tool_calls"][0]
+        assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == ("weather", {"city": "Oslo"})
+        assert up.tools[-1] == tools and up.prefixes[-1] == ""  # the upstream rendered the tools itself
+
+        # A named choice is forced upstream too (its prefix and schema are the upstream's to add), streamed.
+        up.enqueue('{"name": "time", "arguments": {}}')
+        body = {
+            "messages": ask,
+            "tools": tools,
+            "tool_choice": {"type": "function", "function": {"name": "time"}},
+            "max_tokens": 50,
+        }
+        r = client.post("/v1/chat/completions", json={**body, "stream": True})
+        deltas = [e["choices"][0]["delta"] for e in sse_events(r)[:-1] if e["choices"]]
+        assert [c["function"]["name"] for d in deltas for c in d.get("tool_calls") or []] == ["time"]
+        assert up.prefixes[-1] == "<tool_call>\n" and up.params[-1].json_schema is not None
+
+        # The call and its result go back upstream as OpenAI messages.
+        messages = [
+            *ask,
+            {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": call["function"]}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "12 C"},
+        ]
+        up.enqueue("It is 12 C.")
+        r = client.post("/v1/chat/completions", json={"messages": messages, "tools": tools, "max_tokens": 8})
+        assert r.get_json()["choices"][0]["message"]["content"] == "It is 12 C."
+        assert up.prompts[-1][1].tool_calls[0].name == "weather" and up.prompts[-1][2].tool_call_id == "call_1"
         engine.close()
     up.close()
     up_store.close()
@@ -226,9 +257,65 @@ def test_a_prefill_is_continued_upstream(tmp_path: Path) -> None:
         assert "".join(c.text for c in chunks) == " a time."
         assert up.prompts[-1][-1] == Message("assistant", "Once upon")
         # vLLM answers anew unless told: the body says so (pureapi takes the same pair of fields).
-        body = engine._body([Message("user", "Tell a story."), Message("assistant", "Once upon")], request)
+        body = engine._body(
+            engine.encode_chat([Message("user", "Tell a story."), Message("assistant", "Once upon")]), request
+        )
         assert (body["continue_final_message"], body["add_generation_prompt"]) == (True, False)
-        assert "continue_final_message" not in engine._body([Message("user", "Tell a story.")], request)
+        assert "continue_final_message" not in engine._body(
+            engine.encode_chat([Message("user", "Tell a story.")]), request
+        )
         engine.close()
     up.close()
     store.close()
+
+
+def test_without_an_upstream_tokenizer_sizes_are_estimates_and_say_so(tmp_path: Path) -> None:
+    """A pureapi upstream has no /tokenize: the window uses a high estimate, count_tokens says it is one,
+    and usage is the upstream's own count."""
+    up = FakeEngine()
+    up_store, front_store = SQLiteStore(tmp_path / "up.db"), SQLiteStore(tmp_path / "front.db")
+    upstream = create_app(Settings(engine="fake", db=tmp_path / "up.db"), engine=up, store=up_store)
+    with serve_in_thread(upstream) as url:
+        engine = RemoteEngine(url, model="fake-model")
+        assert not engine.counts_tokens()
+        ask = [Message("user", "one two three four")]
+        plain, with_tools = engine.encode_chat(ask), engine.encode_chat(ask, [{"type": "function", "function": {}}])
+        assert plain.estimated and len(with_tools) > len(plain) > len(up.encode_chat(ask))
+        front = create_app(Settings(engine="fake", db=tmp_path / "front.db"), engine=engine, store=front_store)
+        client = front.test_client()
+        r = client.post(
+            "/v1/messages/count_tokens", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        )
+        assert r.get_json() == {"input_tokens": len(engine.encode_chat([Message("user", "hi")])), "estimated": True}
+        up.enqueue("fine")
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+        assert r.get_json()["usage"]["prompt_tokens"] == len(up.encode_chat([Message("user", "hi")]))
+        engine.close()
+    up.close()
+    up_store.close()
+    front_store.close()
+
+
+def test_upstream_calls_become_hermes_text_and_forced_choices_name_their_function() -> None:
+    calls = UpstreamCalls()
+    calls.feed([{"index": 0, "id": "c", "function": {"name": "wea", "arguments": '{"city": '}}])
+    calls.feed(
+        [{"index": 0, "function": {"name": "ther", "arguments": '"Oslo"}'}}, {"index": 1, "function": {"name": "time"}}]
+    )
+    text = calls.text(forced=False)
+    parser = ToolCallParser(HERMES)
+    items = [*parser.feed(text), *parser.finish()]
+    assert [(c.name, c.arguments) for c in parser.calls] == [("weather", '{"city": "Oslo"}'), ("time", "{}")]
+    assert all(isinstance(i, ToolCall) for i in items)
+    cut = UpstreamCalls()
+    cut.feed([{"index": 0, "function": {"name": "weather", "arguments": '{\n  "ci'}}])
+    parser = ToolCallParser(HERMES)
+    parser.feed(HERMES.forced_prefix)
+    kept = [*parser.feed(cut.text(forced=True) + "\n" + HERMES.closing), *parser.finish()]
+    assert not parser.calls and '"ci' in "".join(i for i in kept if isinstance(i, str))  # cut off: text, no 502
+    # tool_choice from what a forced plan carries (tools.forced_schema), so the two cannot drift apart.
+    one = forced_schema([("weather", {"type": "object"})], HERMES)
+    two = forced_schema([("weather", {"type": "object"}), ("time", {"type": "object"})], HERMES)
+    assert upstream_choice("", None) == "auto"
+    assert upstream_choice(HERMES.forced_prefix, one) == {"type": "function", "function": {"name": "weather"}}
+    assert upstream_choice(HERMES.forced_prefix, two) == "required"

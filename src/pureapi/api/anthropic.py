@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from ..engines.base import Engine
 from ..errors import BadRequest
 from ..tools import unanswered_result
-from ..types import Chunk, Message, ToolCall
+from ..types import ChatPrompt, Chunk, Message, ToolCall
 from .anthropic_models import (
     ContentBlockDelta,
     ContentBlockStart,
@@ -228,5 +228,6 @@ def count_tokens() -> Response:
     body = validate(CountTokensRequest, json_body())
     engine = gateway().engine()
     plan = _plan(body, engine)
-    ids = engine.encode_chat(body.chat(), plan.tools, plan.prefix)
-    return jsonify(TokenCount(input_tokens=len(ids)).model_dump())
+    prompt = engine.encode_chat(body.chat(), plan.tools, plan.prefix)
+    estimated = True if isinstance(prompt, ChatPrompt) and prompt.estimated else None
+    return jsonify(TokenCount(input_tokens=len(prompt), estimated=estimated).model_dump(exclude_none=True))

@@ -278,6 +278,8 @@ class TokenCount(BaseModel):
     """Response of POST /v1/messages/count_tokens."""
 
     input_tokens: int
+    # Present (true) only where the engine cannot count (a remote upstream without /tokenize): a guess, said so.
+    estimated: bool | None = Field(None, description="true when input_tokens is an estimate, not a count")
 
 
 class MessageStart(BaseModel):

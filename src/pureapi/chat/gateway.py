@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..engines.base import Engine
 from ..errors import NotReady, Overloaded
 from ..tenants import NOBODY, Principal, TenantLimits
-from ..types import Chunk, GenerationRequest, Message, SamplingParams
+from ..types import Chunk, GenerationRequest, Message, Prompt, SamplingParams
 from .streams import close_stream, with_stops
 from .window import fit_window
 
@@ -147,8 +147,8 @@ class Gateway:
         go to the chat template (Engine.encode_chat).
         """
 
-        def prompt(engine: Engine, budget: int) -> list[int]:
-            def encode(ms: Sequence[Message]) -> list[int]:
+        def prompt(engine: Engine, budget: int) -> Prompt:
+            def encode(ms: Sequence[Message]) -> Prompt:
                 return engine.encode_chat(ms, tools, prefix)
 
             return fit_window(encode, engine.context_length, [], messages, budget, "messages")
@@ -156,7 +156,7 @@ class Gateway:
         return self.stateless_prompt(prompt, params, fill)
 
     def stateless_prompt(
-        self, prompt: Callable[[Engine, int], list[int]], params: SamplingParams, fill: bool = False
+        self, prompt: Callable[[Engine, int], Prompt], params: SamplingParams, fill: bool = False
     ) -> Iterator[Chunk]:
         """Generate for a prompt built by prompt(engine, tokens to leave for the reply), which raises
         ContextOverflow if they do not fit (the raw completions API, and stateless chat); nothing is stored."""

@@ -16,7 +16,7 @@ from typing import Any
 from ..engines.base import Engine
 from ..errors import BadRequest, NotFound
 from ..tools import named_results, unanswered_result
-from ..types import Chunk, Message, SamplingParams, ToolCall
+from ..types import Chunk, Message, Prompt, SamplingParams, ToolCall
 from .response_store import Item, ResponseStore
 from .sessions import SessionService
 from .window import fit_window
@@ -149,7 +149,7 @@ class ResponseService:
 
         owner = self.sessions.owner()  # read now: commit runs while the reply streams, after the request
 
-        def prompt(engine: Engine) -> tuple[list[int], SamplingParams]:
+        def prompt(engine: Engine) -> tuple[Prompt, SamplingParams]:
             history, rest = self._history(turn, owner), list(tail)
             # A turn that answers calls stays with the turn that made them (the window never splits them).
             while history and (not rest or rest[0].role != "user"):

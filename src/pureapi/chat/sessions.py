@@ -9,7 +9,7 @@ from contextlib import ExitStack, closing, contextmanager
 
 from ..engines.base import Engine
 from ..errors import Conflict, Overloaded
-from ..types import Chunk, GenerationRequest, Message, SamplingParams
+from ..types import Chunk, GenerationRequest, Message, Prompt, SamplingParams
 from .gateway import Gateway, Prepared
 from .store import SessionStore, session_key
 from .window import fit_window, rounds_of
@@ -151,7 +151,7 @@ class SessionService:
 
     def run(
         self,
-        prompt: Callable[[Engine], tuple[list[int], SamplingParams]],
+        prompt: Callable[[Engine], tuple[Prompt, SamplingParams]],
         on_finish: Callable[[str, Chunk], None],
         *,
         lock: str | None = None,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
+from typing import TypeVar
 
 from ..errors import ContextOverflow
-from ..types import Message
+from ..types import Message, Prompt
+
+_Sized = TypeVar("_Sized", bound=Sized)  # a prompt: token ids or a ChatPrompt, both sized in tokens
 
 
 def rounds_of(history: Sequence[Message]) -> list[tuple[Message, Message]]:
@@ -14,14 +17,14 @@ def rounds_of(history: Sequence[Message]) -> list[tuple[Message, Message]]:
 
 
 def fit_window(
-    encode: Callable[[Sequence[Message]], list[int]],
+    encode: Callable[[Sequence[Message]], Prompt],
     context_length: int,
     rounds: Sequence[Sequence[Message]],
     tail: Sequence[Message],
     max_tokens: int,
     prompt_param: str = "message",
     head: Sequence[Message] = (),
-) -> list[int]:
+) -> Prompt:
     """Tokenize the newest rounds that fit the context with max_tokens left for the reply.
 
     prompt_param names the request field that holds the prompt, for the error of a prompt too long;
@@ -35,7 +38,7 @@ def fit_window(
     return fit_prompt(ids, context_length, max_tokens, prompt_param)
 
 
-def fit_prompt(ids: list[int], context_length: int, max_tokens: int, prompt_param: str = "prompt") -> list[int]:
+def fit_prompt(ids: _Sized, context_length: int, max_tokens: int, prompt_param: str = "prompt") -> _Sized:
     """The prompt's ids if they fit the context with max_tokens left for the reply; else ContextOverflow."""
     if len(ids) + max_tokens <= context_length:
         return ids

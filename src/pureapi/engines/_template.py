@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -128,3 +129,33 @@ def render_segments(
     if pos < len(rendered):
         pieces.append((False, rendered[pos:]))
     return pieces
+
+
+class HFTokenized:
+    """encode_chat and encode_text through an HF tokenizer's own chat template (the transformers and vLLM
+    engines): the template's text with special tokens parsed, the messages' text with special tokens as
+    plain text, then the prefix. The engine sets self.tokenizer and self._tok_lock."""
+
+    tokenizer: Any
+    _tok_lock: threading.Lock  # HF tokenizers keep truncation state: one thread at a time
+
+    def encode_chat(
+        self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None, prefix: str = ""
+    ) -> list[int]:
+        def render(msgs: list[dict[str, Any]], generation_prompt: bool) -> str:
+            return str(
+                self.tokenizer.apply_chat_template(
+                    msgs, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+                )
+            )
+
+        ids: list[int] = []
+        with self._tok_lock:
+            for is_user_text, text in [*render_segments(render, messages), (False, prefix)]:
+                enc = self.tokenizer(text, add_special_tokens=False, split_special_tokens=is_user_text)
+                ids.extend(enc["input_ids"])
+        return ids
+
+    def encode_text(self, text: str) -> list[int]:
+        with self._tok_lock:
+            return list(self.tokenizer(text, add_special_tokens=True, split_special_tokens=False)["input_ids"])

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import Cancelled, EngineError, NotReady, PureAPIError
 from ..tools import ToolFormat
-from ..types import Chunk, GenerationRequest, Message
+from ..types import Chunk, GenerationRequest, Message, Prompt
 from .jobs import Job, JobQueue
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,11 @@ class Engine(ABC):
     @abstractmethod
     def encode_chat(
         self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None, prefix: str = ""
-    ) -> list[int]:
+    ) -> Prompt:
         """Render the chat template (with the tools the model may call) and tokenize; message content is
         never parsed for special tokens. prefix is template text put after the generation prompt, as the
-        start of the reply (a forced tool call's opening tag)."""
+        start of the reply (a forced tool call's opening tag). An engine that renders its own template
+        (remote, vLLM) returns a ChatPrompt instead: the messages and their token count."""
 
     def tools_refusal(self) -> str:
         """Why this engine cannot take tools (asked only when tool_format is None)."""

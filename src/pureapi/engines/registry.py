@@ -53,6 +53,20 @@ def _llamacpp(settings: Settings, model: ResolvedModel) -> Engine:
     )
 
 
+def _vllm(settings: Settings, model: ResolvedModel) -> Engine:
+    from .vllm import VLLMEngine, converted_folder
+
+    folder = converted_folder(model.path, settings.weights_cache_dir()) if model.is_gguf else model.path
+    return VLLMEngine.load(
+        folder,
+        name=model.name,
+        ctx_size=settings.ctx_size,
+        slots=settings.parallel or 8,
+        tensor_parallel_size=settings.vllm_tensor_parallel,
+        gpu_memory_utilization=settings.vllm_gpu_memory,
+    )
+
+
 def _remote(settings: Settings, model: ResolvedModel) -> Engine:
     from .remote import RemoteEngine
 
@@ -78,6 +92,7 @@ def _fake(settings: Settings, model: ResolvedModel) -> Engine:
 ENGINES: dict[str, Callable[[Settings, ResolvedModel], Engine]] = {
     "transformers": _transformers,
     "llamacpp": _llamacpp,
+    "vllm": _vllm,
     "remote": _remote,
     "fake": _fake,
 }

@@ -1,33 +1,43 @@
 """An engine that forwards generation to an OpenAI-compatible upstream (vLLM, llama-server, another pureapi).
 
 pureapi keeps the sessions, the Responses state, auth, limits and the seed API; the upstream does the
-batching on its GPUs. The engine interface speaks token ids, which only the upstream's tokenizer could
-produce, so `encode_chat` returns a *prompt handle*: a list whose first id names the messages kept here
-and whose length is a deliberately high estimate of their token count (3 bytes per token), so that the
-history window errs on the side of dropping an old turn rather than overflowing the upstream's context.
+batching on its GPUs. Only the upstream's tokenizer and chat template can turn a conversation into tokens,
+so `encode_chat` returns a ChatPrompt (the messages, sent as they are) with the count the upstream gives
+at `POST /tokenize` (vLLM's: messages in, count out). An upstream without one gets an estimate, marked as
+such, deliberately high (3 bytes per token) so that the history window errs on the side of dropping an old
+turn rather than overflowing the upstream's context.
 """
 
 from __future__ import annotations
 
-import collections
-import itertools
 import json
-import threading
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import requests
 
-from ..errors import BadGateway, BadRequest, Cancelled, EngineError, GatewayTimeout, ModelLoadError, Overloaded
+from ..errors import (
+    BadGateway,
+    BadRequest,
+    Cancelled,
+    EngineError,
+    GatewayTimeout,
+    ModelLoadError,
+    Overloaded,
+)
 from ..structured import JSON_OBJECT
-from ..types import Chunk, GenerationRequest, Message, TokenLogprob, TopLogprob
+from ..tools import HERMES
+from ..types import ChatPrompt, Chunk, GenerationRequest, Message, TokenLogprob, TopLogprob
 from ._template import continues
 from .base import Engine
+from .remote_tools import UpstreamCalls, upstream_choice
 
 BYTES_PER_TOKEN = 3  # below the ~4 of English text in BPE vocabularies: the estimate stays high
 TOKENS_PER_MESSAGE = 8  # the chat template's role markers
-MAX_HANDLES = 4096  # prompts built but not yet generated (fit_window builds a few per turn)
 CONNECT_TIMEOUT = 10.0
+
+log = logging.getLogger(__name__)
 
 
 class RemoteEngine(Engine):
@@ -53,13 +63,14 @@ class RemoteEngine(Engine):
         self.device = f"remote ({self.upstream})"
         self.context_length = context_length
         self.raw_prompts = False  # the upstream is sent chat messages, never token ids
+        self.tool_format = HERMES  # the upstream's calls are written back in it (remote_tools)
         self.slots = slots  # generations the upstream runs at once, as far as admission here is concerned
         self.timeout = timeout
         self._http = requests.Session()
-        # Guards the prompt handles, which request threads add and read concurrently.
-        self._lock = threading.Lock()
-        self._prompts: collections.OrderedDict[int, list[Message]] = collections.OrderedDict()
-        self._ids = itertools.count(1)
+        # The upstream's POST /tokenize (its root, beside /v1), found on first use; None: it has none.
+        # Request threads may race to probe it: each reaches the same answer, so no lock.
+        self._tokenize: str | None = self.upstream[: -len("/v1")] + "/tokenize"
+        self._probed = False
 
     @classmethod
     def connect(
@@ -87,51 +98,77 @@ class RemoteEngine(Engine):
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"} if self.key else {}
 
-    def tools_refusal(self) -> str:
-        return "the remote engine does not forward tools to its upstream; call the upstream directly for tools"
-
     def encode_chat(
         self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None, prefix: str = ""
-    ) -> list[int]:
-        estimate = sum(len(m.content.encode()) // BYTES_PER_TOKEN + TOKENS_PER_MESSAGE for m in messages) + 1
-        with self._lock:
-            handle = next(self._ids)
-            self._prompts[handle] = list(messages)
-            while len(self._prompts) > MAX_HANDLES:
-                self._prompts.popitem(last=False)
-        return [handle] + [0] * (estimate - 1)
+    ) -> ChatPrompt:
+        kept, functions = tuple(messages), tuple(tools or ())
+        if self.counts_tokens() and self._tokenize is not None:
+            return ChatPrompt(kept, self._count(self._tokenize, kept, functions), tools=functions, prefix=prefix)
+        return ChatPrompt(kept, estimate_tokens(kept, functions), estimated=True, tools=functions, prefix=prefix)
+
+    def counts_tokens(self) -> bool:
+        """Whether prompt sizes are the upstream's counts (it has /tokenize) or estimates; asks it once."""
+        if not self._probed:
+            try:
+                self._count(self._tokenize or "", (Message("user", "Hi"),))
+            except _NoCount:
+                log.warning("upstream %s has no POST /tokenize: prompt sizes are estimates", self.upstream)
+                self._tokenize = None
+            self._probed = True
+        return self._tokenize is not None
+
+    def _count(self, url: str, messages: tuple[Message, ...], tools: tuple[dict[str, Any], ...] = ()) -> int:
+        """The upstream's token count for the conversation rendered with its template and generation prompt."""
+        body: dict[str, Any] = {
+            "model": self.model_name,
+            "messages": [_wire(m) for m in messages],
+            "add_generation_prompt": True,
+        }
+        if tools:
+            body["tools"] = list(tools)
+        r = self._post(url, body, stream=False)
+        if r.status_code in (404, 405, 501):
+            raise _NoCount(f"upstream {self.upstream} has no POST /tokenize ({r.status_code})")
+        if r.status_code != 200:
+            with r:
+                raise _mapped(r, self.upstream)
+        try:
+            count = r.json()["count"]
+        except (ValueError, KeyError, TypeError):
+            count = None
+        if not isinstance(count, int) or count < 0:
+            raise _NoCount(f"upstream {self.upstream}: POST /tokenize answered without a count")
+        return count
 
     def memory_allocated(self) -> int:
         return 0
 
     def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
-        with self._lock:
-            messages = self._prompts.pop(request.prompt_ids[0], None) if request.prompt_ids else None
-        if messages is None:
-            raise EngineError("remote engine: the prompt was not built by this engine's encode_chat")
-        body = self._body(messages, request)
+        prompt = request.chat
+        if prompt is None:
+            raise EngineError("remote engine: it takes chat messages (a ChatPrompt), not token ids")
+        response = self._post(self.upstream + "/chat/completions", self._body(prompt, request), stream=True)
+        if response.status_code != 200:
+            with response:
+                raise _mapped(response, self.upstream)
+        return self._read(response, request, 0 if prompt.estimated else prompt.tokens)
+
+    def _post(self, url: str, body: dict[str, Any], *, stream: bool) -> requests.Response:
+        """POST to the upstream; a silent one is a 504, an unreachable one a 502."""
         try:
-            response = self._http.post(
-                self.upstream + "/chat/completions",
-                json=body,
-                headers=self._headers(),
-                stream=True,
-                timeout=(CONNECT_TIMEOUT, self.timeout),
+            return self._http.post(
+                url, json=body, headers=self._headers(), stream=stream, timeout=(CONNECT_TIMEOUT, self.timeout)
             )
         except requests.Timeout:
             raise GatewayTimeout(f"upstream {self.upstream} did not answer within {self.timeout:g}s") from None
         except requests.RequestException as exc:
             raise BadGateway(f"upstream {self.upstream} is unreachable ({type(exc).__name__})") from None
-        if response.status_code != 200:
-            with response:
-                raise _mapped(response, self.upstream)
-        return self._read(response, request, len(request.prompt_ids))
 
-    def _body(self, messages: list[Message], request: GenerationRequest) -> dict[str, Any]:
+    def _body(self, prompt: ChatPrompt, request: GenerationRequest) -> dict[str, Any]:
         p = request.params
         body: dict[str, Any] = {
             "model": self.model_name,
-            "messages": [_wire(m) for m in messages],
+            "messages": [_wire(m) for m in prompt.messages],
             "max_tokens": p.max_tokens,
             "temperature": p.temperature,
             "top_p": p.top_p,
@@ -148,23 +185,31 @@ class RemoteEngine(Engine):
             "repetition_penalty": p.repeat_penalty if p.repeat_penalty != 1.0 else None,
         }
         body.update({k: v for k, v in optional.items() if v is not None})
-        # Structured output and logprobs are the upstream's to do (vLLM and llama-server both do them).
-        if p.json_schema == JSON_OBJECT:
+        if prompt.tools:
+            body["tools"] = list(prompt.tools)
+            body["tool_choice"] = upstream_choice(prompt.prefix, p.json_schema)
+        # Structured output and logprobs are the upstream's to do (vLLM and llama-server both do them); a
+        # forced call's schema is not sent: the upstream holds the call to the function's own parameters.
+        schema = None if prompt.prefix else p.json_schema
+        if schema == JSON_OBJECT:
             body["response_format"] = {"type": "json_object"}
-        elif p.json_schema is not None:
-            spec = {"name": "reply", "schema": p.json_schema, "strict": True}
+        elif schema is not None:
+            spec = {"name": "reply", "schema": schema, "strict": True}
             body["response_format"] = {"type": "json_schema", "json_schema": spec}
         if p.logprobs is not None:
             body["logprobs"] = True
             body["top_logprobs"] = p.logprobs
-        if continues(messages):  # a prefill: vLLM's pair of fields (pureapi takes them too)
+        if continues(prompt.messages):  # a prefill: vLLM's pair of fields (pureapi takes them too)
             body.update(continue_final_message=True, add_generation_prompt=False)
         return body
 
-    def _read(self, response: requests.Response, request: GenerationRequest, estimate: int) -> Iterator[Chunk]:
+    def _read(self, response: requests.Response, request: GenerationRequest, counted: int) -> Iterator[Chunk]:
+        """The upstream's SSE as chunks; usage is the upstream's (it counts), else our count, never an estimate
+        (0 then: an upstream that neither tokenizes nor reports usage leaves the prompt's size unknown)."""
         completion = 0
         finish: str | None = None
-        prompt_tokens, cached = estimate, 0
+        prompt_tokens, cached = counted, 0
+        calls = UpstreamCalls()
         try:
             for line in response.iter_lines(decode_unicode=False):
                 if request.cancel.is_set():
@@ -183,7 +228,9 @@ class RemoteEngine(Engine):
                     completion = int(usage.get("completion_tokens", completion))
                     cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
                 for choice in event.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content") or ""
+                    delta = choice.get("delta") or {}
+                    calls.feed(delta.get("tool_calls") or [])
+                    text = delta.get("content") or ""
                     logprobs = _logprobs(choice.get("logprobs"))
                     if text or logprobs:
                         completion += 1
@@ -198,10 +245,23 @@ class RemoteEngine(Engine):
             response.close()
         if finish is None:
             raise BadGateway(f"upstream {self.upstream} ended the reply without a finish reason")
-        yield Chunk("", finish, prompt_tokens, completion, cached)
+        if finish == "tool_calls":
+            finish = "stop"  # the API layers name a reply that ended in calls themselves
+        yield Chunk(calls.text(bool(request.chat and request.chat.prefix)), finish, prompt_tokens, completion, cached)
 
     def close(self) -> None:
         self._http.close()
+
+
+class _NoCount(BadGateway):
+    """The upstream has no token counting endpoint (or one that answers something else)."""
+
+
+def estimate_tokens(messages: Sequence[Message], tools: Sequence[dict[str, Any]] = ()) -> int:
+    """A high guess at a conversation's token count, for an upstream that cannot count: 3 bytes a token."""
+    text = sum(len(m.content.encode()) + sum(len(c.arguments) for c in m.tool_calls) for m in messages)
+    text += len(json.dumps(list(tools)).encode()) if tools else 0
+    return text // BYTES_PER_TOKEN + TOKENS_PER_MESSAGE * len(messages) + 1
 
 
 def _wire(message: Message) -> dict[str, Any]:

@@ -11,15 +11,15 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ..errors import Cancelled, ModelLoadError
 from ..models.resolve import CPU_CONTEXT_CAP, ResolvedModel
 from ..tools import detect_format
-from ..types import Chunk, GenerationRequest, Message, TokenLogprob
-from ._template import render_segments
+from ..types import Chunk, GenerationRequest, TokenLogprob
+from ._template import HFTokenized
 from .base import QueuedEngine, model_fingerprint, system_fingerprint
 from .hf_version import check_transformers
 from .jobs import Job
@@ -43,7 +43,7 @@ def pick_device(device: str) -> str:
     return device
 
 
-class TransformersEngine(QueuedEngine):
+class TransformersEngine(HFTokenized, QueuedEngine):
     """Runs a transformers causal LM: continuously batched (max_batch_size > 1) or one generation at a time.
 
     Batched, the worker thread only admits jobs: the ones transformers' ContinuousBatchingManager can
@@ -167,27 +167,6 @@ class TransformersEngine(QueuedEngine):
             resolved.name, size, "transformers", transformers.__version__, torch.__version__, str(dtype)
         )
         return engine
-
-    def encode_chat(
-        self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None, prefix: str = ""
-    ) -> list[int]:
-        def render(msgs: list[dict[str, Any]], generation_prompt: bool) -> str:
-            return str(
-                self.tokenizer.apply_chat_template(
-                    msgs, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
-                )
-            )
-
-        ids: list[int] = []
-        with self._tok_lock:
-            for is_user_text, text in [*render_segments(render, messages), (False, prefix)]:
-                enc = self.tokenizer(text, add_special_tokens=False, split_special_tokens=is_user_text)
-                ids.extend(enc["input_ids"])
-        return ids
-
-    def encode_text(self, text: str) -> list[int]:
-        with self._tok_lock:
-            return list(self.tokenizer(text, add_special_tokens=True, split_special_tokens=False)["input_ids"])
 
     def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
         if request.params.json_schema is not None:

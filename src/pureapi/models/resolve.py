@@ -138,13 +138,14 @@ def choose_build(
     entry = lookup(spec)
     if entry is None:
         return _uncatalogued(spec, engine, device, quant)
-    wants_hf = engine == "transformers" or (
+    wants_hf = engine in ("transformers", "vllm") or (
         engine == "auto" and device.startswith("cuda") and _fits_gpu(entry, hw, device, ctx)
     )
     if wants_hf and entry.hf_repo:
         from .download import HF_PATTERNS
 
-        return Build(entry.name, "transformers", device, entry.hf_repo, tuple(HF_PATTERNS), entry=entry)
+        chosen = "vllm" if engine == "vllm" else "transformers"
+        return Build(entry.name, chosen, device, entry.hf_repo, tuple(HF_PATTERNS), entry=entry)
     if entry.gguf_repo is None:  # the embedded model, asked for by its HF id: its packaged GGUF
         return choose_build(entry.aliases[0], hw, engine=engine, device=device)
     quant = quant or DEFAULT_QUANT
