@@ -57,20 +57,38 @@ def test_fix_command_bypasses_the_wheel_cache() -> None:
 def test_a_verdict_is_remembered_per_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
-    runs: list[list[str]] = []
-
-    def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-        runs.append(cmd)
-        return subprocess.CompletedProcess(cmd, 0, f"{preflight.LOADED}\n{preflight.DECODED}\n", "")
-
-    monkeypatch.setattr(preflight.subprocess, "run", fake_run)
+    runs = tmp_path / "runs"
+    # A stand-in child that reports both stages and counts its runs.
+    report = f"open({str(runs)!r}, 'a').write('x'); print({preflight.LOADED!r}); print({preflight.DECODED!r})"
+    monkeypatch.setattr(preflight, "child_command", lambda *args: [sys.executable, "-c", report])
     verdicts = tmp_path / "verdicts"
     assert preflight.check_llamacpp(model, flash_attn=True, threads=None, verdicts=verdicts)
     assert preflight.check_llamacpp(model, flash_attn=True, threads=None, verdicts=verdicts)
-    assert len(runs) == 1  # the second start trusts the first verdict
+    assert runs.read_text() == "x"  # the second start trusts the first verdict
     monkeypatch.setattr(preflight, "library_identity", lambda: [("libggml-cpu.so", 1, 2)])  # a rebuild
     assert preflight.check_llamacpp(model, flash_attn=True, threads=None, verdicts=verdicts)
-    assert len(runs) == 2
+    assert runs.read_text() == "xx"
+
+
+def test_the_server_loads_while_the_child_decodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`loaded` returns at the child's first stage, `decoded` only once the child ended (and stamps the verdict)."""
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    gate = tmp_path / "gate"
+    child = (
+        f"import os, time; print({preflight.LOADED!r}, flush=True)\n"
+        f"while not os.path.exists({str(gate)!r}): time.sleep(0.01)\n"
+        f"print({preflight.DECODED!r})"
+    )
+    monkeypatch.setattr(preflight, "child_command", lambda *args: [sys.executable, "-c", child])
+    monkeypatch.setattr(preflight, "CHILD_TIMEOUT_S", 20)  # a wait for the child's end fails, not hangs
+    verdicts = tmp_path / "verdicts"
+    check = preflight.start_check(model, flash_attn=True, threads=None, verdicts=verdicts)
+    check.loaded()  # returns although the child waits for the gate: the server may load meanwhile
+    assert check.stages == [preflight.LOADED] and not verdicts.exists()
+    gate.write_text("")
+    assert check.decoded()
+    assert check.stages == [preflight.LOADED, preflight.DECODED] and len(list(verdicts.iterdir())) == 1
 
 
 def _shim(tmp_path: Path, source: str, name: str) -> Path:
