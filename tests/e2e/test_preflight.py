@@ -62,12 +62,36 @@ def test_a_verdict_is_remembered_per_build(tmp_path: Path, monkeypatch: pytest.M
     report = f"open({str(runs)!r}, 'a').write('x'); print({preflight.LOADED!r}); print({preflight.DECODED!r})"
     monkeypatch.setattr(preflight, "child_command", lambda *args: [sys.executable, "-c", report])
     verdicts = tmp_path / "verdicts"
-    assert preflight.check_llamacpp(model, flash_attn=True, threads=None, verdicts=verdicts)
-    assert preflight.check_llamacpp(model, flash_attn=True, threads=None, verdicts=verdicts)
+    assert preflight.check_llamacpp(model, flash_attn=True, threads=None, verdicts=[verdicts])
+    assert preflight.check_llamacpp(model, flash_attn=True, threads=None, verdicts=[verdicts])
     assert runs.read_text() == "x"  # the second start trusts the first verdict
     monkeypatch.setattr(preflight, "library_identity", lambda: [("libggml-cpu.so", 1, 2)])  # a rebuild
-    assert preflight.check_llamacpp(model, flash_attn=True, threads=None, verdicts=verdicts)
+    assert preflight.check_llamacpp(model, flash_attn=True, threads=None, verdicts=[verdicts])
     assert runs.read_text() == "xx"
+
+
+def test_a_verdict_beside_the_build_serves_every_home_of_that_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    runs = tmp_path / "runs"
+    report = f"open({str(runs)!r}, 'a').write('x'); print({preflight.LOADED!r}); print({preflight.DECODED!r})"
+    monkeypatch.setattr(preflight, "child_command", lambda *args: [sys.executable, "-c", report])
+    shared = tmp_path / "prefix"
+
+    def check(home: str) -> bool:
+        return preflight.check_llamacpp(model, flash_attn=True, threads=None, verdicts=[shared, tmp_path / home])
+
+    assert check("home1") and check("home2")
+    assert runs.read_text() == "x" and not (tmp_path / "home1").exists()  # a fresh home found the shared verdict
+    monkeypatch.setattr(preflight, "cpu_flags", lambda: {"avx2", "amx_tile"})  # the install copied to another CPU
+    assert check("home2")
+    assert runs.read_text() == "xx"
+    unwritable = tmp_path / "file"
+    unwritable.write_text("")  # a folder that cannot be made: the verdict goes to the next one
+    assert preflight.check_llamacpp(model, flash_attn=False, threads=None, verdicts=[unwritable, tmp_path / "home3"])
+    assert len(list((tmp_path / "home3").iterdir())) == 1
 
 
 def test_the_server_loads_while_the_child_decodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,7 +107,7 @@ def test_the_server_loads_while_the_child_decodes(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(preflight, "child_command", lambda *args: [sys.executable, "-c", child])
     monkeypatch.setattr(preflight, "CHILD_TIMEOUT_S", 20)  # a wait for the child's end fails, not hangs
     verdicts = tmp_path / "verdicts"
-    check = preflight.start_check(model, flash_attn=True, threads=None, verdicts=verdicts)
+    check = preflight.start_check(model, flash_attn=True, threads=None, verdicts=[verdicts])
     check.loaded()  # returns although the child waits for the gate: the server may load meanwhile
     assert check.stages == [preflight.LOADED] and not verdicts.exists()
     gate.write_text("")
@@ -158,5 +182,5 @@ def test_a_refusal_is_left_to_the_real_load(tmp_path: Path, smollm2_gguf: Path) 
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(smollm2_gguf.read_bytes()[: 4 << 20])  # a valid header, most tensors missing
     verdicts = tmp_path / "verdicts"
-    assert preflight.check_llamacpp(truncated, flash_attn=True, threads=None, verdicts=verdicts) is False
+    assert preflight.check_llamacpp(truncated, flash_attn=True, threads=None, verdicts=[verdicts]) is False
     assert not verdicts.exists()

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -110,10 +111,19 @@ def library_identity() -> list[tuple[str, int, int]]:
     return sorted(files)
 
 
+def shared_verdicts() -> Path:
+    """Verdicts beside the installed build (under sys.prefix: a virtualenv's own folder), so every user
+    and home of this install shares them; the key names the CPU, so a copied install is checked again."""
+    return Path(sys.prefix) / "share" / "pureapi" / "preflight"
+
+
 def _verdict_key(model: Path, flash_attn: bool, threads: int | None) -> str:
     st = model.stat()
     ident = {
         "library": library_identity(),
+        "cpu": sorted(cpu_flags()),
+        # A preloaded library replaces code the build runs (the tests' crashing ggml functions do).
+        "preload": os.environ.get("LD_PRELOAD", ""),
         "model": [str(model.resolve()), st.st_size, st.st_mtime_ns],
         "flash_attn": flash_attn,
         "threads": threads,
@@ -129,21 +139,23 @@ def _signal_name(returncode: int) -> str:
         return f"signal {-returncode}"
 
 
-def start_check(model: Path, *, flash_attn: bool, threads: int | None, verdicts: Path) -> Check:
-    """Start the check of `model` in a child process (nothing to start when a verdict is remembered).
+def start_check(model: Path, *, flash_attn: bool, threads: int | None, verdicts: Sequence[Path]) -> Check:
+    """Start the check of `model` in a child process (nothing to start when one of `verdicts` holds a
+    verdict; a new one goes to the first of them that can be written).
 
     The caller may load the model itself once `Check.loaded` returns, while the child decodes, and
     must not decode before `Check.decoded` returns: that is where a bad build crashes."""
-    stamp = verdicts / _verdict_key(model, flash_attn, threads)
-    if stamp.is_file():
-        return Check(model, stamp, None)
+    key = _verdict_key(model, flash_attn, threads)
+    stamps = [folder / key for folder in verdicts]
+    if any(stamp.is_file() for stamp in stamps):
+        return Check(model, stamps, None)
     env = dict(os.environ)
     # The child must import this very pureapi, also when it runs from a plain checkout.
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     cmd = child_command(model, flash_attn, threads)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    return Check(model, stamp, proc)
+    return Check(model, stamps, proc)
 
 
 def child_command(model: Path, flash_attn: bool, threads: int | None) -> list[str]:
@@ -155,8 +167,8 @@ def child_command(model: Path, flash_attn: bool, threads: int | None) -> list[st
 class Check:
     """A start-up check in flight: the child's stages as it reports them, and its verdict."""
 
-    def __init__(self, model: Path, stamp: Path, proc: subprocess.Popen[str] | None):
-        self.model, self.stamp, self.proc = model, stamp, proc
+    def __init__(self, model: Path, stamps: list[Path], proc: subprocess.Popen[str] | None):
+        self.model, self.stamps, self.proc = model, stamps, proc
         self.stages: list[str] = []
         self._deadline = time.monotonic() + CHILD_TIMEOUT_S
         # The child's stdout, line by line, then None at its end: read on a thread so waits can time out.
@@ -213,10 +225,19 @@ class Check:
                 f"CPU instructions this machine cannot run{amx}; rebuild it for this CPU with: {fix_command()}"
             )
         if returncode == 0 and DECODED in self.stages:
-            self.stamp.parent.mkdir(parents=True, exist_ok=True)
-            self.stamp.write_text("\n".join(self.stages) + "\n")
+            self._remember()
             return True
         return False
+
+    def _remember(self) -> None:
+        """Write the verdict to the first folder that takes it (none: the next start checks again)."""
+        for stamp in self.stamps:
+            try:
+                stamp.parent.mkdir(parents=True, exist_ok=True)
+                stamp.write_text("\n".join(self.stages) + "\n")
+                return
+            except OSError:
+                continue
 
     def cancel(self) -> None:
         """Stop the child (the start failed for another reason, or it ran out of time)."""
@@ -225,7 +246,7 @@ class Check:
             self.proc.wait()
 
 
-def check_llamacpp(model: Path, *, flash_attn: bool, threads: int | None, verdicts: Path) -> bool:
+def check_llamacpp(model: Path, *, flash_attn: bool, threads: int | None, verdicts: Sequence[Path]) -> bool:
     """Raise ModelLoadError (one line) if loading `model` or decoding with it kills a process; the
     whole check, waited for (see `Check.decoded` for what it returns)."""
     return start_check(model, flash_attn=flash_attn, threads=threads, verdicts=verdicts).decoded()
@@ -292,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             model = Path(ns.model) if ns.model else resolve_model("smollm2").path
             with tempfile.TemporaryDirectory() as scratch:
                 decoded = check_llamacpp(
-                    model, flash_attn=ns.flash_attn == "on", threads=ns.threads, verdicts=Path(scratch)
+                    model, flash_attn=ns.flash_attn == "on", threads=ns.threads, verdicts=[Path(scratch)]
                 )
         except ModelLoadError as exc:
             print(f"pureapi: {exc}", file=sys.stderr)

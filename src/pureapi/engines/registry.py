@@ -28,7 +28,7 @@ def _transformers(settings: Settings, model: ResolvedModel) -> Engine:
 
 
 def _llamacpp(settings: Settings, model: ResolvedModel) -> Engine:
-    from .preflight import start_check
+    from .preflight import shared_verdicts, start_check
 
     # A build that crashes on this CPU kills a child process, not the server (once per build): the
     # server loads the model after the child did, while the child decodes, and decodes only after it.
@@ -36,7 +36,7 @@ def _llamacpp(settings: Settings, model: ResolvedModel) -> Engine:
         model.path,
         flash_attn=settings.flash_attn == "on",
         threads=settings.cpu_threads,
-        verdicts=default_cache_dir() / "preflight",
+        verdicts=[shared_verdicts(), default_cache_dir() / "preflight"],
     )
     try:
         check.loaded()
