@@ -269,7 +269,9 @@ def _child(model: str, flash_attn: bool, threads: int | None) -> int:
     cparams = llc.llama_context_default_params()
     cparams.n_ctx = 256
     cparams.n_batch = cparams.n_ubatch = 512  # the engine's batch size, so the same kernels run
-    cparams.n_threads = cparams.n_threads_batch = threads or os.cpu_count() or 1
+    # One thread unless asked: the instructions are the same, and on a busy machine threads that spin at
+    # ggml's barriers for a descheduled sibling turned 30 ms of decoding into seconds.
+    cparams.n_threads = cparams.n_threads_batch = threads or 1
     cparams.flash_attn_type = llc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llc.LLAMA_FLASH_ATTN_TYPE_DISABLED
     ctx = llc.llama_init_from_model(m, cparams)
     if not ctx:
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", action="store_true", help="run the check in a child process and report")
     parser.add_argument("--fix-command", action="store_true", help="print the command that rebuilds for this CPU")
     parser.add_argument("--flash-attn", choices=["on", "off"], default="on")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="decoding threads (default 1)")
     ns = parser.parse_args(argv)
     if ns.fix_command:
         print(fix_command())

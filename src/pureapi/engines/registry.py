@@ -35,7 +35,7 @@ def _llamacpp(settings: Settings, model: ResolvedModel) -> Engine:
     check = start_check(
         model.path,
         flash_attn=settings.flash_attn == "on",
-        threads=settings.cpu_threads,
+        threads=None,  # one thread: which instructions run does not depend on how many (see preflight._child)
         verdicts=[shared_verdicts(), default_cache_dir() / "preflight"],
     )
     try:
