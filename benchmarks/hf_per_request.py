@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from .run import ROOT, median_of, model_path
+from .run import ROOT, median_of, model_path, torch_machine
 
 OUT = ROOT / "benchmarks" / "results" / "hf_per_request.json"
 MAX_TOKENS = 64
@@ -76,9 +75,6 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
 
-    import torch
-    import transformers
-
     from pureapi.engines.transformers import TransformersEngine
     from pureapi.models.resolve import ResolvedModel
     from pureapi.settings import Settings
@@ -100,12 +96,7 @@ def main() -> int:
     medians = {mode: median_of(rounds) for mode, rounds in runs.items()}
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "torch_threads": torch.get_num_threads(),
-        },
+        "machine": torch_machine(),
         "plan": {"model": gguf.stem, "clients": len(TOPICS), "max_tokens": MAX_TOKENS, "seconds": args.seconds},
         "medians": medians,
         "rounds": runs,

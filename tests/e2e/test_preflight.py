@@ -54,13 +54,18 @@ def test_fix_command_bypasses_the_wheel_cache() -> None:
     assert "--no-cache-dir --force-reinstall --no-deps llama-cpp-python==" in command
 
 
-def test_a_verdict_is_remembered_per_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def counting_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A model file, and a file that a stand-in child (reporting both stages) grows by one x a run."""
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
     runs = tmp_path / "runs"
-    # A stand-in child that reports both stages and counts its runs.
     report = f"open({str(runs)!r}, 'a').write('x'); print({preflight.LOADED!r}); print({preflight.DECODED!r})"
     monkeypatch.setattr(preflight, "child_command", lambda *args: [sys.executable, "-c", report])
+    return model, runs
+
+
+def test_a_verdict_is_remembered_per_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, runs = counting_child(tmp_path, monkeypatch)
     verdicts = tmp_path / "verdicts"
     assert preflight.check_llamacpp(model, flash_attn=True, threads=None, verdicts=[verdicts])
     assert preflight.check_llamacpp(model, flash_attn=True, threads=None, verdicts=[verdicts])
@@ -73,11 +78,7 @@ def test_a_verdict_is_remembered_per_build(tmp_path: Path, monkeypatch: pytest.M
 def test_a_verdict_beside_the_build_serves_every_home_of_that_cpu(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF")
-    runs = tmp_path / "runs"
-    report = f"open({str(runs)!r}, 'a').write('x'); print({preflight.LOADED!r}); print({preflight.DECODED!r})"
-    monkeypatch.setattr(preflight, "child_command", lambda *args: [sys.executable, "-c", report])
+    model, runs = counting_child(tmp_path, monkeypatch)
     shared = tmp_path / "prefix"
 
     def check(home: str) -> bool:
