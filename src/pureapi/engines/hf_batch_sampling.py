@@ -3,13 +3,13 @@ steps the manager lacks (a seed, min_p, repeat/presence/frequency penalties, log
 
 The manager's own per-request processors are temperature, top-k and top-p; transformers' top-k and
 top-p sort the whole vocabulary for every row at every step, which on a CPU costs more than the
-model's forward pass for a small model. `_TopK` and `_TopP` sort only when some row asks for it,
+model's forward pass for a small model. `TopK` and `TopP` sort only when some row asks for it,
 top-k uses `topk`, and the draw is done only for the rows that sample (greedy rows are the runner's
 argmax).
 
 The other steps run per row, for the requests that ask for them, in `generate`'s order: raw
 logprobs, then penalties (`_Steps`, first in the list), temperature, top-k, top-p, min_p, then the
-draw (`_TopP`, last), a seeded request drawing from its own generator. A processor sees only a
+draw (`TopP`, last), a seeded request drawing from its own generator. A processor sees only a
 step's logits; which request each row belongs to comes from `prepare_tensor_args`, which the
 manager calls once per step before the forward, with the requests that get a token, in row order
 (`Rows` keeps that list). That holds only while steps run one after another: the Batcher checks
@@ -112,7 +112,7 @@ class Steps:
         return scores
 
 
-class _TopK(ContinuousBatchingTopKLogitsWarper):
+class TopK(ContinuousBatchingTopKLogitsWarper):
     """Per-row top-k that does nothing for rows keeping the whole vocabulary and uses topk(max k) for the others."""
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
@@ -128,7 +128,7 @@ class _TopK(ContinuousBatchingTopKLogitsWarper):
         return scores.masked_fill(scores < thresholds, self.filter_value)
 
 
-class _TopP(ContinuousBatchingTopPLogitsWarper):
+class TopP(ContinuousBatchingTopPLogitsWarper):
     """Per-row top-p, min_p, then the draw for the rows that sample, leaving only the drawn token's logit finite.
 
     The manager's runner then takes the argmax of every row (the Batcher turns its `do_sample` off):
@@ -171,7 +171,7 @@ class _TopP(ContinuousBatchingTopPLogitsWarper):
 def fast(processor: Any, rows: Rows) -> Any:
     """The fast-path version of one of the manager's per-request processors (others as they are)."""
     if type(processor) is ContinuousBatchingTopKLogitsWarper:
-        return _TopK(TopKLogitsWarper(processor.top_k, processor.filter_value, processor.min_tokens_to_keep))
+        return TopK(TopKLogitsWarper(processor.top_k, processor.filter_value, processor.min_tokens_to_keep))
     if type(processor) is ContinuousBatchingTopPLogitsWarper:
-        return _TopP(TopPLogitsWarper(processor.top_p, processor.filter_value, processor.min_tokens_to_keep), rows)
+        return TopP(TopPLogitsWarper(processor.top_p, processor.filter_value, processor.min_tokens_to_keep), rows)
     return processor

@@ -37,7 +37,7 @@ from transformers.generation.continuous_batching.requests import RequestStatus
 from ..errors import Cancelled, EngineError
 from ..types import SamplingParams
 from . import hf_attention
-from .hf_batch_sampling import Rows, RowSteps, Steps, _TopK, _TopP, fast
+from .hf_batch_sampling import Rows, RowSteps, Steps, TopK, TopP, fast
 from .jobs import Job
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ PAGE_SIZE = 16  # tokens per KV page: the unit of prefix reuse, so a turn recomp
 
 
 def sampling_kwargs(params: SamplingParams, vocab_size: int) -> dict[str, Any]:
-    """The manager's per-request processor arguments. A greedy row is top-p 0 with nothing else to do: `_TopP`
+    """The manager's per-request processor arguments. A greedy row is top-p 0 with nothing else to do: `TopP`
     draws only for rows with top-p above 0 and the runner takes the argmax of every row."""
     if params.temperature <= 0:
         return {"temperature": 1.0, "top_k": vocab_size, "top_p": 0.0}
@@ -131,7 +131,7 @@ class Batcher:
         # Jobs handed to the manager, for the dispatcher (None: the manager refused it, forget the id).
         self._new: queue.SimpleQueue[tuple[str, _Running | None]] = queue.SimpleQueue()
         self.manager.warmup()  # creates the batch processor (and its cache) here, so the lookup can be counted
-        # The draw happens in _TopP; the runner only takes each row's argmax (see _TopP).
+        # The draw happens in TopP; the runner only takes each row's argmax (see TopP).
         self.manager.batch_processor.model_runner.do_sample = False
         self._check_processor_order(processors)
         # The rows of a step are known only while steps run one after another (hf_batch_sampling's docstring).
@@ -148,10 +148,10 @@ class Batcher:
 
     @staticmethod
     def _check_processor_order(processors: list[Any]) -> None:
-        """Penalties before temperature, the draw in _TopP after temperature and top-k: transformers' order
+        """Penalties before temperature, the draw in TopP after temperature and top-k: transformers' order
         for the manager's own three, checked, not assumed."""
         kinds = [type(p) for p in processors]
-        if kinds != [Steps, ContinuousBatchingTemperatureLogitsWarper, _TopK, _TopP]:
+        if kinds != [Steps, ContinuousBatchingTemperatureLogitsWarper, TopK, TopP]:
             raise RuntimeError(f"unexpected continuous batching processors: {kinds}")
 
     def _count_prefix_matches(self) -> None:
