@@ -38,7 +38,6 @@ class RowSteps:
 
     def __init__(self, params: SamplingParams, prompt_len: int, device: Any):
         sampling = params.temperature > 0
-        self.prompt_len = prompt_len
         # Its own generator: every other sampling row draws from the global one, so a seed set there would not repeat.
         self.generator = None
         if sampling and params.seed is not None:
