@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from .run import ROOT, median_of, model_path
+from .run import ROOT, median_of, model_path, torch_machine
 
 OUT = ROOT / "benchmarks" / "results" / "hf_attention.json"
 CONVERSATIONS = 6
@@ -79,8 +78,6 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
 
-    import torch
-    import transformers
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -93,12 +90,7 @@ def main() -> int:
     attentions = {"masked-batch": sdpa_attention_forward, "per-sequence": hf_attention.varlen_sdpa}
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "torch_threads": torch.get_num_threads(),
-        },
+        "machine": torch_machine(),
         "plan": {
             "conversations": CONVERSATIONS,
             "turns": TURNS,

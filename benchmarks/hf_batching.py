@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,7 +45,17 @@ from pathlib import Path
 from typing import Any
 
 from . import loadgen, roundrobin
-from .run import ROOT, free_port, median_of, model_path, peak_rss_mb, save_chart, stop_server, wait_ready
+from .run import (
+    ROOT,
+    free_port,
+    median_of,
+    model_path,
+    peak_rss_mb,
+    save_chart,
+    stop_server,
+    torch_machine,
+    wait_ready,
+)
 
 BATCH = 8
 MAX_QUEUE = 32  # room for 8+ waiting clients on the one-at-a-time server
@@ -297,20 +305,11 @@ def main() -> int:
     parser.add_argument("--no-generate", action="store_true", help="skip the bare model.generate reference")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
-    import torch
-    import transformers
 
     sizes = plan(args.quick)
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "torch_threads": torch.get_num_threads(),
-        },
+        "machine": torch_machine(),
         "device": "cpu",
         "dtype": "float32",
         "max_batch_size": BATCH,

@@ -153,6 +153,21 @@ def raw_speed(llama_bench: str, gguf: Path, threads: int) -> dict[str, Any]:
     return {("decode_tps" if r["n_gen"] else "prompt_tps"): round(r["avg_ts"], 2) for r in rows}
 
 
+def torch_machine() -> dict[str, Any]:
+    """The machine and library versions a transformers benchmark records."""
+    import torch
+    import transformers
+
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def median_of(runs: list[Any]) -> Any:
     """Figure by figure, the median of several runs of the same measurement (nested dicts/lists)."""
     first = runs[0]

@@ -54,23 +54,66 @@ def test_fix_command_bypasses_the_wheel_cache() -> None:
     assert "--no-cache-dir --force-reinstall --no-deps llama-cpp-python==" in command
 
 
-def test_a_verdict_is_remembered_per_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def counting_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A model file, and a file that a stand-in child (reporting both stages) grows by one x a run."""
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
-    runs: list[list[str]] = []
+    runs = tmp_path / "runs"
+    report = f"open({str(runs)!r}, 'a').write('x'); print({preflight.LOADED!r}); print({preflight.DECODED!r})"
+    monkeypatch.setattr(preflight, "child_command", lambda *args: [sys.executable, "-c", report])
+    return model, runs
 
-    def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-        runs.append(cmd)
-        return subprocess.CompletedProcess(cmd, 0, f"{preflight.LOADED}\n{preflight.DECODED}\n", "")
 
-    monkeypatch.setattr(preflight.subprocess, "run", fake_run)
+def test_a_verdict_is_remembered_per_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, runs = counting_child(tmp_path, monkeypatch)
     verdicts = tmp_path / "verdicts"
-    assert preflight.check_llamacpp(model, flash_attn=True, threads=None, verdicts=verdicts)
-    assert preflight.check_llamacpp(model, flash_attn=True, threads=None, verdicts=verdicts)
-    assert len(runs) == 1  # the second start trusts the first verdict
+    assert preflight.check_llamacpp(model, flash_attn=True, threads=None, verdicts=[verdicts])
+    assert preflight.check_llamacpp(model, flash_attn=True, threads=None, verdicts=[verdicts])
+    assert runs.read_text() == "x"  # the second start trusts the first verdict
     monkeypatch.setattr(preflight, "library_identity", lambda: [("libggml-cpu.so", 1, 2)])  # a rebuild
-    assert preflight.check_llamacpp(model, flash_attn=True, threads=None, verdicts=verdicts)
-    assert len(runs) == 2
+    assert preflight.check_llamacpp(model, flash_attn=True, threads=None, verdicts=[verdicts])
+    assert runs.read_text() == "xx"
+
+
+def test_a_verdict_beside_the_build_serves_every_home_of_that_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, runs = counting_child(tmp_path, monkeypatch)
+    shared = tmp_path / "prefix"
+
+    def check(home: str) -> bool:
+        return preflight.check_llamacpp(model, flash_attn=True, threads=None, verdicts=[shared, tmp_path / home])
+
+    assert check("home1") and check("home2")
+    assert runs.read_text() == "x" and not (tmp_path / "home1").exists()  # a fresh home found the shared verdict
+    monkeypatch.setattr(preflight, "cpu_flags", lambda: {"avx2", "amx_tile"})  # the install copied to another CPU
+    assert check("home2")
+    assert runs.read_text() == "xx"
+    unwritable = tmp_path / "file"
+    unwritable.write_text("")  # a folder that cannot be made: the verdict goes to the next one
+    assert preflight.check_llamacpp(model, flash_attn=False, threads=None, verdicts=[unwritable, tmp_path / "home3"])
+    assert len(list((tmp_path / "home3").iterdir())) == 1
+
+
+def test_the_server_loads_while_the_child_decodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`loaded` returns at the child's first stage, `decoded` only once the child ended (and stamps the verdict)."""
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    gate = tmp_path / "gate"
+    child = (
+        f"import os, time; print({preflight.LOADED!r}, flush=True)\n"
+        f"while not os.path.exists({str(gate)!r}): time.sleep(0.01)\n"
+        f"print({preflight.DECODED!r})"
+    )
+    monkeypatch.setattr(preflight, "child_command", lambda *args: [sys.executable, "-c", child])
+    monkeypatch.setattr(preflight, "CHILD_TIMEOUT_S", 20)  # a wait for the child's end fails, not hangs
+    verdicts = tmp_path / "verdicts"
+    check = preflight.start_check(model, flash_attn=True, threads=None, verdicts=[verdicts])
+    check.loaded()  # returns although the child waits for the gate: the server may load meanwhile
+    assert check.stages == [preflight.LOADED] and not verdicts.exists()
+    gate.write_text("")
+    assert check.decoded()
+    assert check.stages == [preflight.LOADED, preflight.DECODED] and len(list(verdicts.iterdir())) == 1
 
 
 def _shim(tmp_path: Path, source: str, name: str) -> Path:
@@ -140,5 +183,5 @@ def test_a_refusal_is_left_to_the_real_load(tmp_path: Path, smollm2_gguf: Path) 
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(smollm2_gguf.read_bytes()[: 4 << 20])  # a valid header, most tensors missing
     verdicts = tmp_path / "verdicts"
-    assert preflight.check_llamacpp(truncated, flash_attn=True, threads=None, verdicts=verdicts) is False
+    assert preflight.check_llamacpp(truncated, flash_attn=True, threads=None, verdicts=[verdicts]) is False
     assert not verdicts.exists()

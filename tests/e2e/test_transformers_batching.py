@@ -6,15 +6,17 @@ checked against the same weights run one generation at a time with `generate`.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pureapi.engines.hf_batching import PAGE_SIZE, batchable
+from pureapi.engines.hf_batching import PAGE_SIZE
 from pureapi.engines.transformers import TransformersEngine
 from pureapi.errors import Overloaded, PureAPIError
 from pureapi.models.resolve import ResolvedModel
@@ -72,17 +74,38 @@ def tokens_of(engine: TransformersEngine, text: str) -> list[int]:
     return list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def assert_same_or_near_tie(solo: TransformersEngine, ids: list[int], got: str, want: str) -> None:
-    """Equal greedy replies, or a first divergence between two tokens the float32 model nearly ties."""
+def assert_same_or_near_tie(
+    solo: TransformersEngine, ids: list[int], got: str, want: str, params: SamplingParams | None = None
+) -> None:
+    """Equal greedy replies, or a first divergence between two tokens the float32 model nearly ties
+    (after the penalties `params` asks for, applied as `generate` applies them)."""
     if got == want:
         return
     import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from pureapi.engines.hf_sampling import OpenAIPenalties
 
     a, b = tokens_of(solo, got), tokens_of(solo, want)
     k = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    history = torch.tensor([ids + b[:k]])
     with torch.no_grad():
-        logits = solo.model(torch.tensor([ids + b[:k]])).logits[0, -1]
-    assert abs(float(logits[a[k]] - logits[b[k]])) < NEAR_TIE, (got, want)
+        logits = solo.model(history).logits[:, -1]
+    if params is not None and params.repeat_penalty != 1.0:
+        logits = RepetitionPenaltyLogitsProcessor(params.repeat_penalty)(history, logits)
+    if params is not None:
+        logits = OpenAIPenalties(len(ids), params.presence_penalty, params.frequency_penalty)(history, logits)
+    assert abs(float(logits[0, a[k]] - logits[0, b[k]])) < NEAR_TIE, (got, want)
+
+
+@contextlib.contextmanager
+def inside_the_batch(engine: TransformersEngine) -> Iterator[None]:
+    """The requests run in the block neither paused the batch nor ran alone in it."""
+    paused = engine.stats["paused_runs"]
+    engine._batcher.peak = 0
+    yield
+    assert engine.stats["paused_runs"] == paused
+    assert engine._batcher.peak >= 2
 
 
 def run_together(engine: TransformersEngine, requests: list[GenerationRequest]) -> list[tuple[str, Chunk]]:
@@ -101,19 +124,20 @@ def run_together(engine: TransformersEngine, requests: list[GenerationRequest]) 
     return results
 
 
-def test_which_requests_the_batch_samples() -> None:
-    assert batchable(SamplingParams(temperature=0.0))
-    assert batchable(SamplingParams(temperature=0.8, top_p=0.9, top_k=40))
-    for unbatchable in (
+def test_which_requests_the_batch_samples(batched: TransformersEngine) -> None:
+    takes = batched._batcher.takes
+    assert takes(SamplingParams(temperature=0.0))
+    assert takes(SamplingParams(temperature=0.8, top_p=0.9, top_k=40))
+    for per_request in (
         {"seed": 1},
         {"min_p": 0.1},
         {"repeat_penalty": 1.2},
         {"presence_penalty": 0.5},
         {"frequency_penalty": 0.5},
-        {"json_schema": {"type": "object"}},
         {"logprobs": 0},
     ):
-        assert not batchable(SamplingParams(**unbatchable)), unbatchable  # type: ignore[arg-type]
+        assert takes(SamplingParams(**per_request)), per_request  # type: ignore[arg-type]
+    assert not takes(SamplingParams(json_schema={"type": "object"}))  # llguidance's matcher runs in generate
 
 
 def test_concurrent_greedy_replies_match_one_at_a_time(batched: TransformersEngine, solo: TransformersEngine) -> None:
@@ -154,17 +178,73 @@ def test_sampled_and_greedy_requests_share_a_batch(batched: TransformersEngine) 
     assert results[1][0] == results[2][0]
 
 
-def test_requests_the_batch_cannot_sample_run_between_its_steps(batched: TransformersEngine) -> None:
-    ids = batched.encode_chat([Message("user", "Write a long story about a dragon.")])
-    long = batched.generate(GenerationRequest(ids, greedy(200)))
-    next(long)  # the batch is running
-    seeded = SamplingParams(max_tokens=10, temperature=1.0, seed=1234)
-    first = collect(batched.generate(GenerationRequest(ids, seeded)))[0]
-    assert first == collect(batched.generate(GenerationRequest(ids, seeded)))[0]
-    parts = list(batched.generate(GenerationRequest(ids, SamplingParams(max_tokens=4, temperature=0, logprobs=2))))
-    assert parts[-1].finish_reason == "length"
-    assert sum(len(c.logprobs or []) for c in parts) == 4
+def test_seeded_requests_repeat_while_other_streams_run(batched: TransformersEngine) -> None:
+    ids = batched.encode_chat([Message("user", "Tell me a short story about a cat.")])
+    other = batched.encode_chat([Message("user", "Write a long story about a dragon.")])
+    seeded = SamplingParams(max_tokens=16, temperature=1.0, seed=1234)
+    sampled = SamplingParams(max_tokens=30, temperature=1.0)  # draws from torch's global generator meanwhile
+    with inside_the_batch(batched):
+        beside_greedy = run_together(batched, [GenerationRequest(ids, seeded), GenerationRequest(other, greedy(40))])
+        trio = [GenerationRequest(other, sampled), GenerationRequest(ids, seeded), GenerationRequest(other, sampled)]
+        beside_sampled = run_together(batched, trio)
+    first = beside_greedy[0][0]
+    assert first.strip() and first == beside_sampled[1][0]
+    # The seed is what repeats it: other seeds give other stories.
+    texts = {collect(batched.generate(GenerationRequest(ids, replace(seeded, seed=s))))[0] for s in (1, 2, 3)}
+    assert len(texts | {first}) >= 2
+
+
+def test_seeded_min_p_in_the_batch_draws_what_generate_draws(
+    batched: TransformersEngine, solo: TransformersEngine
+) -> None:
+    ids = batched.encode_chat([Message("user", "Invent a name for a new colour.")])
+    other = batched.encode_chat([Message("user", "Write a long story about a dragon.")])
+    params = SamplingParams(max_tokens=16, temperature=1.5, top_p=0.95, top_k=50, min_p=0.2, seed=7)
+    want = collect(solo.generate(GenerationRequest(ids, params)))[0]
+    with inside_the_batch(batched):
+        got = run_together(batched, [GenerationRequest(ids, params), GenerationRequest(other, greedy(40))])[0][0]
+    assert got == want
+
+
+@pytest.mark.parametrize(
+    "penalties",
+    [{"repeat_penalty": 1.5}, {"presence_penalty": 1.5, "frequency_penalty": 1.5}],
+    ids=["repeat", "presence+frequency"],
+)
+def test_penalised_greedy_in_the_batch_matches_generate(
+    batched: TransformersEngine, solo: TransformersEngine, penalties: dict[str, float]
+) -> None:
+    ids = batched.encode_chat([Message("user", "Count from 1 to 20, separated by commas.")])
+    other = batched.encode_chat([Message("user", "Write a long story about a dragon.")])
+    params = replace(greedy(32), **penalties)
+    want = collect(solo.generate(GenerationRequest(ids, params)))[0]
+    with inside_the_batch(batched):
+        got = run_together(batched, [GenerationRequest(ids, params), GenerationRequest(other, greedy(60))])[0][0]
+    assert_same_or_near_tie(solo, ids, got, want, params)
+    assert got != collect(batched.generate(GenerationRequest(ids, greedy(32))))[0]  # the penalty changed the reply
+
+
+def test_logprobs_in_the_batch_are_generates(batched: TransformersEngine, solo: TransformersEngine) -> None:
+    ids = batched.encode_chat([Message("user", "Name a famous painter.")])
+    other = batched.encode_chat([Message("user", "Write a long story about a dragon.")])
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=3)
+    want = [e for c in solo.generate(GenerationRequest(ids, params)) for e in c.logprobs or []]
+    long = batched.generate(GenerationRequest(other, greedy(200)))
+    with inside_the_batch(batched):
+        next(long)  # the batch is running
+        parts = list(batched.generate(GenerationRequest(ids, params)))
     long.close()  # type: ignore[attr-defined]
+    got = [e for c in parts for e in c.logprobs or []]
+    assert len(got) == parts[-1].completion_tokens == 8
+    compared = 0
+    for g, w in zip(got, want, strict=True):
+        if g.bytes != w.bytes:  # a near-tie parted the replies: later steps see different histories
+            break
+        assert g.logprob == pytest.approx(w.logprob, abs=2e-3)
+        wanted_top = {t.bytes: t.logprob for t in w.top}
+        assert len(g.top) == 3 and all(t.logprob == pytest.approx(wanted_top.get(t.bytes), abs=2e-3) for t in g.top)
+        compared += 1
+    assert compared >= 4
 
 
 def test_closing_the_stream_frees_its_place(smollm2_gguf: Path) -> None:

@@ -10,15 +10,14 @@ This module adds what a server needs around it:
   cancels a request whose reader went away (or that a reset or shutdown cancelled);
 - an admission limit (`max_batch`): jobs beyond it wait in the engine's bounded queue, so an
   overload is still a 503 at once;
-- sampling processors with fast paths: transformers' per-request top-k and top-p sort the whole
-  vocabulary for every row at every step, which on a CPU costs more than the model's forward
-  pass for a small model; these sort only when some row asks for it, top-k uses `topk`, and the
-  draw is done only for the rows that sample (greedy rows are the runner's argmax);
+- sampling processors with fast paths, and the per-request steps the manager lacks (a seed,
+  min_p, penalties, logprobs: `hf_batch_sampling`), so such a request runs in the batch too;
 - on a CPU, attention one sequence at a time (`hf_attention`) instead of one masked pass over the
   whole batch.
 
-Only temperature, top-k and top-p are per request in the manager; `batchable` says which
-requests it can serve, the engine runs the others one at a time with `generate`.
+`Batcher.takes` says which requests the batch serves: all but those with a JSON-schema grammar
+(and, where the manager runs steps asynchronously or with CUDA graphs, those needing the
+per-request steps); the engine runs the others one at a time with `generate`, the batch paused.
 """
 
 from __future__ import annotations
@@ -30,19 +29,15 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-import torch
-from transformers import GenerationConfig, TopKLogitsWarper, TopPLogitsWarper
+from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
-from transformers.generation.continuous_batching.cb_logits_processors import (
-    ContinuousBatchingTemperatureLogitsWarper,
-    ContinuousBatchingTopKLogitsWarper,
-    ContinuousBatchingTopPLogitsWarper,
-)
+from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingTemperatureLogitsWarper
 from transformers.generation.continuous_batching.requests import RequestStatus
 
 from ..errors import Cancelled, EngineError
 from ..types import SamplingParams
 from . import hf_attention
+from .hf_batch_sampling import Rows, RowSteps, Steps, TopK, TopP, fast
 from .jobs import Job
 
 log = logging.getLogger(__name__)
@@ -50,21 +45,8 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = 16  # tokens per KV page: the unit of prefix reuse, so a turn recomputes at most 15 cached tokens
 
 
-def batchable(params: SamplingParams) -> bool:
-    """True when the manager can sample this request as asked (its per-request knobs: temperature, top-k, top-p)."""
-    return (
-        params.seed is None
-        and params.min_p == 0
-        and params.repeat_penalty == 1.0
-        and not params.presence_penalty
-        and not params.frequency_penalty
-        and params.json_schema is None
-        and params.logprobs is None
-    )
-
-
 def sampling_kwargs(params: SamplingParams, vocab_size: int) -> dict[str, Any]:
-    """The manager's per-request processor arguments. A greedy row is top-p 0 with nothing else to do: `_TopP`
+    """The manager's per-request processor arguments. A greedy row is top-p 0 with nothing else to do: `TopP`
     draws only for rows with top-p above 0 and the runner takes the argmax of every row."""
     if params.temperature <= 0:
         return {"temperature": 1.0, "top_k": vocab_size, "top_p": 0.0}
@@ -82,53 +64,6 @@ def cpu_pages(model: Any, max_batch: int, context_length: int, reuse_mb: int) ->
     page_bytes = 2 * config.num_hidden_layers * heads * head_dim * PAGE_SIZE * model.dtype.itemsize
     running = max_batch * 1024 // PAGE_SIZE
     return int(max(running + reuse_mb * 2**20 // page_bytes, -(-context_length // PAGE_SIZE) + 1))
-
-
-class _TopK(ContinuousBatchingTopKLogitsWarper):
-    """Per-row top-k that does nothing for rows keeping the whole vocabulary and uses topk(max k) for the others."""
-
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        rows, vocab = scores.shape
-        k = tensor_arg[:rows].to(torch.int64).clamp(1, vocab)
-        active = k < vocab
-        if not bool(active.any()):
-            return scores
-        kmax = int(k[active].max())
-        top = torch.topk(scores, kmax, dim=-1).values
-        thresholds = top.gather(-1, (k.clamp(max=kmax) - 1).unsqueeze(-1))
-        thresholds[~active] = float("-inf")
-        return scores.masked_fill(scores < thresholds, self.filter_value)
-
-
-class _TopP(ContinuousBatchingTopPLogitsWarper):
-    """Per-row top-p, then the draw for the rows that sample, leaving only the drawn token's logit finite.
-
-    The manager's runner then takes the argmax of every row (the Batcher turns its `do_sample` off):
-    greedy rows (top-p 0) cost nothing here, and a batch of greedy requests never computes a softmax
-    over the vocabulary. The sort is skipped when no sampling row filters.
-    """
-
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        top_p = tensor_arg[: scores.size(0)].view(dtype=torch.float32)
-        sampling = top_p > 0
-        if not bool(sampling.any()):
-            return scores
-        if bool((top_p[sampling] < 1.0).any()):
-            scores = super().__call__(scores, tensor_arg)  # top-p 0 keeps a greedy row's best token only
-        probs = torch.softmax(scores[sampling].float(), dim=-1)
-        drawn = torch.multinomial(probs, num_samples=1)
-        scores = scores.clone()
-        scores[sampling] = torch.full_like(probs, float("-inf")).scatter_(1, drawn, 0.0).to(scores.dtype)
-        return scores
-
-
-def _fast(processor: Any) -> Any:
-    """The fast-path version of one of the manager's per-request processors (others as they are)."""
-    if type(processor) is ContinuousBatchingTopKLogitsWarper:
-        return _TopK(TopKLogitsWarper(processor.top_k, processor.filter_value, processor.min_tokens_to_keep))
-    if type(processor) is ContinuousBatchingTopPLogitsWarper:
-        return _TopP(TopPLogitsWarper(processor.top_p, processor.filter_value, processor.min_tokens_to_keep))
-    return processor
 
 
 class _Running:
@@ -150,6 +85,7 @@ class Batcher:
         end_ids: list[int],
         vocab_size: int,
         make_streamer: Any,
+        piece: Any,
         max_batch: int,
         context_length: int,
         on_generated: Any,
@@ -158,7 +94,9 @@ class Batcher:
         self.end_ids = end_ids
         self.vocab_size = vocab_size
         self.max_batch = max_batch
-        self._make_streamer = make_streamer
+        self._make_streamer = make_streamer  # (job, logprob_of or None) -> the job's streamer
+        self._piece = piece  # token -> its bytes, for logprobs
+        self._device = model.device
         self._on_generated = on_generated  # called with a finished job's token count (the engine's stats)
         on_cpu = model.device.type == "cpu"
         if on_cpu:
@@ -180,8 +118,10 @@ class Batcher:
         self.manager = model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=config
         )
+        # Which request each step's rows belong to, for the per-request steps (hf_batch_sampling).
+        self._rows = Rows()
         processors = self.manager.logit_processor.logits_processor
-        processors[:] = [_fast(p) for p in processors]
+        processors[:] = [Steps(self._rows), *(fast(p, self._rows) for p in processors)]
         self._matched: dict[str, int] = {}  # request id -> prompt tokens whose KV came from cached pages
         self._running: dict[str, _Running] = {}  # only the dispatcher thread touches it after submit
         self.peak = 0  # the most jobs that ran at once (tests and benchmarks read it)
@@ -191,9 +131,16 @@ class Batcher:
         # Jobs handed to the manager, for the dispatcher (None: the manager refused it, forget the id).
         self._new: queue.SimpleQueue[tuple[str, _Running | None]] = queue.SimpleQueue()
         self.manager.warmup()  # creates the batch processor (and its cache) here, so the lookup can be counted
-        # The draw happens in _TopP; the runner only takes each row's argmax (see _TopP).
+        # The draw happens in TopP; the runner only takes each row's argmax (see TopP).
         self.manager.batch_processor.model_runner.do_sample = False
         self._check_processor_order(processors)
+        # The rows of a step are known only while steps run one after another (hf_batch_sampling's docstring).
+        runner = self.manager.batch_processor.model_runner
+        self.steps_in_batch = not (
+            self.manager.batch_processor.use_async_batching
+            or runner.use_cuda_graph_varlen
+            or runner.use_cuda_graph_decode
+        )
         self._count_prefix_matches()
         self.manager.start()
         self._dispatcher = threading.Thread(target=self._dispatch, name="transformers-batch", daemon=True)
@@ -201,9 +148,10 @@ class Batcher:
 
     @staticmethod
     def _check_processor_order(processors: list[Any]) -> None:
-        """The draw in _TopP must come after temperature and top-k: transformers' order, checked, not assumed."""
+        """Penalties before temperature, the draw in TopP after temperature and top-k: transformers' order
+        for the manager's own three, checked, not assumed."""
         kinds = [type(p) for p in processors]
-        if kinds != [ContinuousBatchingTemperatureLogitsWarper, _TopK, _TopP]:
+        if kinds != [Steps, ContinuousBatchingTemperatureLogitsWarper, TopK, TopP]:
             raise RuntimeError(f"unexpected continuous batching processors: {kinds}")
 
     def _count_prefix_matches(self) -> None:
@@ -238,6 +186,11 @@ class Batcher:
     def alive(self) -> bool:
         return self.manager.is_running() and not self._closed.is_set()
 
+    def takes(self, params: SamplingParams) -> bool:
+        """True when the batch can sample this request as asked: all but a JSON-schema grammar, whose
+        matcher runs in `generate` (and the per-request steps where the manager cannot run them)."""
+        return params.json_schema is None and (self.steps_in_batch or not RowSteps.wanted(params))
+
     def submit(self, job: Job) -> None:
         """Add a job to the batch, waiting while `max_batch` jobs run (the caller is the engine's admitting thread)."""
         while not self._slots.acquire(timeout=0.1):
@@ -253,7 +206,11 @@ class Batcher:
             return
         req = job.request
         request_id = f"job-{job.number}"
-        running = _Running(job, self._make_streamer(job))
+        steps = RowSteps(req.params, len(req.prompt_ids), self._device) if RowSteps.wanted(req.params) else None
+        logprob_of = None if steps is None else steps.logprob_of(self._piece)
+        running = _Running(job, self._make_streamer(job, logprob_of))
+        if steps is not None:
+            self._rows.steps[request_id] = steps  # before the manager can schedule it
         self._new.put((request_id, running))
         added = self.manager.add_request(
             list(req.prompt_ids),
@@ -264,6 +221,7 @@ class Batcher:
             **sampling_kwargs(req.params, self.vocab_size),
         )
         if added is None:  # the manager refuses new requests: it has stopped
+            self._rows.steps.pop(request_id, None)
             self._new.put((request_id, None))
             self._slots.release()
             job.fail(EngineError("the batch generation loop has stopped"))
@@ -277,13 +235,16 @@ class Batcher:
             except queue.Empty:
                 out = None
             self._take_new()
-            if out is not None:
-                self._deliver(out)
+            running = None if out is None else self._running.get(out.request_id)
+            if running is not None:
+                try:
+                    self._deliver(out, running)
+                except Exception as exc:  # one job's broken stream must not stop this thread, which serves all
+                    log.exception("delivering %s failed", out.request_id)
+                    self._fail(out.request_id, running, EngineError(f"generation failed: {exc}"))
             for request_id, running in list(self._running.items()):
                 if running.job.request.cancel.is_set():
-                    self.manager.cancel_request(request_id)
-                    self._end(request_id)
-                    running.job.fail(Cancelled("generation cancelled"))
+                    self._fail(request_id, running, Cancelled("generation cancelled"))
             if not self.manager.is_running() and self._running:
                 error = self.manager.background_thread_status.fatal_error
                 for request_id, running in list(self._running.items()):
@@ -303,10 +264,7 @@ class Batcher:
                 self._running[request_id] = running
                 self.peak = max(self.peak, len(self._running))
 
-    def _deliver(self, out: Any) -> None:
-        running = self._running.get(out.request_id)
-        if running is None:  # cancelled already
-            return
+    def _deliver(self, out: Any, running: _Running) -> None:
         job, streamer = running.job, running.streamer
         if not running.started:
             running.started = True
@@ -323,9 +281,17 @@ class Batcher:
             streamer.flush()
             job.finish("stop" if streamer.ended else "length", streamer.count)
 
+    def _fail(self, request_id: str, running: _Running, error: Exception) -> None:
+        """End a job with an error, and stop its request in the manager."""
+        if request_id in self._running:
+            self.manager.cancel_request(request_id)
+            self._end(request_id)
+        running.job.fail(error)
+
     def _end(self, request_id: str) -> None:
         running = self._running.pop(request_id)
         self._matched.pop(request_id, None)
+        self._rows.steps.pop(request_id, None)
         self._on_generated(running.streamer.count)
         self._slots.release()
 

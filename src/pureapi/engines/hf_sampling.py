@@ -83,15 +83,36 @@ class RawLogprobs:
 
     def of(self, token: int, top: int, piece: Any) -> TokenLogprob:
         """The token's logprob and the `top` likeliest tokens at the step that chose it, best first."""
+        return token_logprob(self.last, token, top, piece)
+
+
+def token_logprob(row: Any, token: int, top: int, piece: Any) -> TokenLogprob:
+    """A token's entry from one step's log-softmax row: its logprob and the `top` likeliest tokens, best first."""
+    import torch
+
+    def entry(t: int) -> TopLogprob:
+        data: bytes = piece(t)
+        return TopLogprob(data.decode("utf-8", errors="replace"), float(row[t]), data)
+
+    best = [entry(int(t)) for t in torch.topk(row, top).indices] if top > 0 else []
+    own = entry(token)
+    return TokenLogprob(own.token, own.logprob, own.bytes, best)
+
+
+class OpenAIPenalties:
+    """OpenAI's presence and frequency penalties over the tokens generated so far (input_ids past prompt_len)."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float):
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
-        def entry(t: int) -> TopLogprob:
-            data: bytes = piece(t)
-            return TopLogprob(data.decode("utf-8", errors="replace"), float(self.last[t]), data)
-
-        best = [entry(int(t)) for t in torch.topk(self.last, top).indices] if top > 0 else []
-        own = entry(token)
-        return TokenLogprob(own.token, own.logprob, own.bytes, best)
+        generated = input_ids[:, self.prompt_len :]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
 
 
 class SeededSampler:

@@ -7,6 +7,10 @@ the server turns it into one line that says what happened and the command that f
 that passed is remembered by the identity of its library files and the model file, so later starts
 skip the child.
 
+The server does not wait for the whole check: it loads the model itself once the child has loaded
+it (a build that dies loading has killed the child by then) while the child decodes, and decodes
+only after the child did (`start_check`, `Check.loaded`, `Check.decoded`).
+
 `python -m pureapi.engines.preflight MODEL.gguf [--flash-attn on|off] [--threads N]` is the child.
 """
 
@@ -17,11 +21,16 @@ import hashlib
 import importlib.util
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 from ..errors import ModelLoadError
 
@@ -102,10 +111,19 @@ def library_identity() -> list[tuple[str, int, int]]:
     return sorted(files)
 
 
+def shared_verdicts() -> Path:
+    """Verdicts beside the installed build (under sys.prefix: a virtualenv's own folder), so every user
+    and home of this install shares them; the key names the CPU, so a copied install is checked again."""
+    return Path(sys.prefix) / "share" / "pureapi" / "preflight"
+
+
 def _verdict_key(model: Path, flash_attn: bool, threads: int | None) -> str:
     st = model.stat()
     ident = {
         "library": library_identity(),
+        "cpu": sorted(cpu_flags()),
+        # A preloaded library replaces code the build runs (the tests' crashing ggml functions do).
+        "preload": os.environ.get("LD_PRELOAD", ""),
         "model": [str(model.resolve()), st.st_size, st.st_mtime_ns],
         "flash_attn": flash_attn,
         "threads": threads,
@@ -121,42 +139,117 @@ def _signal_name(returncode: int) -> str:
         return f"signal {-returncode}"
 
 
-def check_llamacpp(model: Path, *, flash_attn: bool, threads: int | None, verdicts: Path) -> bool:
-    """Raise ModelLoadError (one line) if loading `model` or decoding with it kills a process.
+def start_check(model: Path, *, flash_attn: bool, threads: int | None, verdicts: Sequence[Path]) -> Check:
+    """Start the check of `model` in a child process (nothing to start when one of `verdicts` holds a
+    verdict; a new one goes to the first of them that can be written).
 
-    Returns whether the child decoded. Errors that llama.cpp reports without crashing (a damaged
-    file it refuses) return False and are left to the real load, which words them already."""
+    The caller may load the model itself once `Check.loaded` returns, while the child decodes, and
+    must not decode before `Check.decoded` returns: that is where a bad build crashes."""
     key = _verdict_key(model, flash_attn, threads)
-    stamp = verdicts / key
-    if stamp.is_file():
-        return True
-    cmd = [sys.executable, "-m", "pureapi.engines.preflight", str(model), "--flash-attn", "on" if flash_attn else "off"]
-    if threads:
-        cmd += ["--threads", str(threads)]
+    stamps = [folder / key for folder in verdicts]
+    if any(stamp.is_file() for stamp in stamps):
+        return Check(model, stamps, None)
     env = dict(os.environ)
     # The child must import this very pureapi, also when it runs from a plain checkout.
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=CHILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise ModelLoadError(
-            f"model file {model}: llama.cpp did not load it and decode a token within {CHILD_TIMEOUT_S} s"
-        ) from None
-    if proc.returncode < 0:
-        crash = _signal_name(proc.returncode)
-        if LOADED not in proc.stdout:
-            raise ModelLoadError(f"model file {model}: llama.cpp crashed ({crash}) while loading it")
-        amx = " (this CPU lists AMX, which some VMs advertise but do not run)" if "amx_tile" in cpu_flags() else ""
-        raise ModelLoadError(
-            f"llama.cpp crashed ({crash}) at its first decode: the installed llama-cpp-python was built for "
-            f"CPU instructions this machine cannot run{amx}; rebuild it for this CPU with: {fix_command()}"
-        )
-    if proc.returncode == 0 and DECODED in proc.stdout:
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(proc.stdout)
-        return True
-    return False
+    cmd = child_command(model, flash_attn, threads)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    return Check(model, stamps, proc)
+
+
+def child_command(model: Path, flash_attn: bool, threads: int | None) -> list[str]:
+    """The command line of the child that loads `model` and decodes, reporting its stages."""
+    cmd = [sys.executable, "-m", "pureapi.engines.preflight", str(model), "--flash-attn", "on" if flash_attn else "off"]
+    return cmd + (["--threads", str(threads)] if threads else [])
+
+
+class Check:
+    """A start-up check in flight: the child's stages as it reports them, and its verdict."""
+
+    def __init__(self, model: Path, stamps: list[Path], proc: subprocess.Popen[str] | None):
+        self.model, self.stamps, self.proc = model, stamps, proc
+        self.stages: list[str] = []
+        self._deadline = time.monotonic() + CHILD_TIMEOUT_S
+        # The child's stdout, line by line, then None at its end: read on a thread so waits can time out.
+        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        if proc is not None and proc.stdout is not None:
+            threading.Thread(target=self._read, args=(proc.stdout,), name="preflight-reader", daemon=True).start()
+
+    def _read(self, stdout: IO[str]) -> None:
+        for line in stdout:
+            self._lines.put(line.strip())
+        self._lines.put(None)
+
+    def _until(self, stage: str | None) -> None:
+        """Read the child's stages until `stage` (None: until its end), killing it past the deadline."""
+        while stage is None or stage not in self.stages:
+            try:
+                line = self._lines.get(timeout=max(0.0, self._deadline - time.monotonic()))
+            except queue.Empty:
+                self.cancel()
+                raise ModelLoadError(
+                    f"model file {self.model}: llama.cpp did not load it and decode a token within {CHILD_TIMEOUT_S} s"
+                ) from None
+            if line is None:
+                self._lines.put(None)  # the end stays readable for a later wait
+                return
+            self.stages.append(line)
+
+    def loaded(self) -> None:
+        """Wait until the child has loaded the model; ModelLoadError (one line) if loading killed it."""
+        if self.proc is not None:
+            self._until(LOADED)
+            if LOADED not in self.stages:
+                self._verdict(self.proc)
+
+    def decoded(self) -> bool:
+        """Wait for the child's end; ModelLoadError (one line) if loading or decoding killed it.
+
+        Returns whether it decoded. Errors that llama.cpp reports without crashing (a damaged file it
+        refuses) return False and are left to the real load, which words them already."""
+        if self.proc is None:
+            return True
+        self._until(None)
+        return self._verdict(self.proc)
+
+    def _verdict(self, proc: subprocess.Popen[str]) -> bool:
+        returncode = proc.wait()
+        if returncode < 0:
+            crash = _signal_name(returncode)
+            if LOADED not in self.stages:
+                raise ModelLoadError(f"model file {self.model}: llama.cpp crashed ({crash}) while loading it")
+            amx = " (this CPU lists AMX, which some VMs advertise but do not run)" if "amx_tile" in cpu_flags() else ""
+            raise ModelLoadError(
+                f"llama.cpp crashed ({crash}) at its first decode: the installed llama-cpp-python was built for "
+                f"CPU instructions this machine cannot run{amx}; rebuild it for this CPU with: {fix_command()}"
+            )
+        if returncode == 0 and DECODED in self.stages:
+            self._remember()
+            return True
+        return False
+
+    def _remember(self) -> None:
+        """Write the verdict to the first folder that takes it (none: the next start checks again)."""
+        for stamp in self.stamps:
+            try:
+                stamp.parent.mkdir(parents=True, exist_ok=True)
+                stamp.write_text("\n".join(self.stages) + "\n")
+                return
+            except OSError:
+                continue
+
+    def cancel(self) -> None:
+        """Stop the child (the start failed for another reason, or it ran out of time)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def check_llamacpp(model: Path, *, flash_attn: bool, threads: int | None, verdicts: Sequence[Path]) -> bool:
+    """Raise ModelLoadError (one line) if loading `model` or decoding with it kills a process; the
+    whole check, waited for (see `Check.decoded` for what it returns)."""
+    return start_check(model, flash_attn=flash_attn, threads=threads, verdicts=verdicts).decoded()
 
 
 def _child(model: str, flash_attn: bool, threads: int | None) -> int:
@@ -176,7 +269,9 @@ def _child(model: str, flash_attn: bool, threads: int | None) -> int:
     cparams = llc.llama_context_default_params()
     cparams.n_ctx = 256
     cparams.n_batch = cparams.n_ubatch = 512  # the engine's batch size, so the same kernels run
-    cparams.n_threads = cparams.n_threads_batch = threads or os.cpu_count() or 1
+    # One thread unless asked: the instructions are the same, and on a busy machine threads that spin at
+    # ggml's barriers for a descheduled sibling turned 30 ms of decoding into seconds.
+    cparams.n_threads = cparams.n_threads_batch = threads or 1
     cparams.flash_attn_type = llc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llc.LLAMA_FLASH_ATTN_TYPE_DISABLED
     ctx = llc.llama_init_from_model(m, cparams)
     if not ctx:
@@ -208,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", action="store_true", help="run the check in a child process and report")
     parser.add_argument("--fix-command", action="store_true", help="print the command that rebuilds for this CPU")
     parser.add_argument("--flash-attn", choices=["on", "off"], default="on")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="decoding threads (default 1)")
     ns = parser.parse_args(argv)
     if ns.fix_command:
         print(fix_command())
@@ -220,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             model = Path(ns.model) if ns.model else resolve_model("smollm2").path
             with tempfile.TemporaryDirectory() as scratch:
                 decoded = check_llamacpp(
-                    model, flash_attn=ns.flash_attn == "on", threads=ns.threads, verdicts=Path(scratch)
+                    model, flash_attn=ns.flash_attn == "on", threads=ns.threads, verdicts=[Path(scratch)]
                 )
         except ModelLoadError as exc:
             print(f"pureapi: {exc}", file=sys.stderr)

@@ -28,16 +28,33 @@ def _transformers(settings: Settings, model: ResolvedModel) -> Engine:
 
 
 def _llamacpp(settings: Settings, model: ResolvedModel) -> Engine:
-    from .llamacpp import LlamaCppEngine
-    from .preflight import check_llamacpp
+    from .preflight import shared_verdicts, start_check
 
-    # A build that crashes on this CPU kills a child process here, not the server (once per build).
-    check_llamacpp(
+    # A build that crashes on this CPU kills a child process, not the server (once per build): the
+    # server loads the model after the child did, while the child decodes, and decodes only after it.
+    check = start_check(
         model.path,
         flash_attn=settings.flash_attn == "on",
-        threads=settings.cpu_threads,
-        verdicts=default_cache_dir() / "preflight",
+        threads=None,  # one thread: which instructions run does not depend on how many (see preflight._child)
+        verdicts=[shared_verdicts(), default_cache_dir() / "preflight"],
     )
+    try:
+        check.loaded()
+        engine = _load_llamacpp(settings, model)
+    except BaseException:
+        check.cancel()
+        raise
+    try:
+        check.decoded()
+    except BaseException:
+        engine.close()
+        raise
+    return engine
+
+
+def _load_llamacpp(settings: Settings, model: ResolvedModel) -> Engine:
+    from .llamacpp import LlamaCppEngine
+
     parallel = _slots(settings)
     return LlamaCppEngine.load(
         model,

@@ -47,8 +47,8 @@ class TransformersEngine(HFTokenized, QueuedEngine):
     """Runs a transformers causal LM: continuously batched (max_batch_size > 1) or one generation at a time.
 
     Batched, the worker thread only admits jobs: the ones transformers' ContinuousBatchingManager can
-    sample (hf_batching.batchable) join its running batch, the others (seeds, penalties, min_p, JSON
-    schemas, logprobs) go one at a time to `generate` on a second thread, the batch held meanwhile.
+    sample (Batcher.takes: seeds, penalties, min_p and logprobs included) join its running batch; the
+    others (JSON schemas) go one at a time to `generate` on a second thread, the batch held meanwhile.
     """
 
     name = "transformers"
@@ -80,7 +80,8 @@ class TransformersEngine(HFTokenized, QueuedEngine):
         gen_eos = model.generation_config.eos_token_id
         ends |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.end_ids = sorted(i for i in ends if i is not None)
-        self.stats: dict[str, int] = {"generated_tokens": 0}  # for tests
+        # For tests: tokens generated, and requests served with the batch paused.
+        self.stats: dict[str, int] = {"generated_tokens": 0, "paused_runs": 0}
         self._stats_lock = threading.Lock()
         # Structured output: llguidance's tokenizer (built on first use) and compiled grammars by schema.
         # Guards both: request threads compile (a bad schema is a 400 before queueing), the worker reads.
@@ -100,7 +101,8 @@ class TransformersEngine(HFTokenized, QueuedEngine):
                 model,
                 self.end_ids,
                 self.vocab_size,
-                lambda job: _Streamer(self.tokenizer, job, set(self.end_ids)),
+                lambda job, logprob_of: _Streamer(self.tokenizer, job, set(self.end_ids), logprob_of),
+                self.piece,
                 max_batch_size,
                 context_length,
                 self._count_generated,
@@ -216,12 +218,10 @@ class TransformersEngine(HFTokenized, QueuedEngine):
         if self._batcher is None:
             super()._loop()
             return
-        from .hf_batching import batchable
-
         while (job := self._jobs.take()) is not None:
             if job.request.cancel.is_set():
                 job.fail(Cancelled("cancelled before it started"))
-            elif batchable(job.request.params):
+            elif self._batcher.takes(job.request.params):
                 self._batcher.submit(job)  # waits while the batch is full
             else:
                 self._one_at_a_time.put(job)
@@ -229,6 +229,8 @@ class TransformersEngine(HFTokenized, QueuedEngine):
     def _solo_loop(self) -> None:
         """Serve the jobs the batch cannot sample, one at a time with `generate`, the batch held meanwhile."""
         while (job := self._one_at_a_time.get()) is not None:
+            with self._stats_lock:
+                self.stats["paused_runs"] += 1
             with self._batcher.paused():
                 self._serve(job)
 
@@ -268,7 +270,7 @@ class TransformersEngine(HFTokenized, QueuedEngine):
             StoppingCriteriaList,
         )
 
-        from .hf_sampling import JsonGrammar, RawLogprobs, SeededSampler
+        from .hf_sampling import JsonGrammar, OpenAIPenalties, RawLogprobs, SeededSampler
 
         req: GenerationRequest = job.request
         p = req.params
@@ -291,7 +293,7 @@ class TransformersEngine(HFTokenized, QueuedEngine):
         if p.repeat_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(p.repeat_penalty))
         if p.presence_penalty or p.frequency_penalty:
-            processors.append(_OpenAIPenalties(len(req.prompt_ids), p.presence_penalty, p.frequency_penalty))
+            processors.append(OpenAIPenalties(len(req.prompt_ids), p.presence_penalty, p.frequency_penalty))
         if p.json_schema is not None:
             processors.append(JsonGrammar(*self._grammar(p.json_schema), prompt_len=len(req.prompt_ids)))
         if p.temperature > 0 and p.seed is not None:
@@ -317,22 +319,6 @@ class TransformersEngine(HFTokenized, QueuedEngine):
             return
         streamer.flush()
         job.finish("stop" if streamer.ended else "length", streamer.count)
-
-
-class _OpenAIPenalties:
-    """OpenAI's presence and frequency penalties over the tokens generated so far."""
-
-    def __init__(self, prompt_len: int, presence: float, frequency: float):
-        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
-
-        generated = input_ids[:, self.prompt_len :]
-        if generated.shape[1] == 0:
-            return scores
-        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
 
 
 class _Streamer:
