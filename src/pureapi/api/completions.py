@@ -17,7 +17,7 @@ from ..engines.base import Engine
 from ..errors import BadRequest
 from ..types import Chunk, TokenLogprob
 from .common import MaxTokens, collecting, drain, gateway, json_body, primed, relay, sse, sse_response, validate
-from .docs import BODY_ERRORS, Operation, documented
+from .docs import GENERATION_ERRORS, Operation, documented
 from .openai import OpenAIEvents, SamplingFields, StreamOptions, Usage, dump
 from .openai_output import MAX_TOP_LOGPROBS
 
@@ -147,7 +147,7 @@ class Completion(BaseModel):
     Operation(
         "OpenAI-compatible text completion of a raw prompt (no chat template; stateless)",
         "openai",
-        BODY_ERRORS,
+        GENERATION_ERRORS,
         body=CompletionRequest,
         ok=Completion,
         answer="A completion, or SSE events (each a Completion) ending in [DONE]",

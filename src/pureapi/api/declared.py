@@ -6,8 +6,8 @@ file is free; until then it is declared here by endpoint name.
 
 from __future__ import annotations
 
-from . import anthropic, conversations, responses, sessions, tenants
-from .docs import BODY_ERRORS, DECLARED, Operation
+from . import anthropic, conversations, responses, sessions
+from .docs import BODY_ERRORS, DECLARED, GENERATION_ERRORS, Operation
 
 _NOT_FOUND = (400, 401, 404)
 _NO_SESSION = {404: ("No such session", None)}
@@ -18,7 +18,7 @@ DECLARED.update(
         "anthropic.messages": Operation(
             "Anthropic-compatible Messages API (stateless)",
             "anthropic",
-            BODY_ERRORS,
+            GENERATION_ERRORS,
             body=anthropic.MessagesRequest,
             ok=anthropic.MessageResponse,
             answer="The message, or its named SSE events",
@@ -94,7 +94,7 @@ DECLARED.update(
         "responses.create_response": Operation(
             "Create a response, optionally continuing a stored one or a conversation",
             "openai",
-            BODY_ERRORS,
+            GENERATION_ERRORS,
             body=responses.ResponseRequest,
             ok=responses.ResponseObject,
             answer="The response, or its named SSE events",
@@ -161,13 +161,6 @@ DECLARED.update(
             body=conversations.ItemsCreate,
             ok=responses.ItemList,
             answer="The items added",
-        ),
-        "tenants.list_tenants": Operation(
-            "Every tenant (API key) with its role, limits, usage and stored state: an admin key only",
-            "openai",
-            (401, 403),
-            ok=tenants.TenantList,
-            answer="The tenants",
         ),
         "conversations.retrieve_item": Operation("One item", "openai", _STORED, answer="The item"),
         "conversations.delete_item": Operation(

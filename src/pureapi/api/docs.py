@@ -14,6 +14,8 @@ Envelope = Literal["seed", "openai", "anthropic"]
 
 # What a route that reads a JSON body may answer besides success: bad body, no key, too large, not JSON, busy.
 BODY_ERRORS = (400, 401, 413, 415, 503)
+# A generation may also meet its tenant's limits (concurrent generations, tokens per minute).
+GENERATION_ERRORS = (*BODY_ERRORS, 429)
 
 
 @dataclass(frozen=True)

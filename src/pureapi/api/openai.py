@@ -45,7 +45,7 @@ from .common import (
     sse_response,
     validate,
 )
-from .docs import BODY_ERRORS, Operation, documented
+from .docs import GENERATION_ERRORS, Operation, documented
 from .openai_output import MAX_TOP_LOGPROBS, ChoiceLogprobs, ResponseFormat
 from .openai_tools import (
     MessageToolCall,
@@ -380,7 +380,7 @@ def _check_tool_results(messages: list[Message]) -> None:
     Operation(
         "OpenAI-compatible chat completion (stateless)",
         "openai",
-        BODY_ERRORS,
+        GENERATION_ERRORS,
         body=ChatCompletionRequest,
         ok=ChatCompletion,
         answer="A completion, or SSE chunks ending in [DONE]",

@@ -64,6 +64,7 @@ ERROR_TEXTS = {
     409: "Id taken, or Idempotency-Key reused with another request",
     413: "Body too large",
     415: "Not JSON",
+    429: "The tenant's limit is reached (generations in flight or tokens per minute); Retry-After says when",
     503: "Model loading or server busy",
 }
 

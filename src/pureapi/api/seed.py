@@ -30,7 +30,7 @@ from .common import (
     sse_response,
     validate,
 )
-from .docs import BODY_ERRORS, Operation, documented
+from .docs import BODY_ERRORS, GENERATION_ERRORS, Operation, documented
 
 bp = Blueprint("seed", __name__)
 
@@ -148,7 +148,7 @@ def idempotency(body: BaseModel) -> tuple[str, str] | None:
     Operation(
         "Chat in a server-side session",
         "seed",
-        (*BODY_ERRORS, 409),
+        (*GENERATION_ERRORS, 409),
         body=ChatRequest,
         ok=ChatResponse,
         answer="The reply",

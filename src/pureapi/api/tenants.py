@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from ..errors import Forbidden
 from ..security import principal
 from ..tenants import ANONYMOUS, Principal
+from .docs import Operation, documented
 
 bp = Blueprint("tenants", __name__, url_prefix="/v1/tenants")
 
@@ -47,6 +48,15 @@ class TenantList(BaseModel):
 
 
 @bp.get("")
+@documented(
+    Operation(
+        "Every tenant (API key) with its role, limits, usage and stored state: an admin key only",
+        "openai",
+        (401, 403),
+        ok=TenantList,
+        answer="The tenants",
+    )
+)
 def list_tenants() -> Response:
     if not principal().admin:
         raise Forbidden("only an admin key may list tenants (see --admin-key and the key file's admin option)")
