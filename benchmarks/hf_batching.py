@@ -3,7 +3,7 @@
     python -m benchmarks.hf_batching --model smollm2 --model qwen [--rounds 1] [--quick]
 
 Same weights for all: the GGUF from `model_path(name)`, converted once by pureapi's transformers
-engine into a float32 safetensors folder in its weights cache (`_convert_gguf`, the folder
+engine into a float32 safetensors folder in its weights cache (`convert_gguf`, the folder
 `TransformersEngine.load` uses). Servers, one at a time on 127.0.0.1, stopped with SIGTERM after
 their measurements:
 - `pureapi-batched`: `pure_model_api.py --engine transformers --device cpu --max-batch-size 8`, the
@@ -69,12 +69,12 @@ def hf_folder(gguf: Path) -> Path:
     import transformers
 
     from pureapi.engines.base import model_fingerprint
-    from pureapi.engines.transformers import _convert_gguf
+    from pureapi.engines.hf_convert import convert_gguf
     from pureapi.settings import Settings
 
     folder: Path = Settings().weights_cache_dir() / model_fingerprint(gguf, transformers.__version__)
     if not (folder / "config.json").is_file():
-        _convert_gguf(gguf, folder)
+        convert_gguf(gguf, folder)
     return folder
 
 

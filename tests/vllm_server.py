@@ -39,14 +39,14 @@ def smollm2_hf() -> Path:
     import transformers
 
     from pureapi.engines.base import model_fingerprint
-    from pureapi.engines.transformers import _convert_gguf
+    from pureapi.engines.hf_convert import convert_gguf
     from pureapi.models.resolve import embedded_path
     from pureapi.settings import Settings
 
     gguf = embedded_path("smollm2")
     folder = Settings().weights_cache_dir() / model_fingerprint(gguf, transformers.__version__)
     if not (folder / "config.json").is_file():
-        _convert_gguf(gguf, folder)
+        convert_gguf(gguf, folder)
     return folder
 
 

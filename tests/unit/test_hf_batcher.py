@@ -19,8 +19,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pureapi.engines.hf_batching import Batcher
+from pureapi.engines.hf_stream import Streamer
 from pureapi.engines.jobs import Job
-from pureapi.engines.transformers import _Streamer
 from pureapi.errors import Cancelled
 from pureapi.types import Chunk, GenerationRequest, SamplingParams
 
@@ -58,7 +58,7 @@ class Run:
             model,
             [end_id],
             VOCAB,
-            lambda job, logprob_of: _Streamer(tokenizer, job, {end_id}, logprob_of),
+            lambda job, logprob_of: Streamer(tokenizer, job, {end_id}, logprob_of),
             lambda token: tokenizer.decode([token]).encode(),
             max_batch,
             CONTEXT,

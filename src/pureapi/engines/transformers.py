@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
-import shutil
-import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..errors import Cancelled, ModelLoadError
 from ..models.resolve import CPU_CONTEXT_CAP, ResolvedModel
 from ..tools import detect_format
-from ..types import Chunk, GenerationRequest, TokenLogprob
+from ..types import Chunk, GenerationRequest
 from ._template import HFTokenized
 from .base import QueuedEngine, model_fingerprint, system_fingerprint
+from .hf_convert import convert_gguf
+from .hf_stream import Streamer
 from .hf_version import check_transformers
 from .jobs import Job
 
@@ -101,7 +100,7 @@ class TransformersEngine(HFTokenized, QueuedEngine):
                 model,
                 self.end_ids,
                 self.vocab_size,
-                lambda job, logprob_of: _Streamer(self.tokenizer, job, set(self.end_ids), logprob_of),
+                lambda job, logprob_of: Streamer(self.tokenizer, job, set(self.end_ids), logprob_of),
                 self.piece,
                 max_batch_size,
                 context_length,
@@ -137,7 +136,7 @@ class TransformersEngine(HFTokenized, QueuedEngine):
 
                 cached = cache_dir / model_fingerprint(resolved.path, transformers.__version__)
                 if not (cached / "config.json").is_file():
-                    _convert_gguf(resolved.path, cached)
+                    convert_gguf(resolved.path, cached)
                 folder, gguf_file = cached, None
         if device == "cpu":
             dtype, device_map = torch.float32, None
@@ -277,7 +276,7 @@ class TransformersEngine(HFTokenized, QueuedEngine):
         input_ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.model.device)
         raw = RawLogprobs() if p.logprobs is not None else None
         logprob_of = None if raw is None else (lambda tok: raw.of(tok, p.logprobs or 0, self.piece))
-        streamer = _Streamer(self.tokenizer, job, set(self.end_ids), logprob_of)
+        streamer = Streamer(self.tokenizer, job, set(self.end_ids), logprob_of)
 
         class _Cancelled(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
@@ -321,68 +320,6 @@ class TransformersEngine(HFTokenized, QueuedEngine):
         job.finish("stop" if streamer.ended else "length", streamer.count)
 
 
-class _Streamer:
-    """Receives token ids from `generate` and emits text deltas as soon as they are whole characters."""
-
-    def __init__(
-        self, tokenizer: Any, job: Job, end_ids: set[int], logprob_of: Callable[[int], TokenLogprob] | None = None
-    ):
-        self.tokenizer = tokenizer
-        self.job = job
-        self.end_ids = end_ids
-        self.logprob_of = logprob_of
-        self.logprobs: list[TokenLogprob] = []  # of the tokens not yet emitted
-        self.ids: list[int] = []
-        self.prefix = 0  # decoding restarts here, so each step decodes a short window
-        self.read = 0  # ids up to here have been emitted
-        self.count = 0
-        self.ended = False
-        self._prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if not self._prompt_seen:  # generate first hands us the prompt
-            self._prompt_seen = True
-            return
-        self.feed(value.reshape(-1).tolist())
-
-    def feed(self, tokens: list[int]) -> None:
-        """Take newly generated token ids (what the batch manager hands over)."""
-        for tok in tokens:
-            if self.ended:
-                return
-            if tok in self.end_ids:
-                self.ended = True
-                return
-            self.count += 1
-            self.ids.append(tok)
-            if self.logprob_of is not None:
-                self.logprobs.append(self.logprob_of(tok))
-            self._emit_ready()
-
-    def _decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
-
-    def _emit_ready(self) -> None:
-        before = self._decode(self.ids[self.prefix : self.read])
-        after = self._decode(self.ids[self.prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.job.emit(after[len(before) :], self.count, self._take_logprobs())
-            self.prefix, self.read = self.read, len(self.ids)
-
-    def _take_logprobs(self) -> list[TokenLogprob] | None:
-        taken, self.logprobs = self.logprobs, []
-        return taken or None
-
-    def flush(self) -> None:
-        before = self._decode(self.ids[self.prefix : self.read])
-        after = self._decode(self.ids[self.prefix :])
-        self.job.emit(after[len(before) :] if len(after) > len(before) else "", self.count, self._take_logprobs())
-        self.read = len(self.ids)
-
-    def end(self) -> None:
-        """Called by generate when it stops."""
-
-
 def _byte_decoder(tokenizer: Any) -> dict[str, int]:
     """Byte-level BPE's map from piece characters back to bytes (GPT-2's), or {} for other tokenizers."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -390,29 +327,3 @@ def _byte_decoder(tokenizer: Any) -> dict[str, int]:
     pieces = tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), 1000))))
     table = {c: b for b, c in bytes_to_unicode().items()}  # type: ignore[no-untyped-call]
     return table if any("Ġ" in str(p) for p in pieces) else {}
-
-
-def _convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantize a GGUF once and save it as safetensors, so later starts take a second, not a minute."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("converting %s for transformers (once; cached in %s)", gguf.name, target)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"model file {gguf}: transformers cannot load it ({str(exc).splitlines()[0]})") from None
-    # The weights are plain float tensors now; drop the GGUF quantizer marker so they can be saved.
-    model.hf_quantizer = None  # type: ignore[assignment]
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a half-written cache is never picked up
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():
-            raise

@@ -43,11 +43,11 @@ def converted_folder(gguf: Path, cache_dir: Path) -> Path:
     the same folder the transformers engine converts to."""
     import transformers
 
-    from .transformers import _convert_gguf
+    from .hf_convert import convert_gguf
 
     folder = cache_dir / model_fingerprint(gguf, transformers.__version__)
     if not (folder / "config.json").is_file():
-        _convert_gguf(gguf, folder)
+        convert_gguf(gguf, folder)
     return folder
 
 
