@@ -130,6 +130,9 @@ class Keyring:
         if self.key_file is not None:
             for key, principal in parse_key_file(self.key_file).values():
                 table[_digest(key)] = principal
+        if self.key_file is not None and not table:
+            # An emptied key file must not turn a keyed server into an open one.
+            raise KeyFileError(f"API key file {self.key_file}: it holds no keys; refusing to serve without any")
         names = [p.name for p in table.values()]
         clash = {n for n in names if names.count(n) > 1}
         if clash:

@@ -245,6 +245,15 @@ def test_key_file(tmp_path: Path, make_fake_app: MakeFakeApp) -> None:
             parse_key_file(keys)
     with pytest.raises(KeyFileError, match="cannot read"):
         Keyring([], key_file=tmp_path / "missing")
+    # Emptying the file never opens the server: the reload is refused and the keys in force stay.
+    keys.write_text("alice:sk-alice\n")
+    ring = Keyring([], key_file=keys)
+    keys.write_text("# everyone left\n")
+    with pytest.raises(KeyFileError, match="holds no keys"):
+        ring.reload()
+    assert ring and [p.name for p in ring.principals()] == ["alice"]
+    with pytest.raises(KeyFileError, match="holds no keys"):
+        Keyring([], key_file=keys)
 
 
 def test_a_tenant_over_its_concurrency_gets_429(make_fake_app: MakeFakeApp) -> None:
