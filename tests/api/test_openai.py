@@ -227,3 +227,40 @@ def test_responses_match_their_models(fake: FakeApp) -> None:
     assert chunks[-1].usage.completion_tokens == 3
     models = fake.client.get("/v1/models").get_json()
     assert ModelList.model_validate(models).data[0].id == "fake-model"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": [{"role": "user", "content": "hi", "frobnicate": 1}]}, "messages.0.frobnicate"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "detail": "high"}]}]},
+            "messages.0.content",
+        ),
+        ({"stream": True, "stream_options": {"include_usage": True, "chunk_size": 4}}, "stream_options.chunk_size"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "returns": {}}}]},
+            "tools.0.function.returns",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {}, "mode": "x"}}},
+            "response_format.json_schema.mode",
+        ),
+    ],
+)
+def test_an_unknown_field_inside_the_body_is_a_400_naming_it(fake: FakeApp, body: dict, param: str) -> None:  # type: ignore[type-arg]
+    """Strictness reaches the messages, parts, tools and formats, not only the top level."""
+    body.setdefault("messages", [{"role": "user", "content": "hi"}])
+    r = fake.client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.get_data(as_text=True)
+    error = r.get_json()["error"]
+    assert error["param"].startswith(param.rsplit(".", 1)[0]) and param.rsplit(".", 1)[1] in error["message"]
+
+
+def test_a_reply_sent_back_as_the_sdks_dump_it_is_accepted(fake: FakeApp) -> None:
+    """The openai SDK's model_dump of a reply message carries refusal, annotations and nulls: not unknown."""
+    fake.engine.enqueue("fine")
+    reply = {"role": "assistant", "content": "hello", "refusal": None, "annotations": [], "audio": None}
+    messages = [{"role": "user", "content": "hi"}, reply, {"role": "user", "content": "and?"}]
+    r = completion(fake, messages=messages, stream=True, stream_options={"include_obfuscation": False})
+    assert r.status_code == 200, r.get_data(as_text=True)

@@ -321,3 +321,31 @@ def test_a_sessions_database_from_before_the_responses_api_migrates(tmp_path: Pa
             assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 0
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"input": [{"role": "user", "content": "hi", "frobnicate": 1}]}, "frobnicate"),
+        ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "hi", "x": 1}]}]}, "x"),
+        ({"conversation": {"id": "conv_1", "topic": "t"}}, "topic"),
+    ],
+)
+def test_an_unknown_field_inside_the_body_is_a_400_naming_it(fake: FakeApp, body: dict, field: str) -> None:  # type: ignore[type-arg]
+    r = respond(fake, **body)
+    assert r.status_code == 400, r.get_data(as_text=True)
+    assert field in r.get_json()["error"]["message"]
+
+
+def test_output_items_sent_back_as_the_sdk_dumps_them_are_accepted(fake: FakeApp) -> None:
+    """The Agents SDK resends a reply's items whole: ids, status, annotations and logprobs are not unknown."""
+    fake.engine.enqueue("fine")
+    said = {"type": "output_text", "text": "hello", "annotations": [], "logprobs": []}
+    item = {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed", "content": [said]}
+    r = respond(fake, input=[{"role": "user", "content": "hi"}, item, {"role": "user", "content": "and?"}])
+    assert r.status_code == 200, r.get_data(as_text=True)
+
+
+def test_an_unknown_field_in_a_conversation_body_is_a_400(fake: FakeApp) -> None:
+    r = fake.client.post("/v1/conversations", json={"metadata": {}, "title": "x"})
+    assert r.status_code == 400 and "title" in r.get_data(as_text=True)

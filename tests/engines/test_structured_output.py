@@ -155,7 +155,10 @@ def test_logprobs_per_token_and_streamed(client: openai.OpenAI) -> None:
             entries.extend(chunk.choices[0].logprobs.content or [])
             texts.append(chunk.choices[0].delta.content or "")
     assert "".join(texts) == choice.message.content
-    assert [(e.token, round(e.logprob, 3)) for e in entries] == [(t.token, round(t.logprob, 3)) for t in tokens]
+    assert [e.token for e in entries] == [t.token for t in tokens]
+    # The second request reuses the first one's KV from the cache, which llama.cpp computed in another batch
+    # shape: the same tokens, logprobs equal to float noise (-0.376 against -0.378 seen on Qwen).
+    assert [e.logprob for e in entries] == pytest.approx([t.logprob for t in tokens], abs=0.01)
 
 
 def test_grammar_and_logprobs_together(client: openai.OpenAI) -> None:

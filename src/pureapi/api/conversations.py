@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Literal
 
 from flask import Blueprint, Response, jsonify, request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from ..chat.responses import new_id
 from ..errors import NotFound
 from .common import json_body, sessions, validate
 from .responses import InputItem, ItemList, ListQuery, Metadata, ok, service
+from .strict import StrictBody
 
 bp = Blueprint("conversations", __name__, url_prefix="/v1/conversations")
 
@@ -27,10 +28,8 @@ def _check_metadata(value: dict[str, str] | None) -> dict[str, str] | None:
     return value
 
 
-class ConversationCreate(BaseModel):
+class ConversationCreate(StrictBody):
     """Body of POST /v1/conversations."""
-
-    model_config = ConfigDict(extra="ignore")
 
     metadata: Metadata | None = None
     items: list[InputItem] | None = Field(None, max_length=MAX_NEW_ITEMS)
@@ -38,20 +37,16 @@ class ConversationCreate(BaseModel):
     _metadata = field_validator("metadata")(_check_metadata)
 
 
-class ConversationUpdate(BaseModel):
+class ConversationUpdate(StrictBody):
     """Body of POST /v1/conversations/{id}: the new metadata."""
-
-    model_config = ConfigDict(extra="ignore")
 
     metadata: Metadata
 
     _metadata = field_validator("metadata")(_check_metadata)
 
 
-class ItemsCreate(BaseModel):
+class ItemsCreate(StrictBody):
     """Body of POST /v1/conversations/{id}/items."""
-
-    model_config = ConfigDict(extra="ignore")
 
     items: list[InputItem] = Field(min_length=1, max_length=MAX_NEW_ITEMS)
 

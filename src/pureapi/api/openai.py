@@ -11,7 +11,6 @@ from typing import Any, Literal
 from flask import Blueprint, Response, jsonify
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
     StrictBool,
@@ -58,30 +57,29 @@ from .openai_tools import (
     plan_tools,
     with_schema,
 )
-from .strict import StrictBody
+from .strict import StrictBody, StrictPart
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
 
-class TextPart(BaseModel):
+class TextPart(StrictPart):
     """A text content part; other part types are not supported by a text model."""
-
-    model_config = ConfigDict(extra="ignore")
 
     type: Literal["text"]
     text: StrictStr
 
 
-class ChatMessage(BaseModel):
-    """One message of the conversation sent by the client."""
-
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(StrictPart):
+    """One message of the conversation sent by the client (an assistant message as the SDKs send a reply
+    back may carry its refusal and annotations: accepted, not used)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
     tool_calls: list[MessageToolCall] | None = Field(None, description="An assistant's calls, sent back.")
     tool_call_id: StrictStr | None = Field(None, description="The call a tool message answers.")
-    name: StrictStr | None = None
+    name: StrictStr | None = Field(None, description="A tool message's function; accepted and not used on others.")
+    refusal: StrictStr | None = Field(None, description="Accepted; not used.")
+    annotations: list[Any] | None = Field(None, description="Accepted; not used.")
 
     def message(self) -> Message:
         """The domain message (developer is the system role)."""
@@ -102,12 +100,11 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(StrictPart):
     """Stream options; include_usage adds a final usage chunk."""
 
-    model_config = ConfigDict(extra="ignore")
-
     include_usage: StrictBool = False
+    include_obfuscation: StrictBool | None = Field(None, description="Accepted; not used (no padding is sent).")
 
 
 class SamplingFields(BaseModel):

@@ -9,14 +9,15 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from ..errors import BadRequest
 from ..structured import JSON_OBJECT, check_schema
 from ..types import TokenLogprob as TokenLogprobData
+from .strict import StrictPart
 
 MAX_TOP_LOGPROBS = 20
 
 
-class JsonSchemaSpec(BaseModel):
+class JsonSchemaSpec(StrictPart):
     """The schema of response_format json_schema (OpenAI's shape)."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
 
     name: StrictStr = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     description: StrictStr | None = None
@@ -42,10 +43,10 @@ def format_schema(kind: str, schema: dict[str, Any] | None, param: str) -> dict[
     return schema
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(StrictPart):
     """OpenAI's response_format: free text, any JSON object, or JSON matching a schema."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None

@@ -7,22 +7,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import Field, StrictBool, StrictStr
 
 from ..engines.base import Engine
 from ..errors import BadRequest
 from ..structured import check_schema
 from ..tools import ToolCallParser, ToolFormat, forced_schema
 from ..types import ToolCall
+from .strict import StrictPart
 
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 NAME = r"^[A-Za-z0-9_-]+$"
 
 
-class FunctionSpec(BaseModel):
+class FunctionSpec(StrictPart):
     """A function the model may call."""
-
-    model_config = ConfigDict(extra="ignore")
 
     name: StrictStr = Field(min_length=1, max_length=64, pattern=NAME)
     description: StrictStr | None = None
@@ -36,45 +35,35 @@ class FunctionSpec(BaseModel):
         return self.parameters if self.parameters is not None else dict(EMPTY_PARAMETERS)
 
 
-class ToolSpec(BaseModel):
+class ToolSpec(StrictPart):
     """One entry of `tools`: only functions exist."""
-
-    model_config = ConfigDict(extra="ignore")
 
     type: Literal["function"]
     function: FunctionSpec
 
 
-class FunctionName(BaseModel):
+class FunctionName(StrictPart):
     """The function a named tool choice forces."""
-
-    model_config = ConfigDict(extra="ignore")
 
     name: StrictStr
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(StrictPart):
     """tool_choice {"type": "function", "function": {"name": ...}}: the reply is a call to that function."""
-
-    model_config = ConfigDict(extra="ignore")
 
     type: Literal["function"]
     function: FunctionName
 
 
-class FunctionCall(BaseModel):
+class FunctionCall(StrictPart):
     """A call's function: its name and its arguments as JSON text."""
-
-    model_config = ConfigDict(extra="ignore")
 
     name: StrictStr
     arguments: StrictStr
 
 
-class MessageToolCall(BaseModel):
+class MessageToolCall(StrictPart):
     """A tool call in an assistant message, as a client sends it back, and as a reply carries it."""
-
-    model_config = ConfigDict(extra="ignore")
 
     id: StrictStr
     type: Literal["function"] = "function"

@@ -21,30 +21,29 @@ from ..chat.responses import message_item, new_id
 from .common import MaxTokens, Temperature, TopP
 from .openai_output import format_schema
 from .openai_tools import NAME, FunctionSpec, other_type
-from .strict import StrictBody
+from .strict import StrictBody, StrictPart
 
 MAX_ITEMS = 1000
 Metadata = dict[StrictStr, StrictStr]
 
 
-class ContentPart(BaseModel):
+class ContentPart(StrictPart):
     """A text part of a message item; other part types are not supported by a text model."""
-
-    model_config = ConfigDict(extra="ignore")
 
     type: Literal["input_text", "output_text", "text"]
     text: StrictStr
+    annotations: list[Any] | None = Field(None, description="Of an output_text sent back: accepted; not used.")
+    logprobs: list[Any] | None = Field(None, description="Of an output_text sent back: accepted; not used.")
 
 
 def _text(content: str | list[ContentPart]) -> str:
     return content if isinstance(content, str) else "".join(p.text for p in content)
 
 
-class InputItem(BaseModel):
+class InputItem(StrictPart):
     """An item of `input`: a message (the default type), a function_call sent back, or a
-    function_call_output (the result of a call, as text)."""
-
-    model_config = ConfigDict(extra="ignore")
+    function_call_output (the result of a call, as text). An item sent back as a reply gave it keeps its
+    type's fields; its id and status are accepted and not used (stored items get ids of this server's)."""
 
     type: Literal["message", "function_call", "function_call_output"] = "message"
     role: Literal["user", "assistant", "system", "developer"] | None = None
@@ -53,6 +52,8 @@ class InputItem(BaseModel):
     name: StrictStr | None = Field(None, min_length=1)
     arguments: StrictStr | None = None
     output: StrictStr | list[ContentPart] | None = None
+    id: StrictStr | None = Field(None, description="Accepted; not used.")
+    status: StrictStr | None = Field(None, description="Accepted; not used.")
 
     @model_validator(mode="after")
     def _fields_of_its_type(self) -> InputItem:
@@ -89,10 +90,8 @@ class InputItem(BaseModel):
         return message_item(self.role or "user", _text(self.content or ""), status="completed")
 
 
-class ConversationRef(BaseModel):
+class ConversationRef(StrictPart):
     """A conversation named by id."""
-
-    model_config = ConfigDict(extra="ignore")
 
     id: StrictStr
 
