@@ -644,10 +644,12 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
 def make_damaged_store(path: Path) -> None:
     """A real sessions database with pages in the middle overwritten."""
     from pureapi.chat.store import SQLiteStore
+    from pureapi.types import Message
 
     store = SQLiteStore(path)
     for i in range(100):
-        store.append_round(f"s{i % 7}", f"question {i} " * 20, f"answer {i} " * 20, 0, 20, owner="")
+        pair = [Message("user", f"question {i} " * 20), Message("assistant", f"answer {i} " * 20)]
+        store.append_round(f"s{i % 7}", pair, 0, 20, owner="")
     store.close()
     assert not path.with_name(path.name + "-wal").exists()  # all in the main file
     data = bytearray(path.read_bytes())

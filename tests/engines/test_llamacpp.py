@@ -516,9 +516,11 @@ def test_a_turn_queued_before_its_reset_leaves_no_state_behind(gguf: Path, tmp_p
     store = SQLiteStore(tmp_path / "sessions.db")
     service = SessionService(store, Gateway(lambda: engine))
     try:
-        store.append_round(
-            "S", "Write a long story about a dragon.", "Once upon a time there was a dragon.", 0, 20, owner=""
-        )
+        dragon = [
+            Message("user", "Write a long story about a dragon."),
+            Message("assistant", "Once upon a time there was a dragon."),
+        ]
+        store.append_round("S", dragon, 0, 20, owner="")
         busy = service.chat("X", "Write a long story about rain.", greedy_params(60))
         next(busy)  # X holds the only slot
         waiting = service.chat("S", "Go on, in more detail.", greedy_params(20))  # queued behind X

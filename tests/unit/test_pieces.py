@@ -103,17 +103,21 @@ def test_fit_window_drops_oldest_rounds_then_reports_token_counts() -> None:
         fit_window(encode, 100, rounds, [Message("user", "c" * 200)], 1)
 
 
+def pair(user: str, assistant: str) -> list[Message]:
+    return [Message("user", user), Message("assistant", assistant)]
+
+
 def test_store_appends_rounds_atomically_and_respects_resets(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "s.db")
     assert store.history("x", owner="") == ([], 0)
-    assert store.append_round("x", "u1", "a1", 0, 20, owner="")
+    assert store.append_round("x", pair("u1", "a1"), 0, 20, owner="")
     _, epoch = store.history("x", owner="")
     store.reset("x", owner="")
-    assert not store.append_round("x", "late", "reply", epoch, 20, owner="")  # reset happened meanwhile
+    assert not store.append_round("x", pair("late", "reply"), epoch, 20, owner="")  # reset happened meanwhile
     assert store.history("x", owner="")[0] == []
     _, epoch = store.history("x", owner="")
     for i in range(5):
-        store.append_round("x", f"u{i}", f"a{i}", epoch, 3, owner="")
+        store.append_round("x", pair(f"u{i}", f"a{i}"), epoch, 3, owner="")
     assert [m.content for m in store.history("x", owner="")[0]] == ["u2", "a2", "u3", "a3", "u4", "a4"]
     store.close()
     reopened = SQLiteStore(tmp_path / "s.db")

@@ -5,16 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
-from ..chat.sessions import DEFAULT_SESSION
+from ..chat.sessions import DEFAULT_SESSION, SessionTurn
 from ..errors import BadRequest
 from ..models import hardware
-from ..types import Chunk, SamplingParams
+from ..types import Chunk, Message, SamplingParams
 from .common import (
     Encoder,
     MaxTokens,
@@ -31,11 +31,14 @@ from .common import (
     validate,
 )
 from .docs import BODY_ERRORS, GENERATION_ERRORS, Operation, documented
+from .openai_tools import MessageToolCall, ToolChoice, ToolSpec
+from .seed_tools import FinishReason, TextFilter, ToolResult, finish_reason, plan, session_turn, wire_calls
 
 bp = Blueprint("seed", __name__)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 _SANE_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+_TOOL_FIELDS = {"tools", "tool_choice", "tool_results"}
 
 
 class ChatRequest(BaseModel):
@@ -43,29 +46,52 @@ class ChatRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    message: StrictStr = Field(
-        description="The user's message (not empty or only whitespace).",
+    message: StrictStr | None = Field(
+        None,
+        description="The user's message (not empty or only whitespace); required unless tool_results are posted.",
         json_schema_extra={"minLength": 1, "pattern": r"\S"},
     )
     max_tokens: MaxTokens = 512
     temperature: Temperature = 0.7
     session_id: SessionId | None = None
     stream: StrictBool = Field(False, description="Stream the reply as server-sent events.")
+    tools: list[ToolSpec] | None = Field(
+        None, description="Functions the model may call on this turn (OpenAI's shape); the reply may be tool_calls."
+    )
+    tool_choice: ToolChoice | None = Field(
+        None, description='As on /v1/chat/completions: "auto" (default), "none", "required" or a named function.'
+    )
+    tool_results: list[ToolResult] | None = Field(
+        None,
+        min_length=1,
+        description="The results of every call the session's last reply made, each naming its tool_call_id; "
+        "they go before the message, if one is given.",
+    )
 
     @field_validator("message")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    def uses_tools(self) -> bool:
+        """Whether the turn offers tools or posts results (the reply then says how it finished)."""
+        return bool(self.tools or self.tool_choice is not None or self.tool_results)
 
 
 class ChatResponse(BaseModel):
     """Body of a successful POST /chat."""
 
-    message: str
+    message: str = Field(description="The user's message as sent ('' on a turn that only posts tool_results).")
     response: str
     status: str = "success"
+    tool_calls: list[MessageToolCall] | None = Field(
+        None, description="The calls the reply made, if any; post their results as the next turn's tool_results."
+    )
+    finish_reason: FinishReason | None = Field(
+        None, description="Only on a turn with tools, tool_choice or tool_results: tool_calls, stop or length."
+    )
 
 
 class StreamUsage(BaseModel):
@@ -138,8 +164,11 @@ def idempotency(body: BaseModel) -> tuple[str, str] | None:
         raise BadRequest(
             f"{IDEMPOTENCY_HEADER} must be 1 to 255 printable ASCII characters, no spaces", param=IDEMPOTENCY_HEADER
         )
-    # The fingerprint covers every field that shapes the reply, streaming aside (a retry may switch).
-    canonical = json.dumps(body.model_dump(exclude={"stream"}), sort_keys=True, separators=(",", ":"))
+    # The fingerprint covers every field that shapes the reply, streaming aside (a retry may switch);
+    # tool fields left out count as absent, so keys stored before they existed still match.
+    fields = body.model_dump(exclude={"stream"})
+    fields = {k: v for k, v in fields.items() if v is not None or k not in _TOOL_FIELDS}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return key, hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -168,6 +197,8 @@ def idempotency(body: BaseModel) -> tuple[str, str] | None:
 )
 def chat() -> Response:
     body = validate(ChatRequest, json_body())
+    if body.message is None and not body.tool_results:
+        raise BadRequest("message: field required", param="message")
     params = SamplingParams(max_tokens=body.max_tokens, temperature=float(body.temperature))
     session_id = body.session_id or DEFAULT_SESSION
     key = idempotency(body)
@@ -175,42 +206,73 @@ def chat() -> Response:
     # the model loads after a restart). chat() checks again under the session's lock, for a retry
     # that raced the original.
     stored = sessions().replay(session_id, *key) if key is not None else None
+    text_of: TextFilter | None = None
     if stored is not None:
-        chunks: Iterator[Chunk] = iter([Chunk(stored, "stop")])
+        turn = SessionTurn(body.message)
+        chunks: Iterator[Chunk] = iter([Chunk(stored.content, "stop")])
     else:
-        chunks = sessions().chat(session_id, body.message, params, idempotency=key)
+        tool_plan = plan(body.tools, body.tool_choice)
+        turn = session_turn(body.message, body.tool_results or (), tool_plan)
+        params.json_schema = tool_plan.schema  # a forced call is held to its function's schema
+        text_of = TextFilter(tool_plan) if tool_plan.fmt is not None else None
+        chunks = sessions().chat(session_id, turn, params, idempotency=key)
     stream = primed(chunks)
+    reply = _Reply(body, stored)
     if not body.stream:
-        text, _ = drain(stream)
-        response = jsonify(ChatResponse(message=body.message, response=text).model_dump())
+        text, last = drain(stream)
+        response = jsonify(reply.body(turn.reply, text, last).model_dump(exclude_none=True))
     else:
-        response = sse_response(relay(stream, _Events(body.message)))
+        response = sse_response(relay(stream, _Events(reply, lambda: turn.reply, text_of)))
     if stored is not None:
         response.headers["Idempotent-Replayed"] = "true"
     return response
 
 
-class _Events(Encoder):
-    """The seed stream: {"delta": text} per piece of the reply, then the whole ChatStreamEnd;
-    a failure is {"error": message}."""
+class _Reply:
+    """How a finished turn is answered: the seed's body, with the calls and the finish reason on a turn
+    that used tools (or whose stored reply made calls)."""
 
-    def __init__(self, message: str):
-        self.message = message
+    def __init__(self, body: ChatRequest, stored: Message | None):
+        self.request, self.stored = body, stored
+
+    def body_of(
+        self, reply: Message | None, text: str, last: Chunk, end: type[ChatResponse], **more: object
+    ) -> ChatResponse:
+        """The answer, from the assistant message the session kept (the text, where nothing was kept)."""
+        reply = self.stored or reply or Message("assistant", text)
+        fields: dict[str, object] = {"message": self.request.message or "", "response": reply.content, **more}
+        if self.request.uses_tools() or reply.tool_calls:
+            fields.update(tool_calls=wire_calls(reply), finish_reason=finish_reason(reply, last.finish_reason))
+        return end(**fields)
+
+    def body(self, reply: Message | None, text: str, last: Chunk) -> ChatResponse:
+        """The JSON answer."""
+        return self.body_of(reply, text, last, ChatResponse)
+
+
+class _Events(Encoder):
+    """The seed stream: {"delta": text} per piece of the reply (a call's markup held back), then the whole
+    ChatStreamEnd (with the calls, on a turn with tools); a failure is {"error": message}."""
+
+    def __init__(self, reply: _Reply, kept: Callable[[], Message | None], text_of: TextFilter | None):
+        self.reply, self.kept, self.text_of = reply, kept, text_of
         self.parts: list[str] = []
         self.last: Chunk | None = None
 
     def events(self, chunk: Chunk) -> Iterator[str]:
         self.last = chunk
-        if chunk.text:
-            self.parts.append(chunk.text)
-            yield sse({"delta": chunk.text})
+        self.parts.append(chunk.text)
+        text = self.text_of.feed(chunk.text, chunk.finish_reason is not None) if self.text_of else chunk.text
+        if text:
+            yield sse({"delta": text})
 
     def closing(self) -> Iterator[str]:
         last = self.last or Chunk("")
         usage = StreamUsage(
             prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens, cached_tokens=last.cached_tokens
         )
-        yield sse(ChatStreamEnd(message=self.message, response="".join(self.parts), usage=usage).model_dump())
+        end = self.reply.body_of(self.kept(), "".join(self.parts), last, ChatStreamEnd, usage=usage)
+        yield sse(end.model_dump(exclude_none=True))
 
     def failed(self, message: str) -> Iterator[str]:
         yield sse({"error": message})

@@ -11,7 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from ..chat.store import SessionInfo
 from ..errors import BadRequest
+from ..types import Message
 from .common import SessionId, directory, json_body, validate
+from .openai_tools import MessageToolCall
 
 bp = Blueprint("sessions", __name__, url_prefix="/v1/sessions")
 
@@ -46,7 +48,10 @@ class ForkSession(BaseModel):
 
     id: SessionId | None = Field(None, description="The new session's id; a random one by default.")
     at_turn: StrictInt | None = Field(
-        None, ge=0, description="Keep the first N rounds (user message + reply); all of them by default."
+        None,
+        ge=0,
+        description="Keep the first N rounds (a user message through the reply, tool exchanges included); "
+        "all of them by default.",
     )
 
 
@@ -71,10 +76,19 @@ class SessionObject(BaseModel):
 
 
 class MessageObject(BaseModel):
-    """One stored message."""
+    """One stored message: a user's, an assistant's (which may call tools) or a tool's result."""
 
     role: str
     content: str
+    tool_calls: list[MessageToolCall] | None = Field(None, description="The calls an assistant message made.")
+    tool_call_id: str | None = Field(None, description="The call a tool message answers.")
+    name: str | None = Field(None, description="The function whose result a tool message carries.")
+
+    @classmethod
+    def of(cls, m: Message) -> MessageObject:
+        """The wire shape of a stored message."""
+        calls = [MessageToolCall.of(call) for call in m.tool_calls] or None
+        return cls(role=m.role, content=m.content, tool_calls=calls, tool_call_id=m.tool_call_id, name=m.name)
 
 
 class SessionWithMessages(SessionObject):
@@ -100,7 +114,7 @@ def _object(info: SessionInfo) -> dict[str, Any]:
         title=info.title,
         metadata=info.metadata,
         system_prompt=info.system_prompt,
-        rounds=info.messages // 2,
+        rounds=info.rounds,
     ).model_dump()
 
 
@@ -150,11 +164,9 @@ def create_session() -> tuple[Response, int]:
 @bp.get("/<session_id>")
 def get_session(session_id: str) -> Response:
     info, history = directory().get_session(_session_id(session_id))
-    return jsonify(
-        SessionWithMessages(
-            **_object(info), messages=[MessageObject(role=m.role, content=m.content) for m in history]
-        ).model_dump()
-    )
+    # A message shows the tool fields it has; the session's own fields show even when null.
+    messages = [MessageObject.of(m).model_dump(exclude_none=True) for m in history]
+    return jsonify({**SessionWithMessages(**_object(info), messages=[]).model_dump(), "messages": messages})
 
 
 @bp.patch("/<session_id>")

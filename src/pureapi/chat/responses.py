@@ -19,7 +19,7 @@ from ..tools import named_results, unanswered_result
 from ..types import Chunk, Message, Prompt, SamplingParams, ToolCall
 from .response_store import Item, ResponseStore
 from .sessions import SessionService
-from .window import fit_window
+from .window import fit_window, open_round, rounds_of
 
 
 def new_id(prefix: str) -> str:
@@ -67,12 +67,7 @@ def _messages(items: Sequence[Item]) -> list[Message]:
 
 def _turns(items: Sequence[Item]) -> list[list[Message]]:
     """Group items into turns, each opened by a user message (a tool exchange stays in its turn)."""
-    turns: list[list[Message]] = [[]]
-    for message in _messages(items):
-        if message.role == "user" and turns[-1]:
-            turns.append([])
-        turns[-1].append(message)
-    return [t for t in turns if t]
+    return rounds_of(_messages(items))
 
 
 @dataclass
@@ -150,10 +145,8 @@ class ResponseService:
         owner = self.sessions.owner()  # read now: commit runs while the reply streams, after the request
 
         def prompt(engine: Engine) -> tuple[Prompt, SamplingParams]:
-            history, rest = self._history(turn, owner), list(tail)
             # A turn that answers calls stays with the turn that made them (the window never splits them).
-            while history and (not rest or rest[0].role != "user"):
-                rest = [*history.pop(), *rest]
+            history, rest = open_round(self._history(turn, owner), tail)
             if turn.truncation == "disabled":
                 history, rest = [], [m for t in history for m in t] + rest
             orphan = unanswered_result(rest)

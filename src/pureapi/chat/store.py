@@ -7,13 +7,13 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..types import Message
+from ..types import Message, ToolCall
 
 
 class StoreError(Exception):
@@ -31,6 +31,7 @@ class SessionInfo:
     metadata: dict[str, Any] = field(default_factory=dict)
     system_prompt: str | None = None
     messages: int = 0
+    rounds: int = 0  # user messages: a round runs from one to the next, tool exchanges included
 
 
 class SessionStore(ABC):
@@ -44,15 +45,16 @@ class SessionStore(ABC):
     def append_round(
         self,
         session_id: str,
-        user: str,
-        assistant: str,
+        messages: Sequence[Message],
         epoch: int,
         max_rounds: int,
         idempotency: tuple[str, str] | None = None,
         *,
         owner: str,
     ) -> bool:
-        """Append a user/assistant pair, keep the newest max_rounds; False if the session was reset since `epoch`.
+        """Append a turn's messages (the last is the reply), keep the newest max_rounds rounds (each opened by
+        a user message, so a tool call and its result stay together); False if the session was reset since
+        `epoch`.
 
         With idempotency (key, request fingerprint), the reply is also kept under the key, in the same transaction.
         """
@@ -99,7 +101,7 @@ class SessionStore(ABC):
         """Delete the sessions (of every owner) last updated before the given time; their stored keys."""
 
     @abstractmethod
-    def idempotent_reply(self, session_id: str, key: str, *, owner: str) -> tuple[str, str] | None:
+    def idempotent_reply(self, session_id: str, key: str, *, owner: str) -> tuple[str, Message] | None:
         """(request fingerprint, stored reply) of a turn made with this Idempotency-Key, or None."""
 
     def close(self) -> None:
@@ -175,7 +177,49 @@ MIGRATIONS = [
     ALTER TABLE responses ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     ALTER TABLE conversations ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     """,
+    # Tool exchanges in sessions: an assistant message may carry its tool calls (JSON), and a tool result
+    # (role 'tool') names the call it answers and its function. SQLite cannot alter a CHECK, so messages is
+    # rebuilt (create, copy, drop, rename; nothing references it) inside this migration's transaction.
+    # An idempotent turn's stored reply keeps its calls too.
+    """
+    CREATE TABLE messages_v5 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('user', 'assistant', 'tool')),
+        content TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        tool_calls TEXT,
+        tool_call_id TEXT,
+        name TEXT
+    );
+    INSERT INTO messages_v5 (id, session_id, role, content, created_at)
+        SELECT id, session_id, role, content, created_at FROM messages ORDER BY id;
+    DROP TABLE messages;
+    ALTER TABLE messages_v5 RENAME TO messages;
+    CREATE INDEX messages_by_session ON messages(session_id, id);
+    ALTER TABLE idempotency_keys ADD COLUMN tool_calls TEXT;
+    """,
 ]
+
+_MESSAGE_COLUMNS = "role, content, tool_calls, tool_call_id, name"
+
+
+def _calls_json(calls: Sequence[ToolCall]) -> str | None:
+    """An assistant message's calls as stored (None: it made none)."""
+    return json.dumps([{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls]) if calls else None
+
+
+def _calls_of(stored: str | None) -> tuple[ToolCall, ...]:
+    return tuple(ToolCall(c["id"], c["name"], c["arguments"]) for c in json.loads(stored)) if stored else ()
+
+
+def _message(row: tuple[Any, ...]) -> Message:
+    role, content, calls, call_id, name = row
+    return Message(role, content, _calls_of(calls), call_id, name)
+
+
+def _row(session_id: str, m: Message, now: float) -> tuple[Any, ...]:
+    return (session_id, m.role, m.content, _calls_json(m.tool_calls), m.tool_call_id, m.name, now)
 
 
 def session_key(owner: str, session_id: str) -> str:
@@ -185,13 +229,14 @@ def session_key(owner: str, session_id: str) -> str:
 
 _INFO_COLUMNS = (
     "s.id, s.created_at, s.updated_at, s.title, s.metadata, s.system_prompt, "
-    "(SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id), s.owner"
+    "(SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id), s.owner, "
+    "(SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id AND m.role = 'user')"
 )
 
 
 def _info(row: tuple[Any, ...]) -> SessionInfo:
     client_id = row[0].split("/", 1)[1] if row[7] else row[0]
-    return SessionInfo(client_id, row[1], row[2], row[3], json.loads(row[4]), row[5], row[6])
+    return SessionInfo(client_id, row[1], row[2], row[3], json.loads(row[4]), row[5], row[6], row[8])
 
 
 class SQLiteStore(SessionStore):
@@ -238,17 +283,16 @@ class SQLiteStore(SessionStore):
         with self._lock:
             row = self._db.execute("SELECT epoch FROM sessions WHERE id = ? AND owner = ?", (key, owner)).fetchone()
             rows = self._db.execute(
-                "SELECT m.role, m.content FROM messages m JOIN sessions s ON s.id = m.session_id "
-                "WHERE m.session_id = ? AND s.owner = ? ORDER BY m.id",
+                "SELECT m.role, m.content, m.tool_calls, m.tool_call_id, m.name FROM messages m "
+                "JOIN sessions s ON s.id = m.session_id WHERE m.session_id = ? AND s.owner = ? ORDER BY m.id",
                 (key, owner),
             ).fetchall()
-        return [Message(role, content) for role, content in rows], (row[0] if row else 0)
+        return [_message(r) for r in rows], (row[0] if row else 0)
 
     def append_round(
         self,
         session_id: str,
-        user: str,
-        assistant: str,
+        messages: Sequence[Message],
         epoch: int,
         max_rounds: int,
         idempotency: tuple[str, str] | None = None,
@@ -272,19 +316,21 @@ class SQLiteStore(SessionStore):
                     (session_id, owner, epoch, now, now),
                 )
                 self._db.executemany(
-                    "INSERT INTO messages (session_id, role, content, created_at) VALUES (?, ?, ?, ?)",
-                    [(session_id, "user", user, now), (session_id, "assistant", assistant, now)],
+                    f"INSERT INTO messages (session_id, {_MESSAGE_COLUMNS}, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [_row(session_id, m, now) for m in messages],
                 )
+                # Whole rounds go: everything before the max_rounds-th newest user message (none if fewer).
                 self._db.execute(
-                    "DELETE FROM messages WHERE session_id = ? AND id NOT IN "
-                    "(SELECT id FROM messages WHERE session_id = ? ORDER BY id DESC LIMIT ?)",
-                    (session_id, session_id, 2 * max_rounds),
+                    "DELETE FROM messages WHERE session_id = ? AND id < (SELECT id FROM messages "
+                    "WHERE session_id = ? AND role = 'user' ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                    (session_id, session_id, max_rounds - 1),
                 )
                 if idempotency is not None:
+                    reply = messages[-1]
                     self._db.execute(
-                        "INSERT INTO idempotency_keys (session_id, key, fingerprint, reply, created_at) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        (session_id, idempotency[0], idempotency[1], assistant, now),
+                        "INSERT INTO idempotency_keys (session_id, key, fingerprint, reply, tool_calls, created_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (session_id, idempotency[0], idempotency[1], reply.content, _calls_json(reply.tool_calls), now),
                     )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -431,10 +477,13 @@ class SQLiteStore(SessionStore):
                 if created != 1:
                     self._db.execute("ROLLBACK")
                     return False
+                # The first `rounds` rounds: everything before the next round's user message (all if none).
                 self._db.execute(
-                    "INSERT INTO messages (session_id, role, content, created_at) "
-                    "SELECT ?, role, content, created_at FROM messages WHERE session_id = ? ORDER BY id LIMIT ?",
-                    (new_id, source, 2 * rounds),
+                    f"INSERT INTO messages (session_id, {_MESSAGE_COLUMNS}, created_at) "
+                    f"SELECT ?, {_MESSAGE_COLUMNS}, created_at FROM messages WHERE session_id = ? AND id < "
+                    "COALESCE((SELECT id FROM messages WHERE session_id = ? AND role = 'user' "
+                    "ORDER BY id LIMIT 1 OFFSET ?), 9223372036854775807) ORDER BY id",
+                    (new_id, source, source, rounds),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -466,14 +515,14 @@ class SQLiteStore(SessionStore):
                 expired.append(session_id)
         return expired
 
-    def idempotent_reply(self, session_id: str, key: str, *, owner: str) -> tuple[str, str] | None:
+    def idempotent_reply(self, session_id: str, key: str, *, owner: str) -> tuple[str, Message] | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT i.fingerprint, i.reply FROM idempotency_keys i JOIN sessions s ON s.id = i.session_id "
-                "WHERE i.session_id = ? AND i.key = ? AND s.owner = ?",
+                "SELECT i.fingerprint, i.reply, i.tool_calls FROM idempotency_keys i "
+                "JOIN sessions s ON s.id = i.session_id WHERE i.session_id = ? AND i.key = ? AND s.owner = ?",
                 (session_key(owner, session_id), key, owner),
             ).fetchone()
-        return (row[0], row[1]) if row else None
+        return (row[0], Message("assistant", row[1], _calls_of(row[2]))) if row else None
 
     def close(self) -> None:
         with self._lock:

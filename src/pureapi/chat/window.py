@@ -11,9 +11,26 @@ from ..types import Message, Prompt
 _Sized = TypeVar("_Sized", bound=Sized)  # a prompt: token ids or a ChatPrompt, both sized in tokens
 
 
-def rounds_of(history: Sequence[Message]) -> list[tuple[Message, Message]]:
-    """Pair a stored history into (user, assistant) rounds."""
-    return [(history[i], history[i + 1]) for i in range(0, len(history) - 1, 2)]
+def rounds_of(history: Sequence[Message]) -> list[list[Message]]:
+    """Group a stored history into rounds, each opened by a user message and running to the next one, so
+    that a tool call, its results and the answer after them are one round."""
+    rounds: list[list[Message]] = []
+    for message in history:
+        if message.role == "user" or not rounds:
+            rounds.append([])
+        rounds[-1].append(message)
+    return rounds
+
+
+def open_round(
+    rounds: Sequence[Sequence[Message]], tail: Sequence[Message]
+) -> tuple[list[list[Message]], list[Message]]:
+    """The rounds and the new messages, with the rounds the new messages continue (tool results answering
+    their calls) moved into them: the window drops whole rounds, never a call apart from its result."""
+    kept, rest = [list(r) for r in rounds], list(tail)
+    while kept and (not rest or rest[0].role != "user"):
+        rest = [*kept.pop(), *rest]
+    return kept, rest
 
 
 def fit_window(
