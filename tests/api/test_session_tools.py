@@ -268,3 +268,9 @@ def test_migration_from_schema_4_keeps_the_history(tmp_path: Path) -> None:
     assert reopened.get_session("w", owner="alice").rounds == 2  # type: ignore[union-attr]
     reopened.close()
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 5
+
+
+def test_an_unknown_field_in_a_tool_result_is_a_400_naming_it(fake: FakeApp) -> None:
+    """tool_results is new: nothing in it is ignored, unlike the seed body's old fields."""
+    r = fake.client.post("/chat", json={"tool_results": [{"tool_call_id": "c1", "content": "4", "is_error": True}]})
+    assert r.status_code == 400 and "is_error" in r.get_json()["error"]

@@ -7,20 +7,20 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import Field, StrictStr
 
 from ..chat.sessions import SessionTurn
 from ..types import Message
 from .common import gateway
 from .openai_tools import MessageToolCall, ReplyReader, ToolChoice, ToolPlan, ToolSpec, parse_reply, plan_tools
+from .strict import StrictPart
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 
-class ToolResult(BaseModel):
-    """A tool's result (OpenAI's tool message): it answers one call of the session's last reply."""
-
-    model_config = ConfigDict(extra="ignore")
+class ToolResult(StrictPart):
+    """A tool's result (OpenAI's tool message): it answers one call of the session's last reply. Unlike the
+    seed body around it (whose old scripts may send anything), an unknown field here is a 400 naming it."""
 
     role: Literal["tool"] = "tool"
     tool_call_id: StrictStr = Field(min_length=1, description="The id of the call it answers.")
