@@ -30,7 +30,7 @@ def greedy(engine: TransformersEngine, messages: list[Message], max_tokens: int 
     return "".join(c.text for c in engine.generate(GenerationRequest(ids, SamplingParams(max_tokens, 0.0))))
 
 
-def llama_cpp_greedy(path: Path, ids: list[int], max_tokens: int) -> str:
+def llama_cpp_greedy(path: Path, ids: list[int], max_tokens: int) -> list[int]:
     """The reference: llama.cpp's own greedy continuation of the same token ids."""
     import llama_cpp
 
@@ -41,17 +41,34 @@ def llama_cpp_greedy(path: Path, ids: list[int], max_tokens: int) -> str:
         if llama_cpp.llama_vocab_is_eog(vocab, tok) or len(out) >= max_tokens:
             break
         out.append(tok)
-    text = llm.detokenize(out).decode("utf-8", errors="replace")
     llm.close()
-    return text
+    return out
 
 
 def test_greedy_reply_matches_llama_cpp(engine: TransformersEngine, smollm2_gguf: Path, qwen_gguf: Path) -> None:
+    """The converted weights compute what llama.cpp computes from the GGUF.
+
+    Exact equality of two greedy texts is too much to ask: llama.cpp quantizes activations for its dot
+    products, and which kernels run depends on the CPU (AVX2 or AVX-512), so where two tokens are nearly
+    tied the replies may part ("most vibrant" against "most popular" on an AVX2 EPYC). So the model is fed
+    llama.cpp's own reply, and every token llama.cpp chose must be (near) the top of our logits there; a
+    wrong conversion (rope, norms, tied embeddings, vocabulary) puts it several nats below."""
+    import torch
+
     path = smollm2_gguf if "SmolLM2" in engine.model_name else qwen_gguf
     messages = [Message("user", "List three colors.")]
+    prompt = engine.encode_chat(messages)
+    theirs = llama_cpp_greedy(path, prompt, 24)
     ours = greedy(engine, messages)
-    assert ours.strip()
-    assert ours == llama_cpp_greedy(path, engine.encode_chat(messages), 24)
+    assert ours.strip() and len(theirs) >= 8
+    with torch.no_grad():
+        logits = engine.model(torch.tensor([prompt + theirs], device=engine.model.device)).logits[0].float()
+    chosen = logits[len(prompt) - 1 : -1]  # the logits that predict each of llama.cpp's tokens
+    gaps = (chosen.max(dim=-1).values - chosen[torch.arange(len(theirs)), torch.tensor(theirs)]).tolist()
+    assert max(gaps) < 1.0, gaps
+    assert sum(g == 0 for g in gaps) >= 0.9 * len(gaps), gaps  # ties aside, the same argmax
+    # And our own greedy reply begins as llama.cpp's does (the first tokens are far from any tie).
+    assert ours.startswith(engine.tokenizer.decode(theirs[:3]))
 
 
 def test_answers_a_factual_question(engine: TransformersEngine) -> None:
