@@ -175,6 +175,20 @@ def test_a_job_the_batch_cannot_sample_runs_alone_and_fails_alone(run: Any) -> N
     assert all(paused for _, paused in two.alone)  # the batch was held while each ran
 
 
+def test_a_stopped_manager_fails_the_steps_jobs_and_refuses_new_ones(run: Any) -> None:
+    two = run(2)
+    streams = [two.start([1, 2, 3 + i], LONG)[1] for i in range(2)]
+    for stream in streams:
+        next(stream)
+    two.batcher.manager.stop(block=True, timeout=10, hard_stop=True)  # as when its thread dies
+    for stream in streams:
+        with pytest.raises(EngineError):  # the manager's own failure of the request, or the shell's for the step
+            list(stream)
+    with pytest.raises(EngineError, match="the batch generation loop has stopped"):
+        list(two.start([1, 2, 3], 5)[1])
+    assert two.shell.ready() and not two.batcher.alive()  # the shell's worker survived; the engine reads not ready
+
+
 def test_close_ends_every_running_stream_and_stops_the_manager(run: Any) -> None:
     two = run(2)
     streams = [two.start([1, 2, 3 + i], LONG)[1] for i in range(2)]

@@ -247,8 +247,10 @@ class Batcher(Backend):
                     self._deliver(out, running)
                 except Exception as exc:  # one job's broken stream fails that job alone
                     log.exception("delivering %s failed", out.request_id)
-                    self._end(out.request_id, cancel=True)
-                    running.job.fail(EngineError(f"generation failed: {exc}"))
+                    if out.request_id in self._running:
+                        self._end(out.request_id, cancel=True)
+                    if not running.job.ended:
+                        running.job.fail(EngineError(f"generation failed: {exc}"))
             try:
                 out = outputs.get_nowait()
             except queue.Empty:
