@@ -121,7 +121,7 @@ class QueuedEngine(Engine):
         return self._shell is not None and self._shell.ready()
 
     def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
-        if self._shell is None:
+        if self._shell is None or not self.ready():  # an engine's own readiness too (the batch's manager alive)
             raise NotReady("the model is not loaded")
         return self._shell.submit(request)
 
