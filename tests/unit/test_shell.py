@@ -1,4 +1,5 @@
-"""The engine shell against a scripted backend, without weights: the one job lifecycle every engine gets."""
+"""The engine shell against scripted backends, without weights: the one job lifecycle every engine gets
+(a stepping backend like llama.cpp's, and `OneAtATime` over a scripted whole-job run)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from pureapi.engines.jobs import Job
-from pureapi.engines.shell import Backend, EngineShell
+from pureapi.engines.shell import Backend, EngineShell, OneAtATime
 from pureapi.errors import Cancelled, EngineError, NotReady, Overloaded
 from pureapi.types import Chunk, GenerationRequest, SamplingParams
 
@@ -199,3 +200,103 @@ def test_idle_work_runs_only_when_nothing_waits() -> None:
         assert text(shell.submit(request(2))) == "xx"
     finally:
         shell.close()
+
+
+class Whole:
+    """A `run` for OneAtATime: emits one token per `delay` up to max_tokens, raising or stopping where told."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+        self.ran: list[int] = []  # job numbers, in order
+        self.returned: list[int] = []  # job numbers whose run returned (finished, cancelled or not)
+        self.crash: set[int] = set()  # job numbers that raise after their first token
+        self.unfinished: set[int] = set()  # job numbers that return without finishing
+
+    def __call__(self, job: Job) -> None:
+        self.ran.append(job.number)
+        try:
+            limit = job.request.params.max_tokens
+            for done in range(1, limit + 1):
+                if job.request.cancel.is_set():
+                    return
+                time.sleep(self.delay)
+                job.emit("x", done)
+                if job.number in self.crash:
+                    raise RuntimeError("the device fell over")
+            if job.number not in self.unfinished:
+                job.finish("length", limit)
+        finally:
+            self.returned.append(job.number)
+
+
+def test_one_at_a_time_runs_whole_jobs_in_order() -> None:
+    run = Whole()
+    shell = EngineShell(OneAtATime(run), max_queue=8).start()
+    try:
+        streams = [shell.submit(request(n)) for n in (2, 3, 1)]
+        assert [text(s) for s in streams] == ["xx", "xxx", "x"]
+        assert run.ran == [1, 2, 3]
+    finally:
+        shell.close()
+
+
+def test_one_at_a_time_a_crashed_job_fails_alone() -> None:
+    run = Whole()
+    run.crash = {1}
+    run.unfinished = {2}
+    shell = EngineShell(OneAtATime(run), max_queue=8).start()
+    try:
+        crashed, unfinished, fine = (shell.submit(request(3)) for _ in range(3))
+        with pytest.raises(EngineError, match="generation failed: RuntimeError: the device fell over"):
+            text(crashed)
+        with pytest.raises(EngineError, match="stopped without finishing"):
+            text(unfinished)
+        assert text(fine) == "xxx"  # the worker survived both
+    finally:
+        shell.close()
+
+
+def test_one_at_a_time_a_cancel_before_admission_never_runs() -> None:
+    run = Whole(delay=0.01)
+    shell = EngineShell(OneAtATime(run), max_queue=8).start()
+    try:
+        busy = shell.submit(request(20))
+        waiting_request = request(3)
+        waiting = shell.submit(waiting_request)
+        waiting_request.cancel.set()
+        with pytest.raises(Cancelled, match="before it started"):
+            text(waiting)
+        assert text(busy) == "x" * 20
+        assert run.ran == [1]
+    finally:
+        shell.close()
+
+
+def test_one_at_a_time_a_cancel_from_elsewhere_ends_the_running_stream() -> None:
+    run = Whole(delay=0.01)
+    shell = EngineShell(OneAtATime(run), max_queue=8).start()
+    try:
+        cancelled = request(100_000)
+        stream = shell.submit(cancelled)
+        next(stream)
+        cancelled.cancel.set()  # a reset or a session's delete, not the reader
+        with pytest.raises(Cancelled, match="generation cancelled"):
+            text(stream)
+        assert text(shell.submit(request(2))) == "xx"
+    finally:
+        shell.close()
+
+
+def test_close_stops_a_whole_job_at_its_next_token_and_ends_every_stream() -> None:
+    run = Whole(delay=0.01)
+    shell = EngineShell(OneAtATime(run), max_queue=8).start()
+    running = shell.submit(request(100_000))
+    queued = shell.submit(request(3))
+    next(running)
+    started = time.monotonic()
+    assert shell.close(timeout=10)
+    assert time.monotonic() - started < 5  # not the 1000 s the generation would take
+    for stream in (running, queued):
+        with pytest.raises(Cancelled, match="server shutting down"):
+            text(stream)
+    assert run.ran == [1] and run.returned == [1]

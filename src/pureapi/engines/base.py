@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import Cancelled, EngineError, NotReady, PureAPIError
+from ..errors import NotReady
 from ..tools import ToolFormat
 from ..types import Chunk, GenerationRequest, Message, Prompt
-from .jobs import Job, JobQueue
+from .jobs import Job
+from .shell import Backend, EngineShell, OneAtATime
 
 log = logging.getLogger(__name__)
 
@@ -103,54 +103,32 @@ class Engine(ABC):
 
 
 class QueuedEngine(Engine):
-    """An engine whose model is driven by one worker thread fed from a JobQueue.
+    """An engine whose model is driven by the engine shell's worker (shell.py), which owns the job lifecycle.
 
-    One generation runs at a time: on one device a second concurrent `generate` would only
-    split the same compute, and the model objects are not safe to share between threads.
+    By default the backend runs one whole generation at a time (`OneAtATime` over `_run`); an engine that
+    batches starts the shell with a backend of its own.
     """
 
     def __init__(self, max_queue: int = 64):
-        self._jobs = JobQueue(max_queue)
-        self._worker: threading.Thread | None = None
+        self._max_queue = max_queue
+        self._shell: EngineShell | None = None
 
-    def start(self) -> None:
-        """Start the worker thread (call once the model is loaded)."""
-        self._worker = threading.Thread(target=self._loop, name=f"{self.name}-worker", daemon=True)
-        self._worker.start()
+    def start(self, backend: Backend | None = None) -> None:
+        """Start the shell's worker over `backend` (default: `_run`, one job at a time), once the model is loaded."""
+        self._shell = EngineShell(backend or OneAtATime(self._run), self._max_queue, self.name).start()
 
     def ready(self) -> bool:
-        return self._worker is not None and self._worker.is_alive() and not self._jobs.closed
+        return self._shell is not None and self._shell.ready()
 
     def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
-        if not self.ready():
+        if self._shell is None or not self.ready():  # an engine's own readiness too (the batch's manager alive)
             raise NotReady("the model is not loaded")
-        return self._jobs.submit(request).stream()
-
-    def _loop(self) -> None:
-        while (job := self._jobs.take()) is not None:
-            self._serve(job)
-
-    def _serve(self, job: Job) -> None:
-        """Run one job to its end, turning any failure into the job's error (the worker survives it)."""
-        if job.request.cancel.is_set():
-            job.fail(Cancelled("cancelled before it started"))
-            return
-        try:
-            self._run(job)
-            if job.request.cancel.is_set():
-                # Cancelled by someone other than its reader (shutdown, reset): end its stream.
-                job.fail(Cancelled("generation cancelled"))
-        except PureAPIError as exc:
-            job.fail(exc)
-        except Exception as exc:  # the worker must survive any one bad generation
-            log.exception("generation failed")
-            job.fail(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+        return self._shell.submit(request)
 
     @abstractmethod
     def _run(self, job: Job) -> None:
-        """Generate for one job on the worker thread, calling job.emit/finish."""
+        """Generate for one job on the worker thread, calling job.emit/finish; return early once it is cancelled."""
 
     def close(self) -> None:
-        self._jobs.close()  # fails what still waits and wakes the worker, which exits
-        if self._worker is not None:
-            self._worker.join(timeout=10)
+        if self._shell is not None and not self._shell.close(timeout=10):
+            log.warning("the %s engine's worker did not stop in time", self.name)

@@ -17,7 +17,7 @@ This module adds what a server needs around it:
 
 `Batcher.takes` says which requests the batch serves: all but those with a JSON-schema grammar
 (and, where the manager runs steps asynchronously or with CUDA graphs, those needing the
-per-request steps); the engine runs the others one at a time with `generate`, the batch paused.
+per-request steps); a step runs each of the others alone with `generate` (`run_alone`), the batch paused.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from transformers import GenerationConfig
@@ -34,15 +33,17 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingTemperatureLogitsWarper
 from transformers.generation.continuous_batching.requests import RequestStatus
 
-from ..errors import Cancelled, EngineError
+from ..errors import EngineError
 from ..types import SamplingParams
 from . import hf_attention
 from .hf_batch_sampling import Rows, RowSteps, Steps, TopK, TopP, fast
 from .jobs import Job
+from .shell import Backend, run_whole
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 16  # tokens per KV page: the unit of prefix reuse, so a turn recomputes at most 15 cached tokens
+POLL_SECONDS = 0.05  # how long a step waits for the manager's next output (new jobs wait at most this long)
 
 
 def sampling_kwargs(params: SamplingParams, vocab_size: int) -> dict[str, Any]:
@@ -76,8 +77,9 @@ class _Running:
         self.started = False
 
 
-class Batcher:
-    """Drives a ContinuousBatchingManager for an engine: submit jobs, stream their tokens, cancel, close."""
+class Batcher(Backend):
+    """Drives a ContinuousBatchingManager as the engine shell's backend: admit jobs into the running batch,
+    route each step's outputs to them, drop (cancel) them; jobs the batch cannot sample run alone."""
 
     def __init__(
         self,
@@ -89,6 +91,7 @@ class Batcher:
         max_batch: int,
         context_length: int,
         on_generated: Any,
+        run_alone: Callable[[Job], None],
         reuse_mb: int = 256,
     ):
         self.end_ids = end_ids
@@ -98,6 +101,7 @@ class Batcher:
         self._piece = piece  # token -> its bytes, for logprobs
         self._device = model.device
         self._on_generated = on_generated  # called with a finished job's token count (the engine's stats)
+        self._run_alone = run_alone  # runs one whole job with `generate` (one the batch cannot sample)
         on_cpu = model.device.type == "cpu"
         if on_cpu:
             hf_attention.install()  # per-sequence attention instead of one masked pass over the whole batch
@@ -123,13 +127,9 @@ class Batcher:
         processors = self.manager.logit_processor.logits_processor
         processors[:] = [Steps(self._rows), *(fast(p, self._rows) for p in processors)]
         self._matched: dict[str, int] = {}  # request id -> prompt tokens whose KV came from cached pages
-        self._running: dict[str, _Running] = {}  # only the dispatcher thread touches it after submit
+        self._running: dict[str, _Running] = {}  # request id -> its job in the batch; the shell's worker only
+        self._alone: Job | None = None  # a job the batch cannot sample: the next step runs it, the batch paused
         self.peak = 0  # the most jobs that ran at once (tests and benchmarks read it)
-        # Not bounded: when the manager dies, a refused job may be released twice; capacity no longer matters then.
-        self._slots = threading.Semaphore(max_batch)
-        self._closed = threading.Event()
-        # Jobs handed to the manager, for the dispatcher (None: the manager refused it, forget the id).
-        self._new: queue.SimpleQueue[tuple[str, _Running | None]] = queue.SimpleQueue()
         self.manager.warmup()  # creates the batch processor (and its cache) here, so the lookup can be counted
         # The draw happens in TopP; the runner only takes each row's argmax (see TopP).
         self.manager.batch_processor.model_runner.do_sample = False
@@ -143,8 +143,6 @@ class Batcher:
         )
         self._count_prefix_matches()
         self.manager.start()
-        self._dispatcher = threading.Thread(target=self._dispatch, name="transformers-batch", daemon=True)
-        self._dispatcher.start()
 
     @staticmethod
     def _check_processor_order(processors: list[Any]) -> None:
@@ -184,34 +182,35 @@ class Batcher:
             yield
 
     def alive(self) -> bool:
-        return self.manager.is_running() and not self._closed.is_set()
+        """Whether the manager's generation thread still runs."""
+        return bool(self.manager.is_running())
 
     def takes(self, params: SamplingParams) -> bool:
         """True when the batch can sample this request as asked: all but a JSON-schema grammar, whose
         matcher runs in `generate` (and the per-request steps where the manager cannot run them)."""
         return params.json_schema is None and (self.steps_in_batch or not RowSteps.wanted(params))
 
-    def submit(self, job: Job) -> None:
-        """Add a job to the batch, waiting while `max_batch` jobs run (the caller is the engine's admitting thread)."""
-        while not self._slots.acquire(timeout=0.1):
-            if self._closed.is_set():
-                job.fail(Cancelled("server shutting down"))
-                return
-            if job.request.cancel.is_set():
-                job.fail(Cancelled("cancelled before it started"))
-                return
-        if self._closed.is_set():
-            self._slots.release()
-            job.fail(Cancelled("server shutting down"))
-            return
+    # --- the shell's backend: called on the shell's worker thread only ---
+
+    def has_room(self) -> bool:
+        return self._alone is None and len(self._running) < self.max_batch
+
+    def running(self) -> list[Job]:
+        jobs = [r.job for r in self._running.values()]
+        return jobs if self._alone is None else [*jobs, self._alone]
+
+    def admit(self, job: Job) -> None:
+        """Add a job to the running batch, or hold it for the next step to run alone."""
         req = job.request
-        request_id = f"job-{job.number}"
+        if not self.takes(req.params):
+            self._alone = job
+            return
+        request_id = _request_id(job)
         steps = RowSteps(req.params, len(req.prompt_ids), self._device) if RowSteps.wanted(req.params) else None
         logprob_of = None if steps is None else steps.logprob_of(self._piece)
         running = _Running(job, self._make_streamer(job, logprob_of))
         if steps is not None:
             self._rows.steps[request_id] = steps  # before the manager can schedule it
-        self._new.put((request_id, running))
         added = self.manager.add_request(
             list(req.prompt_ids),
             request_id=request_id,
@@ -222,47 +221,51 @@ class Batcher:
         )
         if added is None:  # the manager refuses new requests: it has stopped
             self._rows.steps.pop(request_id, None)
-            self._new.put((request_id, None))
-            self._slots.release()
-            job.fail(EngineError("the batch generation loop has stopped"))
+            raise EngineError("the batch generation loop has stopped")
+        self._running[request_id] = running
+        self.peak = max(self.peak, len(self._running))
 
-    def _dispatch(self) -> None:
-        """Route the manager's outputs to their jobs, and cancel jobs whose stream was closed."""
+    def step(self) -> None:
+        """Run the held job alone, or route the outputs the manager has produced since the last step."""
+        if self._alone is not None:
+            job = self._alone
+            with self.paused():
+                if run_whole(job, self._run_alone):  # its failure is its own: the batch goes on
+                    self._alone = None
+            return
+        if not self.manager.is_running():  # the shell fails every job of this step
+            raise EngineError(f"the batch generation loop stopped: {self.manager.background_thread_status.fatal_error}")
         outputs = self.manager.output_router.output_queue
-        while not self._closed.is_set():
-            try:
-                out = outputs.get(timeout=0.05)
-            except queue.Empty:
-                out = None
-            self._take_new()
-            running = None if out is None else self._running.get(out.request_id)
+        try:
+            out = outputs.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            return
+        while True:
+            running = self._running.get(out.request_id)  # None: dropped since, its late outputs go nowhere
             if running is not None:
                 try:
                     self._deliver(out, running)
-                except Exception as exc:  # one job's broken stream must not stop this thread, which serves all
+                except Exception as exc:  # one job's broken stream fails that job alone
                     log.exception("delivering %s failed", out.request_id)
-                    self._fail(out.request_id, running, EngineError(f"generation failed: {exc}"))
-            for request_id, running in list(self._running.items()):
-                if running.job.request.cancel.is_set():
-                    self._fail(request_id, running, Cancelled("generation cancelled"))
-            if not self.manager.is_running() and self._running:
-                error = self.manager.background_thread_status.fatal_error
-                for request_id, running in list(self._running.items()):
-                    self._end(request_id)
-                    running.job.fail(EngineError(f"the batch generation loop stopped: {error}"))
-
-    def _take_new(self) -> None:
-        """Track the jobs submitted since the last pass."""
-        while True:
+                    if out.request_id in self._running:
+                        self._end(out.request_id, cancel=True)
+                    if not running.job.ended:
+                        running.job.fail(EngineError(f"generation failed: {exc}"))
             try:
-                request_id, running = self._new.get_nowait()
+                out = outputs.get_nowait()
             except queue.Empty:
                 return
-            if running is None:
-                self._running.pop(request_id, None)  # refused: its slot and its stream are already done with
-            else:
-                self._running[request_id] = running
-                self.peak = max(self.peak, len(self._running))
+
+    def drop(self, job: Job, failed: bool = False) -> None:
+        if job is self._alone:
+            self._alone = None
+        elif _request_id(job) in self._running:
+            self._end(_request_id(job), cancel=True)
+
+    def shutdown(self) -> None:
+        """Every job has ended: stop the manager's generation thread."""
+        if self.manager.is_running():
+            self.manager.stop(block=True, timeout=10, hard_stop=True)
 
     def _deliver(self, out: Any, running: _Running) -> None:
         job, streamer = running.job, running.streamer
@@ -281,28 +284,15 @@ class Batcher:
             streamer.flush()
             job.finish("stop" if streamer.ended else "length", streamer.count)
 
-    def _fail(self, request_id: str, running: _Running, error: Exception) -> None:
-        """End a job with an error, and stop its request in the manager."""
-        if request_id in self._running:
+    def _end(self, request_id: str, cancel: bool = False) -> None:
+        """Forget a request that leaves the batch (`cancel`: stop it in the manager first)."""
+        if cancel and self.manager.is_running():
             self.manager.cancel_request(request_id)
-            self._end(request_id)
-        running.job.fail(error)
-
-    def _end(self, request_id: str) -> None:
         running = self._running.pop(request_id)
         self._matched.pop(request_id, None)
         self._rows.steps.pop(request_id, None)
         self._on_generated(running.streamer.count)
-        self._slots.release()
 
-    def close(self) -> None:
-        """End every running stream and stop the manager's thread."""
-        self._closed.set()
-        self._dispatcher.join(timeout=10)
-        self._take_new()
-        for request_id, running in list(self._running.items()):
-            self._end(request_id)
-            running.job.request.cancel.set()
-            running.job.fail(Cancelled("server shutting down"))
-        if self.manager.is_running():
-            self.manager.stop(block=True, timeout=10, hard_stop=True)
+
+def _request_id(job: Job) -> str:
+    return f"job-{job.number}"

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from ..errors import Cancelled, NotReady, Overloaded
 from ..types import Chunk, GenerationRequest, TokenLogprob
 
+SHUTTING_DOWN = "server shutting down"  # what every job still waiting or running reads at close
+
 
 class Job:
     """One generation handed to a worker; the worker calls emit/finish/fail, the request thread reads stream()."""
@@ -31,6 +33,7 @@ class Job:
         # False once that session was reset before the job started: its KV must then outlive it nowhere.
         self.savable = True
         self.cached_tokens = 0  # set by an engine that reuses KV, when the job starts
+        self.ended = False  # True once `finish` or `fail` was called (set by whoever ends it)
         self._out: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()
 
     def emit(self, text: str, completion_tokens: int, logprobs: list[TokenLogprob] | None = None) -> None:
@@ -41,10 +44,12 @@ class Job:
 
     def finish(self, reason: str, completion_tokens: int) -> None:
         """End the stream with a finish reason."""
+        self.ended = True
         self._out.put(Chunk("", reason, len(self.request.prompt_ids), completion_tokens, self.cached_tokens))
 
     def fail(self, exc: BaseException) -> None:
         """End the stream with an error, raised to its reader."""
+        self.ended = True
         self._out.put(exc)
 
     def stream(self) -> Iterator[Chunk]:
@@ -118,7 +123,7 @@ class JobQueue:
             job.request.cancel.set()
             job.fail(Cancelled(reason))
 
-    def close(self, reason: str = "server shutting down") -> bool:
+    def close(self, reason: str = SHUTTING_DOWN) -> bool:
         """Refuse new jobs, fail the waiting ones and wake the worker; False if it was already closed."""
         with self._cond:
             if self._closed:

@@ -81,6 +81,7 @@ def _vllm(settings: Settings, model: ResolvedModel) -> Engine:
         slots=settings.parallel or 8,
         tensor_parallel_size=settings.vllm_tensor_parallel,
         gpu_memory_utilization=settings.vllm_gpu_memory,
+        max_queue=settings.max_queue,
     )
 
 

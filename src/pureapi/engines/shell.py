@@ -1,18 +1,22 @@
-"""The engine shell: one job lifecycle for every engine that steps its own model on a worker thread.
+"""The engine shell: one job lifecycle for every engine that drives its own model from a worker thread.
 
 The shell owns the waiting queue, the worker thread, admission into the backend, cancellation,
 failing every job on close, and surviving a crashed step; a backend supplies only what differs:
 whether it has room, admitting a job, running one step of what it holds, dropping a job, and what to
 do when idle. (llama.cpp's server keeps its queue and result routing apart from its slot code the same
-way.)
+way.) The backends: llama.cpp's slots (one decode a step), transformers' continuous batching
+(`hf_batching.Batcher`: a step routes the batch's outputs), and `OneAtATime`, whose step runs one
+whole generation (the transformers engine unbatched, the scripted fake engine).
 
 Invariants:
 1. Only the worker thread calls the backend (admit, step, drop, idle, shutdown); request threads
-   only submit jobs and set cancel events.
+   only submit jobs and set cancel events (`close` sets those of the admitted jobs, so a step that
+   runs a whole generation returns at its next token).
 2. A job cancelled before admission is failed by the shell and never reaches the backend.
 3. A job is in exactly one place: the queue, the backend (its `running()`), or done. It leaves the
-   backend through its own finish (the backend's step), or through `drop` (cancelled, crashed, shut
-   down), and gets exactly one terminal `finish` or `fail`.
+   backend through its own end in the backend's step (`finish`, or `fail` for a failure of that job
+   alone), or through `drop` (cancelled, crashed, shut down), and gets exactly one terminal `finish`
+   or `fail`.
 4. A step that raises fails the jobs that were running in it, each dropped first; the worker goes on.
 """
 
@@ -21,11 +25,11 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..errors import Cancelled, EngineError, NotReady, PureAPIError
 from ..types import Chunk, GenerationRequest
-from .jobs import Job, JobQueue
+from .jobs import SHUTTING_DOWN, Job, JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +71,55 @@ class Backend(ABC):
         """The worker stopped and every job is failed: release what the backend holds."""
 
 
-def _failure(exc: Exception) -> PureAPIError:
+def failure(exc: Exception) -> PureAPIError:
+    """The error a job's reader gets for an exception raised while it ran (ours pass through)."""
     return exc if isinstance(exc, PureAPIError) else EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+
+
+def run_whole(job: Job, run: Callable[[Job], None]) -> bool:
+    """Run one generation start to end on the worker (`run` emits and finishes it). True once the job
+    ended (finished, or failed: its failure is its own); False when a cancel stopped it first, which
+    leaves it to the shell to end as cancelled."""
+    try:
+        run(job)
+    except Exception as exc:  # the worker must survive any one bad generation
+        if not isinstance(exc, PureAPIError):
+            log.exception("generation failed")
+        job.fail(failure(exc))
+        return True
+    if job.ended:
+        return True
+    if job.request.cancel.is_set():
+        return False
+    job.fail(EngineError("generation failed: it stopped without finishing"))
+    return True
+
+
+class OneAtATime(Backend):
+    """A backend whose step runs one whole generation: engines whose model generates a request from start
+    to end in one call (transformers' `generate`, the scripted fake engine). One at a time because on one
+    device a second concurrent generation only splits the same compute, and the model objects are not
+    safe to share between threads."""
+
+    def __init__(self, run: Callable[[Job], None]):
+        self._run = run  # emits through the job and finishes it; returns early once its cancel is set
+        self._job: Job | None = None
+
+    def has_room(self) -> bool:
+        return self._job is None
+
+    def admit(self, job: Job) -> None:
+        self._job = job
+
+    def running(self) -> list[Job]:
+        return [] if self._job is None else [self._job]
+
+    def step(self) -> None:
+        if self._job is not None and run_whole(self._job, self._run):
+            self._job = None
+
+    def drop(self, job: Job, failed: bool = False) -> None:
+        self._job = None
 
 
 class EngineShell:
@@ -77,6 +128,9 @@ class EngineShell:
     def __init__(self, backend: Backend, max_queue: int = 64, name: str = "engine"):
         self.backend = backend
         self.jobs = JobQueue(max_queue)
+        # The jobs admitted and not yet ended, for `close` to cancel from its own thread (invariant 1).
+        self._held: set[Job] = set()
+        self._held_lock = threading.Lock()  # guards _held: the worker adds and prunes, close reads
         # The worker: the only thread that calls the backend (invariant 1).
         self._thread = threading.Thread(target=self._loop, name=f"{name}-worker", daemon=True)
 
@@ -102,12 +156,15 @@ class EngineShell:
         """
         if not self.jobs.close():  # fails what still waits and wakes the worker
             return True
+        with self._held_lock:
+            for job in self._held:  # a step running a whole generation returns at its next token
+                job.request.cancel.set()
         if self._thread.is_alive():
             self._thread.join(timeout=timeout)
         if self._thread.is_alive():
             return False
-        self.jobs.fail_all("server shutting down")
-        self._end_all(Cancelled("server shutting down"))
+        self.jobs.fail_all(SHUTTING_DOWN)
+        self._end_all(Cancelled(SHUTTING_DOWN))
         self.backend.shutdown()
         return True
 
@@ -119,7 +176,7 @@ class EngineShell:
             for job in backend.running():
                 if job.request.cancel.is_set():
                     # Its reader may still wait (a shutdown or reset cancelled it): end its stream.
-                    self._end(job, Cancelled("generation cancelled"))
+                    self._end(job, Cancelled(SHUTTING_DOWN if self.jobs.closed else "generation cancelled"))
             stepped = backend.running()
             if not stepped:
                 continue
@@ -128,11 +185,13 @@ class EngineShell:
             except Exception as exc:  # the worker must survive a failed step (invariant 4)
                 if not isinstance(exc, PureAPIError):
                     log.exception("engine step failed")
-                failure = _failure(exc)
+                error = failure(exc)
                 for job in stepped:
                     if job in backend.running():
-                        self._end(job, failure, failed=True)
-        self._end_all(Cancelled("server shutting down"))
+                        self._end(job, error, failed=True)
+            with self._held_lock:
+                self._held.difference_update([job for job in stepped if job.ended])
+        self._end_all(Cancelled(SHUTTING_DOWN))
 
     def _admit(self) -> bool:
         """Move waiting jobs into the backend; block only when nothing runs. False: the queue closed."""
@@ -156,17 +215,23 @@ class EngineShell:
             if job.request.cancel.is_set():
                 job.fail(Cancelled("cancelled before it started"))  # invariant 2
                 continue
+            with self._held_lock:
+                self._held.add(job)
+                if self.jobs.closed:  # taken as close began: close may have cancelled the others already
+                    job.request.cancel.set()
             try:
                 backend.admit(job)
             except Exception as exc:  # one bad admission must not stop the worker
                 if not isinstance(exc, PureAPIError):
                     log.exception("engine admission failed")
-                self._end(job, _failure(exc))
+                self._end(job, failure(exc))
         return True
 
     def _end(self, job: Job, exc: BaseException, failed: bool = False) -> None:
         if job in self.backend.running():
             self.backend.drop(job, failed)
+        with self._held_lock:
+            self._held.discard(job)
         job.fail(exc)
 
     def _end_all(self, exc: BaseException) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
 from collections import OrderedDict
@@ -12,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import Cancelled, ModelLoadError
+from ..errors import ModelLoadError
 from ..models.resolve import CPU_CONTEXT_CAP, ResolvedModel
 from ..tools import detect_format
 from ..types import Chunk, GenerationRequest
@@ -45,9 +44,10 @@ def pick_device(device: str) -> str:
 class TransformersEngine(HFTokenized, QueuedEngine):
     """Runs a transformers causal LM: continuously batched (max_batch_size > 1) or one generation at a time.
 
-    Batched, the worker thread only admits jobs: the ones transformers' ContinuousBatchingManager can
-    sample (Batcher.takes: seeds, penalties, min_p and logprobs included) join its running batch; the
-    others (JSON schemas) go one at a time to `generate` on a second thread, the batch held meanwhile.
+    Either way the engine shell owns the jobs. Batched, its backend is the `Batcher`: the jobs
+    transformers' ContinuousBatchingManager can sample (Batcher.takes: seeds, penalties, min_p and
+    logprobs included) join its running batch; the others (JSON schemas) run alone with `generate`, the
+    batch held meanwhile. Unbatched, the backend runs one job at a time with `generate` (`_run`).
     """
 
     name = "transformers"
@@ -91,8 +91,6 @@ class TransformersEngine(HFTokenized, QueuedEngine):
         self._byte_decoder = _byte_decoder(tokenizer)
         self.slots = max_batch_size
         self._batcher: Any = None
-        self._one_at_a_time: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._solo: threading.Thread | None = None
         if max_batch_size > 1:
             from .hf_batching import Batcher
 
@@ -105,11 +103,10 @@ class TransformersEngine(HFTokenized, QueuedEngine):
                 max_batch_size,
                 context_length,
                 self._count_generated,
+                self._run_alone,
                 kv_cache_mb,
             )
-            self._solo = threading.Thread(target=self._solo_loop, name="transformers-solo", daemon=True)
-            self._solo.start()
-        self.start()
+        self.start(self._batcher)
 
     @classmethod
     def load(
@@ -213,45 +210,11 @@ class TransformersEngine(HFTokenized, QueuedEngine):
     def info(self) -> dict[str, Any]:
         return {**super().info(), "max_batch_size": self.slots}
 
-    def _loop(self) -> None:
-        if self._batcher is None:
-            super()._loop()
-            return
-        while (job := self._jobs.take()) is not None:
-            if job.request.cancel.is_set():
-                job.fail(Cancelled("cancelled before it started"))
-            elif self._batcher.takes(job.request.params):
-                self._batcher.submit(job)  # waits while the batch is full
-            else:
-                self._one_at_a_time.put(job)
-
-    def _solo_loop(self) -> None:
-        """Serve the jobs the batch cannot sample, one at a time with `generate`, the batch held meanwhile."""
-        while (job := self._one_at_a_time.get()) is not None:
-            with self._stats_lock:
-                self.stats["paused_runs"] += 1
-            with self._batcher.paused():
-                self._serve(job)
-
-    def close(self) -> None:
-        if self._batcher is None:
-            super().close()
-            return
-        self._jobs.close()  # fails what waits; the worker exits once its current admission returns
-        self._batcher.close()  # ends every running stream; an admission waiting for room gives up
-        if self._worker is not None:
-            self._worker.join(timeout=10)
-        while True:  # jobs handed over but not started end like the queue's waiting ones
-            try:
-                job = self._one_at_a_time.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.request.cancel.set()
-                job.fail(Cancelled("server shutting down"))
-        self._one_at_a_time.put(None)
-        if self._solo is not None:
-            self._solo.join(timeout=10)
+    def _run_alone(self, job: Job) -> None:
+        """A job the batch cannot sample, run with `generate` while the batch is paused (the Batcher's step)."""
+        with self._stats_lock:
+            self.stats["paused_runs"] += 1
+        self._run(job)
 
     def memory_allocated(self) -> int:
         import torch

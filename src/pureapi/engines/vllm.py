@@ -1,9 +1,14 @@
 """vLLM in process: its v1 AsyncLLM does the batching, paging and prefix caching; pureapi keeps the rest.
 
 AsyncLLM is asyncio code; pureapi's request threads are not. The engine runs one event loop on a thread
-of its own and hands it each generation (`run_coroutine_threadsafe`); a coroutine per request drains
-vLLM's async iterator into a queue the request thread reads. Closing the chunk iterator, or setting the
-request's cancel event, calls `AsyncLLM.abort`, so vLLM frees the sequence's KV blocks at once.
+of its own. The job lifecycle is the engine shell's (shell.py), as for every engine: the bounded queue
+(an overload is a 503 at once), cancellation, failing every job on close. Its backend (`Forwarded`)
+steps no model, as transformers' Batcher steps none: admitting a job starts its request in AsyncLLM
+(`run_coroutine_threadsafe`), a coroutine per request drains vLLM's async iterator into one queue, and
+each shell step routes what arrived to the jobs. A dropped job (its reader closed the stream, a reset or
+shutdown cancelled it) is aborted in vLLM (`AsyncLLM.abort`), which frees the sequence's KV blocks at once.
+At most `slots` requests are in vLLM at a time (its max_num_seqs): more would only wait in vLLM's own queue,
+out of reach of the shell's bound and of a cancel before admission.
 
 Prompts are token ids rendered beside the model with its own tokenizer (the transformers engine's
 rendering: message text never becomes control tokens), so sessions, windows and KV reuse by content
@@ -25,16 +30,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadRequest, Cancelled, EngineError, ModelLoadError, NotReady
+from ..errors import BadRequest, EngineError, ModelLoadError, NotReady
 from ..structured import JSON_OBJECT
 from ..tools import detect_format
 from ..types import Chunk, GenerationRequest, SamplingParams, TokenLogprob, TopLogprob
 from ._template import HFTokenized
 from .base import Engine, model_fingerprint
+from .jobs import Job
+from .shell import Backend, EngineShell
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.1  # how often a waiting reader looks at its request's cancel event
+POLL_SECONDS = 0.05  # how long a step waits for vLLM's next output (new jobs and cancels wait at most this long)
 _END = object()  # the pump's last item: vLLM's iterator ended
 
 
@@ -105,8 +112,124 @@ def sampling_params(p: SamplingParams) -> Any:
         raise BadRequest(f"sampling parameters: {exc}") from None
 
 
+class _Request:
+    """A job in vLLM: its request id and the tokens generated so far."""
+
+    def __init__(self, job: Job, request_id: str):
+        self.job = job
+        self.request_id = request_id
+        self.completion = 0
+
+
+class Forwarded(Backend):
+    """The shell's backend for AsyncLLM: admit starts a request in vLLM, a step routes vLLM's outputs to their
+    jobs, drop aborts. Only the shell's worker calls it; the event loop only puts outputs into `_outputs`."""
+
+    def __init__(
+        self, llm: Any, loop: asyncio.AbstractEventLoop, thread: threading.Thread, slots: int, params: Any = None
+    ):
+        self.llm = llm
+        self._loop = loop
+        self._thread = thread
+        self._slots = slots
+        self._params = params or sampling_params  # ours -> vLLM's (tests give a stand-in without vLLM)
+        self._ids = itertools.count(1)
+        self._running: dict[str, _Request] = {}  # request id -> its job; the shell's worker only
+        # What the loop's coroutines hand the worker: (request id, a RequestOutput, an exception, or _END).
+        self._outputs: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.aborts = 0  # read by /metrics; written by the worker only
+        self._pumps: set[asyncio.Task[None]] = set()  # the loop's running pumps; the loop's thread only
+
+    def has_room(self) -> bool:
+        return len(self._running) < self._slots
+
+    def running(self) -> list[Job]:
+        return [r.job for r in self._running.values()]
+
+    def admit(self, job: Job) -> None:
+        params = self._params(job.request.params)
+        request_id = f"pureapi-{next(self._ids)}"
+        self._running[request_id] = _Request(job, request_id)
+        asyncio.run_coroutine_threadsafe(self._pump(job.request.prompt_ids, params, request_id), self._loop)
+
+    async def _pump(self, ids: list[int], params: Any, request_id: str) -> None:
+        """Runs on the loop: vLLM's outputs for one request into the worker's queue, then _END or the error."""
+        prompt = {"prompt_token_ids": ids}  # vLLM's TokensPrompt, a TypedDict: a plain dict at run time
+        task = asyncio.current_task()
+        if task is not None:
+            self._pumps.add(task)
+        try:
+            async for output in self.llm.generate(prompt, params, request_id):
+                self._outputs.put((request_id, output))
+        except Exception as exc:  # handed to the worker, which fails that job alone with it
+            self._outputs.put((request_id, exc))
+        finally:
+            if task is not None:
+                self._pumps.discard(task)
+        self._outputs.put((request_id, _END))
+
+    async def _cancel_pumps(self) -> None:
+        """At shutdown: end the pumps still running (vLLM's generate aborts a cancelled request itself)."""
+        pumps = list(self._pumps)
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+    def step(self) -> None:
+        """Route every output that arrived (waiting up to POLL_SECONDS for the first)."""
+        try:
+            request_id, item = self._outputs.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            return
+        while True:
+            request = self._running.get(request_id)  # None: finished or dropped, a late item goes nowhere
+            if request is not None:
+                self._route(request, item)
+            try:
+                request_id, item = self._outputs.get_nowait()
+            except queue.Empty:
+                return
+
+    def _route(self, request: _Request, item: Any) -> None:
+        job = request.job
+        if item is _END or isinstance(item, Exception):
+            del self._running[request.request_id]  # vLLM holds it no more: nothing to abort
+            if item is _END:
+                job.fail(EngineError("vLLM ended the request without finishing it"))
+            else:
+                job.fail(EngineError(f"vLLM failed: {type(item).__name__}: {item}"))
+            return
+        piece = item.outputs[0]
+        request.completion += len(piece.token_ids)
+        job.cached_tokens = max(job.cached_tokens, int(item.num_cached_tokens or 0))  # vLLM may report it once
+        if piece.text or piece.logprobs:
+            logprobs = _logprobs(piece, job.request.params.logprobs) if piece.logprobs else None
+            job.emit(piece.text, request.completion, logprobs)
+        if item.finished:
+            del self._running[request.request_id]
+            job.finish(piece.finish_reason or "stop", request.completion)
+
+    def drop(self, job: Job, failed: bool = False) -> None:
+        for request in list(self._running.values()):
+            if request.job is job:
+                del self._running[request.request_id]
+                # vLLM drops the sequence and its KV blocks.
+                asyncio.run_coroutine_threadsafe(self.llm.abort(request.request_id), self._loop)
+                self.aborts += 1
+
+    def shutdown(self) -> None:
+        """Every job has ended: stop the pumps, AsyncLLM (its engine-core process) and the event loop."""
+        try:
+            asyncio.run_coroutine_threadsafe(self._cancel_pumps(), self._loop).result(timeout=10)
+        except Exception:  # a stuck pump must not stop the shutdown
+            log.exception("could not stop vLLM's output pumps")
+        self.llm.shutdown()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
 class VLLMEngine(HFTokenized, Engine):
-    """Generation by vLLM's AsyncLLM on an event loop thread of its own."""
+    """Generation by vLLM's AsyncLLM on an event loop thread of its own, its jobs in the engine shell."""
 
     name = "vllm"
 
@@ -115,8 +238,6 @@ class VLLMEngine(HFTokenized, Engine):
     ):
         self.llm = llm
         self.tokenizer = tokenizer
-        self._loop = loop
-        self._thread = thread
         self.model_name = info["model_name"]
         self.context_length = info["context_length"]
         self.slots = info["slots"]
@@ -125,9 +246,9 @@ class VLLMEngine(HFTokenized, Engine):
         self.tool_format = detect_format(template if isinstance(template, str) else json.dumps(template))
         self.vocab_size = len(tokenizer)
         self._tok_lock = threading.Lock()  # HFTokenized's: one tokenizer call at a time
-        self._ids = itertools.count(1)
-        self._aborts = 0  # read by /metrics; one writer per abort, a lost increment would only misreport
-        self._closed = False
+        self._thread = thread
+        self._backend = Forwarded(llm, loop, thread, self.slots)
+        self._shell = EngineShell(self._backend, info.get("max_queue", 64), "vllm").start()
 
     @classmethod
     def load(
@@ -139,6 +260,7 @@ class VLLMEngine(HFTokenized, Engine):
         slots: int = 8,
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.9,
+        max_queue: int = 64,
     ) -> VLLMEngine:
         """Start AsyncLLM on an HF model folder (one line on failure)."""
         try:
@@ -186,77 +308,29 @@ class VLLMEngine(HFTokenized, Engine):
             context_length=int(config.model_config.max_model_len),
             slots=slots,
             device=device,
+            max_queue=max_queue,
         )
 
     def memory_allocated(self) -> int:
         return 0  # vLLM's memory lives in its engine-core process, sized by gpu_memory_utilization
 
     def ready(self) -> bool:
-        return not self._closed and self._thread.is_alive()
+        return self._shell.ready() and self._thread.is_alive()
 
     def metrics(self) -> dict[str, float]:
         # vLLM's own count of requests it still holds (an aborted one leaves it at once), and the aborts sent.
-        return {"running": float(self.llm.output_processor.get_num_unfinished_requests()), "aborts_total": self._aborts}
+        running = float(self.llm.output_processor.get_num_unfinished_requests())
+        return {"running": running, "aborts_total": self._backend.aborts}
 
     def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
         if not self.ready():
             raise NotReady("the model is not loaded")
-        params = sampling_params(request.params)
-        request_id = f"pureapi-{next(self._ids)}"
-        out: queue.Queue[Any] = queue.Queue()
-        asyncio.run_coroutine_threadsafe(self._pump(request.prompt_ids, params, request_id, out), self._loop)
-        return self._read(request, request_id, out)
-
-    async def _pump(self, ids: list[int], params: Any, request_id: str, out: queue.Queue[Any]) -> None:
-        """Runs on the loop: vLLM's outputs for one request into the reader's queue, then _END or the error."""
-        from vllm.inputs import TokensPrompt
-
-        try:
-            async for output in self.llm.generate(TokensPrompt(prompt_token_ids=ids), params, request_id):
-                out.put(output)
-        except Exception as exc:  # handed to the reader, which raises it as the request's error
-            out.put(exc)
-        out.put(_END)
-
-    def _read(self, request: GenerationRequest, request_id: str, out: queue.Queue[Any]) -> Iterator[Chunk]:
-        prompt_tokens, completion, cached, finished = len(request.prompt_ids), 0, 0, False
-        try:
-            while True:
-                try:
-                    item = out.get(timeout=POLL_SECONDS)
-                except queue.Empty:
-                    if request.cancel.is_set() or self._closed:
-                        raise Cancelled("generation cancelled") from None
-                    continue
-                if item is _END:
-                    raise EngineError("vLLM ended the request without finishing it")
-                if isinstance(item, Exception):
-                    raise EngineError(f"vLLM failed: {type(item).__name__}: {item}")
-                piece = item.outputs[0]
-                completion += len(piece.token_ids)
-                cached = max(cached, int(item.num_cached_tokens or 0))  # vLLM may report it once
-                if piece.text or piece.logprobs:
-                    logprobs = _logprobs(piece, request.params.logprobs) if piece.logprobs else None
-                    yield Chunk(piece.text, None, prompt_tokens, completion, cached, logprobs=logprobs)
-                if item.finished:
-                    finished = True
-                    yield Chunk("", piece.finish_reason or "stop", prompt_tokens, completion, cached)
-                    return
-                if request.cancel.is_set():
-                    raise Cancelled("generation cancelled")
-        finally:
-            if not finished and not self._closed:
-                # The reader left (a client gone, a cancel, an error): vLLM drops the sequence and its KV.
-                asyncio.run_coroutine_threadsafe(self.llm.abort(request_id), self._loop)
-                self._aborts += 1
+        sampling_params(request.params)  # mapped now too, so parameters vLLM refuses are a 400 at once
+        return self._shell.submit(request)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.llm.shutdown()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
+        if not self._shell.close():
+            log.warning("the vLLM engine's worker did not stop in time")
 
 
 def _logprobs(piece: Any, top: int | None) -> list[TokenLogprob]:
