@@ -70,7 +70,7 @@ def slot_ctx(gguf: Path) -> int:
 
     model = LlamaModel(gguf)
     try:
-        return min(model.n_ctx_train() or 2048, CPU_CONTEXT_CAP)
+        return int(min(model.n_ctx_train() or 2048, CPU_CONTEXT_CAP))
     finally:
         model.free()
 

@@ -17,6 +17,7 @@ Results: the printed table, and the JSON at --out (default: a temporary file).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -110,14 +111,15 @@ def serve(stats_file: Path, argv: list[str]) -> int:
     threading.Thread(target=dump, daemon=True, name="profile-dump").start()
     from pureapi.cli import run_serve
 
-    return run_serve(argv, prog="pureapi (profiled)")
+    return int(run_serve(argv, prog="pureapi (profiled)"))
 
 
 def snapshot(stats_file: Path) -> dict[str, Any]:
     time.sleep(0.6)  # past the next dump
     if not stats_file.exists():
         return {"totals": {}, "engine": {}}
-    return json.loads(stats_file.read_text())
+    found: dict[str, Any] = json.loads(stats_file.read_text())
+    return found
 
 
 def delta(before: dict[str, Any], after: dict[str, Any], wall: float) -> dict[str, Any]:
@@ -185,7 +187,7 @@ def main() -> int:
             wait_ready(url, proc, "/health")
             loadgen.single_stream(url, 16, repeats=1)  # warm-up
             loads: list[tuple[str, Callable[[], Any]]] = [
-                (f"{n} clients", lambda n=n: loadgen.as_dict(loadgen.concurrent(url, n, 2, args.max_tokens)))
+                (f"{n} clients", functools.partial(loadgen.concurrent, url, n, 2, args.max_tokens))
                 for n in args.clients
             ]
             if args.conversations:
@@ -195,7 +197,7 @@ def main() -> int:
             for name, load in loads:
                 before = snapshot(stats_file)
                 started = time.perf_counter()
-                outcome = load()
+                outcome = loadgen.as_dict(load())
                 wall = time.perf_counter() - started
                 result = delta(before, snapshot(stats_file), wall)
                 result["load"] = {k: v for k, v in outcome.items() if k != "per_request"}
