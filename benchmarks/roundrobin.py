@@ -1,6 +1,7 @@
 """Many conversations on few slots: the load a server with many users brings, side by side with llama-server.
 
     python -m benchmarks.roundrobin --model smollm2 --model qwen --llama-server PATH [--rounds 2]
+    python -m benchmarks.roundrobin --quick --llama-server PATH   # a smoke test
 
 12 conversations x 8 turns go round-robin through 4 clients to a server with 4 slots: client i
 owns conversations i, i+4 and i+8 and sends their turns in that order, so each conversation's
@@ -14,7 +15,9 @@ pureapi runs the llama.cpp engine with `--parallel 4`; llama-server `-np 4`, the
 and context per slot. Per turn: TTFT (median over the 12 conversations) and prompt tokens the server
 computed rather than took from its KV cache (median); overall: completion tokens per second of
 wall time, and the server's peak RSS. Servers take turns within each round; figures are medians
-over rounds. Results: benchmarks/results/roundrobin.json, chart: benchmarks/results/roundrobin.png.
+over rounds. It prints, and records under "targets", issue 25's two ratios: pureapi's aggregate over
+llama-server's on the OpenAI API, and each server's last turn TTFT over its first.
+Results: benchmarks/results/roundrobin.json, chart: benchmarks/results/roundrobin.png.
 """
 
 from __future__ import annotations
@@ -201,19 +204,26 @@ class Server:
         stop_server(self.proc)
 
 
-def scenario(name: str, cmd: Callable[[int, Path], list[str]], surface: str, restart: bool) -> dict[str, Any]:
+def scenario(
+    name: str,
+    cmd: Callable[[int, Path], list[str]],
+    surface: str,
+    restart: bool,
+    turns: int = TURNS,
+    max_tokens: int = MAX_TOKENS,
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(cmd, Path(tmp))
-        load = Load(surface)
+        load = Load(surface, max_tokens=max_tokens)
         server.start()
         try:
             if restart:
-                load.run(server.url, range(TURNS // 2))
+                load.run(server.url, range(turns // 2))
                 server.stop()
                 server.start()
-                load.run(server.url, range(TURNS // 2, TURNS))
+                load.run(server.url, range(turns // 2, turns))
             else:
-                load.run(server.url, range(TURNS))
+                load.run(server.url, range(turns))
         finally:
             server.stop()
         return {**load.report(), "peak_rss_mb": server.peak_rss}
@@ -225,8 +235,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"))
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=OUT / "roundrobin.json")
+    parser.add_argument("--quick", action="store_true", help="a smoke test: 4 turns of up to 8 tokens")
+    parser.add_argument("--out", type=Path, help="results JSON (--quick: a temporary one)")
     args = parser.parse_args()
+    turns, max_tokens = (4, 8) if args.quick else (TURNS, MAX_TOKENS)
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="roundrobin-")) if args.quick else OUT
+        args.out /= "roundrobin.json"
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
@@ -234,11 +249,12 @@ def main() -> int:
         "slots": SLOTS,
         "clients": CLIENTS,
         "conversations": CONVERSATIONS,
-        "turns": TURNS,
+        "turns": turns,
         "slot_ctx": SLOT_CTX,
-        "max_tokens": MAX_TOKENS,
+        "max_tokens": max_tokens,
         "rounds": args.rounds,
         "models": {},
+        "targets": {},
     }
     plan = [("openai", False), ("sessions", False), ("openai", True)]
     for model in args.model or ["smollm2"]:
@@ -250,15 +266,35 @@ def main() -> int:
                     if surface == "sessions" and server != "pureapi":
                         continue  # llama-server keeps no conversations
                     key = f"{server} {surface}{' restart' if restart else ''}"
-                    result = scenario(server, cmd, surface, restart)
+                    result = scenario(server, cmd, surface, restart, turns, max_tokens)
                     runs.setdefault(key, []).append(result)
                     print(model, round_, key, json.dumps(result), flush=True)
         report["models"][gguf.stem] = {key: {**median_of(results), "rounds": results} for key, results in runs.items()}
+        report["targets"][gguf.stem] = targets(runs)
+        print(model, "targets:", json.dumps(report["targets"][gguf.stem]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print("wrote", args.out)
     chart(report, args.out.with_suffix(".png"))
     return 0
+
+
+def targets(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Issue 25's two targets over the OpenAI API: aggregate against llama-server's (>= 1.0, the median of
+    the rounds' ratios) and the last turn's TTFT against the first (<= 1.2), per server."""
+    out: dict[str, Any] = {}
+    ours, theirs = runs.get("pureapi openai", []), runs.get("llama-server openai", [])
+    if ours and theirs:
+        pairs = zip(ours, theirs, strict=True)
+        ratio = [a["aggregate_tps"] / b["aggregate_tps"] for a, b in pairs if b["aggregate_tps"]]
+        out["pureapi aggregate over llama-server"] = round(statistics.median(ratio), 3) if ratio else None
+    for key, results in runs.items():
+        if key.endswith(" openai"):
+            last_over_first = [r["ttft_last_over_first"] for r in results if r["ttft_last_over_first"]]
+            out[f"{key.split()[0]} last turn TTFT over first"] = (
+                round(statistics.median(last_over_first), 3) if last_over_first else None
+            )
+    return out
 
 
 def chart(report: dict[str, Any], path: Path) -> None:
@@ -276,7 +312,8 @@ def chart(report: dict[str, Any], path: Path) -> None:
             style = "--" if "restart" in key else "-"
             ax.plot(turns, [t * 1000 for t in r["ttft_per_turn"]], style, marker="o", label=key)
         ax.set_title(f"{model}: {report['conversations']} conversations on {report['slots']} slots")
-        ax.set_xlabel("turn (restart between 4 and 5 on dashed lines)")
+        half = report["turns"] // 2
+        ax.set_xlabel(f"turn (restart between {half} and {half + 1} on dashed lines)")
         ax.set_ylabel("TTFT p50 (ms)")
     save_chart(fig, axes, path)
 
