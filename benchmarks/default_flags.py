@@ -52,11 +52,12 @@ CPP_SERVER_DEPS = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "
 class Plan:
     """The sizes of one run: full, or --quick for a smoke test."""
 
-    def __init__(self, quick: bool, clients: list[int] | None, rounds: int | None):
+    def __init__(self, quick: bool, clients: list[int] | None, rounds: int | None, replies: list[str] | None = None):
         self.quick = quick
         self.clients = clients or ([1, 4] if quick else [1, 4, 8, 16])
         self.rounds = rounds or (1 if quick else 2)
-        self.lengths = {"short": 16, "long": 48} if quick else {"short": 64, "long": 256}
+        lengths = {"short": 16, "long": 48} if quick else {"short": 64, "long": 256}
+        self.lengths = {label: n for label, n in lengths.items() if label in (replies or lengths)}
         self.per_client = 1 if quick else 2
         self.bench_pl = [1, 2, 4] if quick else [1, 2, 4, 8, 16]
         self.bench_pp = 64
@@ -248,11 +249,12 @@ def main() -> int:
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"))
     parser.add_argument("--batched-bench", default=os.environ.get("LLAMA_BATCHED_BENCH"))
     parser.add_argument("--only", nargs="+", choices=SERVERS, default=list(SERVERS), help="run only these servers")
+    parser.add_argument("--replies", nargs="+", choices=["short", "long"], help="reply lengths (default: both)")
     parser.add_argument("--quick", action="store_true", help="a smoke test: short replies, 1 request per client")
     parser.add_argument("--out", type=Path, help="results JSON (default: benchmarks/results/default_flags.json; "
                         "--quick: a temporary folder's)")  # fmt: skip
     args = parser.parse_args()
-    plan = Plan(args.quick, args.clients, args.rounds)
+    plan = Plan(args.quick, args.clients, args.rounds, args.replies)
     cores = len(os.sched_getaffinity(0))
     args.default_threads = args.threads is None or args.threads == cores
     args.threads = args.threads or cores
