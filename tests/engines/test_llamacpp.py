@@ -38,8 +38,8 @@ SLOT_CTX = 1024
 # for Qwen2.5-Coder's Q5_0/Q4_K/Q6_K, whose GEMM kernels round differently with the number of rows
 # (logits move by up to ~0.5); on an AVX2 EPYC not for SmolLM2 either. So no test asks for it: a batched
 # reply may leave the solo one at a near-tie, where the float32 reference must rank the two candidates
-# within NEAR_TIE logits (measured: 0.05 to 0.12).
-NEAR_TIE = 0.5
+# within NEAR_TIE logits (measured: 0.05 to 0.12 on AVX-512; 0.66 seen for SmolLM2 on AVX2).
+NEAR_TIE = 1.0
 
 
 @pytest.fixture(scope="module", params=["smollm2", "qwen"])

@@ -157,8 +157,8 @@ def test_logprobs_per_token_and_streamed(client: openai.OpenAI) -> None:
     assert "".join(texts) == choice.message.content
     assert [e.token for e in entries] == [t.token for t in tokens]
     # The second request reuses the first one's KV from the cache, which llama.cpp computed in another batch
-    # shape: the same tokens, logprobs equal to float noise (-0.376 against -0.378 seen on Qwen).
-    assert [e.logprob for e in entries] == pytest.approx([t.logprob for t in tokens], abs=0.01)
+    # shape: the same tokens, logprobs equal to float noise (up to 0.011 apart seen on Qwen on an AVX2 EPYC).
+    assert [e.logprob for e in entries] == pytest.approx([t.logprob for t in tokens], abs=0.05)
 
 
 def test_grammar_and_logprobs_together(client: openai.OpenAI) -> None:
