@@ -17,15 +17,8 @@ from pureapi.types import Message, ToolCall
 
 from ..conftest import FakeApp, MakeFakeApp
 from ..sse import sse_data
+from .test_openai_tools import WEATHER
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "weather",
-        "description": "The weather in a city.",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 FORCED = {"type": "function", "function": {"name": "weather"}}
 ARGS = '{"name": "weather", "arguments": {"city": "Paris"}}'  # a forced reply: its opening tag is the prompt's
 
