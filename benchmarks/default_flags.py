@@ -5,11 +5,11 @@
     python -m benchmarks.default_flags --quick --llama-server ... --batched-bench ...   # a smoke test
 
 Servers, each started as a new user would, with only a port, a scratch database and the threads:
-- `pureapi`: no flags (the llama.cpp engine, its default slots and context);
+- `pureapi`: no flags (the llama.cpp engine, its default slots over its default KV pool);
 - `llama-server`: `llama-server -m GGUF -t T`, its defaults: 4 slots over one unified KV pool of the
   model's trained context, its prompt cache on;
-- `llama-server-np4`: `-np 4 -c <pureapi's total context>`: the same 4 slots as pureapi, each with its
-  own KV stream of the same size (an explicit -np turns llama-server's unified pool off);
+- `llama-server-same`: `-np <pureapi's slots> -c <pureapi's pool> -kvu`: the same slots over the same
+  unified pool as pureapi (an explicit -np alone would turn llama-server's unified pool off);
 - `llama-cpp-python`: `python -m llama_cpp.server` at its defaults but two: the same threads, and a
   new request queued instead of interrupting the one streaming.
 All get the same threads (default: the cores this process may use). Clients stream
@@ -43,8 +43,7 @@ from . import loadgen
 from .run import ROOT, free_port, median_of, model_path, peak_rss_mb, save_chart, stop_server, wait_ready
 
 OUT = ROOT / "benchmarks" / "results" / "default_flags.json"
-SLOTS = 4  # pureapi's default on the llama.cpp engine (Settings.concurrency)
-SERVERS = ("pureapi", "llama-server", "llama-server-np4", "llama-cpp-python")
+SERVERS = ("pureapi", "llama-server", "llama-server-same", "llama-cpp-python")
 # llama_cpp.server's own dependencies, which llama-cpp-python installs only with its [server] extra.
 CPP_SERVER_DEPS = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
 
@@ -64,16 +63,20 @@ class Plan:
         self.bench_tg = 16 if quick else 64
 
 
-def slot_ctx(gguf: Path) -> int:
-    """pureapi's context per slot at default flags: the model's trained context, capped on a CPU."""
+def default_shape(gguf: Path) -> tuple[int, int]:
+    """pureapi's slots and KV pool at default flags: a window of the model's trained context (capped on a
+    CPU), POOL_WINDOWS of them, and as many slots as the loader gives that pool."""
+    from pureapi.engines.llamacpp.loader import default_slots
     from pureapi.engines.llamacpp.model import LlamaModel
-    from pureapi.models.resolve import CPU_CONTEXT_CAP
+    from pureapi.models.resolve import CPU_CONTEXT_CAP, POOL_WINDOWS
 
     model = LlamaModel(gguf)
     try:
-        return int(min(model.n_ctx_train() or 2048, CPU_CONTEXT_CAP))
+        window = int(min(model.n_ctx_train() or 2048, CPU_CONTEXT_CAP))
     finally:
         model.free()
+    pool = window * POOL_WINDOWS
+    return default_slots(pool, window), pool
 
 
 def commands(
@@ -88,10 +91,10 @@ def commands(
     t = str(threads)
     table: dict[str, Callable[[int], list[str]]] = {"pureapi": lambda port: [*pureapi, "--port", str(port)]}
     if llama_server:
-        ctx = str(SLOTS * slot_ctx(gguf))
+        slots, pool = map(str, default_shape(gguf))
         table["llama-server"] = lambda port: [llama_server, "-m", str(gguf), "-t", t, "--port", str(port)]
-        table["llama-server-np4"] = lambda port: [
-            llama_server, "-m", str(gguf), "-t", t, "-np", str(SLOTS), "-c", ctx, "--port", str(port),
+        table["llama-server-same"] = lambda port: [
+            llama_server, "-m", str(gguf), "-t", t, "-np", slots, "-c", pool, "-kvu", "--port", str(port),
         ]  # fmt: skip
     table["llama-cpp-python"] = lambda port: [
         sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),

@@ -34,6 +34,12 @@ ENGINE_HELP = {
     "restored_tokens_disk_total": "Prompt tokens restored from KV states saved on disk.",
     "restored_bytes_ram_total": "Bytes of KV states restored from RAM.",
     "restored_bytes_disk_total": "Bytes of KV states restored from disk.",
+    "evicted_slots_total": "Idle llama.cpp slots whose KV was saved and wiped to free cells of the shared pool.",
+    "parked_jobs_total": "Running generations set aside (KV copied out) because the shared KV pool was full.",
+    "resumed_jobs_total": "Parked generations put back into the KV pool.",
+    "kv_pool_used_tokens": "Tokens of KV the llama.cpp slots hold now (a prefix two slots share counts twice).",
+    "kv_pool_tokens": "Cells of the llama.cpp KV pool all slots share.",
+    "slots_parked": "llama.cpp generations parked now, waiting for cells of the KV pool.",
     "saved_state_bytes_ram": "Bytes of saved KV states held in RAM now.",
     "saved_state_bytes_disk": "Bytes of saved KV states held on disk now.",
 }

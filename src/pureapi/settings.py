@@ -26,7 +26,8 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("pureapi", appauthor=False))
 
 
-DEFAULT_PARALLEL = {"llamacpp": 4, "transformers": 8, "remote": 16}
+# llama.cpp's default depends on the model's window (llamacpp.loader.default_slots): 16 at the default.
+DEFAULT_PARALLEL = {"llamacpp": 16, "transformers": 8, "remote": 16}
 
 # Old flag names that keep working: alias -> field.
 ALIASES = {"max_batch_size": "parallel"}
@@ -46,7 +47,7 @@ GROUPS: dict[str, list[str]] = {
         "allowed_hosts",
         "metrics_public",
     ],
-    "llama.cpp engine": ["cpu_threads", "flash_attn", "kv_disk_mb"],
+    "llama.cpp engine": ["kv_pool", "cpu_threads", "flash_attn", "kv_disk_mb"],
     "remote engine (an OpenAI-compatible upstream)": ["upstream", "upstream_key", "upstream_model", "upstream_timeout"],
     "vLLM engine (in process)": ["vllm_tensor_parallel", "vllm_gpu_memory"],
 }
@@ -131,9 +132,19 @@ class Settings(BaseModel):
         ge=1,
         le=1024,
         description="Concurrent generations, on every engine: llama.cpp's slots (decoded together in one batch, "
-        "each with its own --ctx-size window), the transformers engine's continuous batch (1: one at a time with "
-        "generate, no KV kept between requests), or the requests the remote engine sends upstream at once. "
-        "Default: 4 on llama.cpp, 8 on transformers, 16 on remote. Alias: --max-batch-size.",
+        "drawing KV cells from one --kv-pool, each up to a --ctx-size window), the transformers engine's "
+        "continuous batch (1: one at a time with generate, no KV kept between requests), or the requests the "
+        "remote engine sends upstream at once. Default: llama.cpp as many slots as the KV pool holds "
+        "conversations of min(--ctx-size, 2048) tokens, at most 16 (16 at default flags); 8 on transformers; "
+        "16 on remote. Alias: --max-batch-size.",
+    )
+    kv_pool: int | None = Field(
+        None,
+        ge=64,
+        description="llama.cpp engine: KV cells (tokens) all slots share. Default: --ctx-size x min(--parallel, 4). "
+        "A slot costs no memory until it holds tokens; when the conversations together outgrow the pool, idle "
+        "slots' KV is saved to the prompt cache and dropped, then the newest generations wait for an older one "
+        "to end.",
     )
     cpu_threads: int | None = Field(
         None, ge=1, le=1024, description="llama.cpp engine: CPU threads that compute. Default: the number of cores."

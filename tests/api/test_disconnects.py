@@ -81,7 +81,7 @@ def test_leaving_a_seed_stream_frees_the_llamacpp_slot(
 ) -> None:
     """On real weights: the abandoned generation stops within a step or two, not at its 900th token."""
     engine = LlamaCppEngine.load(
-        ResolvedModel(smollm2_gguf.stem, smollm2_gguf), n_threads=2, n_ctx=2048, n_parallel=1, max_queue=4
+        ResolvedModel(smollm2_gguf.stem, smollm2_gguf), n_threads=2, ctx_size=2048, n_parallel=1, max_queue=4
     )
     store = SQLiteStore(tmp_path / "s.db")
     app = create_app(Settings(engine="llamacpp", db=tmp_path / "s.db"), engine=engine, store=store)

@@ -62,7 +62,7 @@ def client(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     resolved = ResolvedModel(path.stem, path)
     engine: Engine
     if kind == "llamacpp":
-        engine = LlamaCppEngine.load(resolved, n_threads=2, n_ctx=2048, n_parallel=2)
+        engine = LlamaCppEngine.load(resolved, n_threads=2, ctx_size=1024, n_parallel=2)
     else:
         engine = TransformersEngine.load(resolved, device="cpu", cache_dir=Settings().weights_cache_dir())
     db = tmp_path_factory.mktemp("db") / "sessions.db"

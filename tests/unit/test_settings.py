@@ -21,8 +21,8 @@ def test_help_shows_the_groups() -> None:
 
 
 def test_concurrency_has_one_name_and_a_default_per_engine() -> None:
-    assert [Settings().concurrency(e) for e in ("llamacpp", "transformers", "remote")] == [4, 8, 16]
-    assert Settings(threads=1).concurrency("llamacpp") == 4  # no longer derived from the web server's threads
+    assert [Settings().concurrency(e) for e in ("llamacpp", "transformers", "remote")] == [16, 8, 16]
+    assert Settings(threads=1).concurrency("llamacpp") == 16  # no longer derived from the web server's threads
     assert Settings(parallel=2).concurrency("transformers") == 2
 
 

@@ -1,4 +1,4 @@
-"""The llama.cpp engine's slot choice, compaction and step plan: pure functions, no model weights."""
+"""The llama.cpp engine's slot choice and step plan: pure functions, no model weights."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 from pureapi.engines.jobs import Job
 from pureapi.engines.llamacpp.batch import plan_step
-from pureapi.engines.llamacpp.slots import MIN_COPIED_TOKENS, Slot, choose_slot, common_prefix, compaction_swap
+from pureapi.engines.llamacpp.slots import MIN_COPIED_TOKENS, Slot, choose_slot, common_prefix
 from pureapi.types import GenerationRequest, SamplingParams
 
 PROMPT = list(range(100, 140))  # 40 tokens
@@ -79,16 +79,6 @@ def test_a_slot_is_taken_over_only_when_it_saves_more_than_it_loses() -> None:
     # With no empty slot, the least recently used one.
     old, recent = Slot(0, cached=[4] * 9, last_used=1), Slot(1, cached=[5] * 9, last_used=2)
     assert choose_slot([old, recent], [old, recent], PROMPT, None, "", 0) is old
-
-
-def test_compaction_moves_an_end_slot_into_the_hole() -> None:
-    slots = [busy(Slot(0, cached=[1] * 5)), Slot(1, cached=[2] * 50), busy(Slot(2, cached=[3] * 5))]
-    assert compaction_swap(slots) == (slots[2], slots[1])
-    assert compaction_swap([busy(Slot(0)), busy(Slot(1)), Slot(2)]) is None
-    assert compaction_swap([Slot(0), busy(Slot(1)), Slot(2)]) is None
-    # The pair with fewer tokens to copy: the low end (5 + 2) rather than the high end (60 + 2).
-    slots = [busy(Slot(0, cached=[1] * 5)), Slot(1, cached=[2] * 2), Slot(2), busy(Slot(3, cached=[3] * 60))]
-    assert compaction_swap(slots) == (slots[0], slots[2])
 
 
 def test_plan_decodes_first_then_prefills_in_admission_order_within_the_budget() -> None:

@@ -8,7 +8,15 @@ from typing import Any
 
 from ..errors import ModelLoadError
 from ..models import hardware
-from ..models.resolve import ResolvedModel, build_need, check_fit, choose_build, fetch_build
+from ..models.resolve import (
+    CPU_CONTEXT_CAP,
+    POOL_WINDOWS,
+    ResolvedModel,
+    build_need,
+    check_fit,
+    choose_build,
+    fetch_build,
+)
 from ..settings import Settings, default_cache_dir
 from .base import Engine
 
@@ -55,13 +63,12 @@ def _llamacpp(settings: Settings, model: ResolvedModel) -> Engine:
 def _load_llamacpp(settings: Settings, model: ResolvedModel) -> Engine:
     from .llamacpp import LlamaCppEngine
 
-    parallel = _slots(settings)
     return LlamaCppEngine.load(
         model,
         n_threads=settings.cpu_threads,
-        # --ctx-size is one conversation's window; llama.cpp's n_ctx is the total over all slots.
-        n_ctx=settings.ctx_size * parallel if settings.ctx_size else None,
-        n_parallel=parallel,
+        ctx_size=settings.ctx_size,
+        n_parallel=settings.parallel,  # None: as many as the KV pool has room for (loader.default_slots)
+        kv_pool=settings.kv_pool,
         max_queue=settings.max_queue,
         flash_attn=settings.flash_attn == "on",
         kv_cache_mb=settings.kv_cache_mb,
@@ -144,6 +151,13 @@ def _slots(settings: Settings) -> int:
     return settings.concurrency("llamacpp")
 
 
+def _kv_windows(settings: Settings) -> int:
+    """The windows of KV the fit check counts: llama.cpp's slots share a pool of at most POOL_WINDOWS by default."""
+    if settings.kv_pool:
+        return -(-settings.kv_pool // (settings.ctx_size or CPU_CONTEXT_CAP))
+    return min(_slots(settings), POOL_WINDOWS)
+
+
 def resolve(settings: Settings) -> ResolvedModel:
     """Resolve --model to local files: choose the build for this machine, check it fits, then download.
 
@@ -158,13 +172,13 @@ def resolve(settings: Settings) -> ResolvedModel:
     )
     limits: dict[str, Any] = {
         "ctx": settings.ctx_size,
-        "slots": _slots(settings),
+        "slots": _kv_windows(settings),
         "max_memory": settings.max_memory_bytes(),
     }
     if settings.fit_check == "on":
         check_fit(build, hw, **limits)
     model = fetch_build(build)
-    if settings.fit_check == "on" and build_need(build, settings.ctx_size, _slots(settings)) is None:
+    if settings.fit_check == "on" and build_need(build, settings.ctx_size, _kv_windows(settings)) is None:
         # A repo outside the catalogue is sized from its files once they are here, before loading.
         check_fit(replace(build, local=model.path), hw, **limits)
     return model

@@ -21,6 +21,9 @@ from .hardware import Hardware
 
 GGUF_MAGIC = b"GGUF"
 CPU_CONTEXT_CAP = 8192  # the engines' default per-conversation window on CPU
+# llama.cpp's slots share one KV pool of this many windows by default (fewer with fewer slots): the
+# memory four slots of a full window each took before the pool was unified.
+POOL_WINDOWS = 4
 
 
 @dataclass(frozen=True)

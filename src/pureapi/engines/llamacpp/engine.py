@@ -1,16 +1,19 @@
 """The llama.cpp scheduler: n_parallel slots over one llama context, continuous batching, KV reuse.
 
-One llama context holds `n_parallel` KV sequences ("slots"); each slot owns `n_ctx / n_parallel`
-cells, so one conversation can never crowd out another. One scheduler thread owns the context,
-the batch and the samplers. Each step it admits waiting jobs into free slots (`slots.choose_slot`),
-moves the active slots next to each other, builds one batch (`batch.plan_step`: a decode token per
+One llama context holds `n_parallel` KV sequences ("slots") drawing cells from one shared pool
+(llama.cpp's unified KV cache), so a slot costs no memory until it holds tokens, and one
+conversation may grow to the window (`context_length`, never more than the pool). When the pool
+runs out, `pool.KVPool` evicts idle slots' KV and parks running generations until one ends. One
+scheduler thread owns the context, the batch and the samplers. Each step it admits waiting jobs
+into free slots (`slots.choose_slot`), builds one batch (`batch.plan_step`: a decode token per
 generating slot, then prompt chunks), calls `llama_decode` once, and samples every slot that has
 logits with that request's own sampler (its chain, checked against a JSON grammar when it has one),
 reading the raw log-probabilities first for a request that asked for logprobs. KV is reused from
 the slot's own cache, from a saved state that shares the prompt's prefix (`prompt_cache`: a slot's
-KV is saved there, found by its tokens, before another prompt overwrites it), or copied from
-another slot that shares the prefix; when idle, the opening of a finished conversation's next turn
-is decoded ahead. docs/design.md explains each mechanism and records what was measured.
+KV is saved there, found by its tokens, before another prompt overwrites it), or shared with
+another slot that holds the prefix (the cells are shared, not copied); when idle, the opening of a
+finished conversation's next turn is decoded ahead. docs/design.md explains each mechanism and
+records what was measured.
 
 Scheduler invariants:
 1. Only the scheduler thread calls into the context, the batch and the samplers; request threads
@@ -35,9 +38,8 @@ Scheduler invariants:
    saved) at the next admission, and a turn still queued at the reset is admitted as no session's,
    into a slot that is never saved.
    A slot admitted for a prompt of another scope keeps none of its KV (prompt_cache invariant 3).
-8. `self._slots` is ordered by `id`, a slot's sequence id. Ids change only in `SequenceKV.swap`, between
-   steps, and the KV moves with them. Before every decode `_compact` has given the active slots
-   consecutive ids (unless llama.cpp refused to copy a state).
+8. A parked slot (pool.KVPool) has a job but no KV: it is left out of every step until it is
+   resumed, with its `cached` tokens restored exactly; no job is admitted while one is parked.
 9. `slot.opening` is non-empty only on a free slot whose last reply ended (at end of turn or at
    max_tokens; then the reply's last token, emitted but not decoded, comes first). It is
    decoded (at positions `len(cached)` on) only after the scheduler has waited AHEAD_IDLE_SECONDS
@@ -60,10 +62,11 @@ from ...types import Chunk, GenerationRequest, Message, TokenLogprob
 from ..base import Engine, system_fingerprint
 from ..jobs import Job
 from ..shell import Backend, EngineShell
-from .batch import Batch, plan_step
+from .batch import Batch, Row, plan_step
 from .kv import SequenceKV
 from .loader import open_context, state_files
 from .model import LlamaModel
+from .pool import KVPool
 from .prompt_cache import Found, PromptCache
 from .reuse import KVReuse
 from .sampling import grammar_of, log_softmax, make_sampler, token_logprob
@@ -85,7 +88,6 @@ STATS = (
     "copied_tokens",  # reused from another slot's KV
     "saved_states",
     "saves_skipped",  # the prompt cache held the slot's tokens already
-    "moved_slots",  # swaps by _compact
     "ahead_tokens",  # turn openings decoded while idle
     "steps",
     "generated_tokens",
@@ -96,6 +98,9 @@ STATS = (
     "restored_tokens_disk",
     "restored_bytes_ram",
     "restored_bytes_disk",
+    "evicted_slots",  # idle slots' KV saved and wiped for cells of the shared pool
+    "parked_jobs",  # running generations set aside for want of cells
+    "resumed_jobs",
 )
 COUNTED = STATS[STATS.index("generated_tokens") :]
 
@@ -116,6 +121,7 @@ class LlamaCppEngine(Engine, Backend):
         ctx: Any,
         model_name: str,
         file_size: int,
+        window: int,
         n_batch: int,
         max_queue: int,
         kv_cache_mb: int = 0,
@@ -128,8 +134,8 @@ class LlamaCppEngine(Engine, Backend):
         self.model_name = model_name
         self.device = "cpu"
         self.kv = SequenceKV(llc, ctx)
-        self.n_ctx = int(llc.llama_n_ctx(ctx))
-        self.context_length = int(llc.llama_n_ctx_seq(ctx))
+        self.n_ctx = int(llc.llama_n_ctx(ctx))  # cells of the pool all slots share
+        self.context_length = min(window, self.n_ctx)  # one conversation's window
         self.vocab_size: int = model.n_vocab
         self._memory = file_size + self.n_ctx * model.kv_bytes_per_token()
         self._batch = Batch(llc, n_batch)
@@ -145,6 +151,7 @@ class LlamaCppEngine(Engine, Backend):
         # the samplers (invariant 1).
         self._shell = EngineShell(self, max_queue, "llamacpp-scheduler")
         self.reuse = KVReuse(self.kv, self.prompt_cache, self._slots, self._shell.jobs, self.stats)
+        self.pool = KVPool(self.kv, self.reuse, self._slots, self.stats)
         self._shell.start()
 
     @classmethod
@@ -152,8 +159,9 @@ class LlamaCppEngine(Engine, Backend):
         cls,
         resolved: ResolvedModel,
         n_threads: int | None = None,
-        n_ctx: int | None = None,
-        n_parallel: int = 4,
+        ctx_size: int | None = None,
+        n_parallel: int | None = None,
+        kv_pool: int | None = None,
         max_queue: int = 64,
         n_batch: int = 512,
         flash_attn: bool = True,
@@ -161,7 +169,11 @@ class LlamaCppEngine(Engine, Backend):
         state_dir: Path | None = None,
         kv_disk_mb: int = 0,
     ) -> LlamaCppEngine:
-        """Load a GGUF file; n_ctx is the total context, split evenly over the n_parallel slots.
+        """Load a GGUF file with n_parallel slots sharing a pool of kv_pool KV cells.
+
+        ctx_size is one conversation's window (default: the model's, capped on CPU); the pool
+        defaults to min(n_parallel, POOL_WINDOWS) windows, and a window never exceeds the pool;
+        n_parallel defaults to as many slots as the pool has room for (loader.default_slots).
 
         kv_cache_mb bounds the RAM that saved KV states (of slots another prompt took) may take (0:
         none are kept); kv_disk_mb the disk they spill to under state_dir, where every slot's state
@@ -169,11 +181,18 @@ class LlamaCppEngine(Engine, Backend):
         Flash attention is llama.cpp's default on CPU (faster; see docs/design.md).
         """
         path = resolved.path
-        model, ctx = open_context(resolved, n_ctx, n_parallel, n_batch, n_threads, flash_attn)
+        model, ctx, window = open_context(resolved, ctx_size, n_parallel, kv_pool, n_batch, n_threads, flash_attn)
         disk = state_files(path, model, flash_attn, state_dir, kv_disk_mb)
-        engine = cls(model, ctx, resolved.name, path.stat().st_size, n_batch, max_queue, kv_cache_mb, disk)
+        size = path.stat().st_size
+        engine = cls(model, ctx, resolved.name, size, window, n_batch, max_queue, kv_cache_mb, disk)
         engine.system_fingerprint = system_fingerprint(resolved.name, path.stat().st_size, model.llc.__version__)
-        log.info("loaded %s: %d slots of %d tokens", resolved.name, n_parallel, engine.context_length)
+        log.info(
+            "loaded %s: %d slots sharing %d KV cells, windows of %d tokens",
+            resolved.name,
+            engine.slots,
+            engine.n_ctx,
+            engine.context_length,
+        )
         return engine
 
     def encode_chat(
@@ -207,6 +226,9 @@ class LlamaCppEngine(Engine, Backend):
         return {
             "slots_active": active,
             "slots_free": len(self._slots) - active,
+            "slots_parked": len(self.pool.parked),
+            "kv_pool_tokens": self.n_ctx,
+            "kv_pool_used_tokens": sum(len(s.cached) for s in self._slots),
             **{f"{name}_total": self.stats[name] for name in COUNTED},
             "saved_state_bytes_ram": self.prompt_cache.bytes,
             "saved_state_bytes_disk": disk.total_bytes() if disk is not None else 0,
@@ -245,7 +267,8 @@ class LlamaCppEngine(Engine, Backend):
         self.model.free()
 
     def has_room(self) -> bool:
-        return any(s.job is None for s in self._slots)
+        # While a generation is parked for want of cells, a new one would only take more of them.
+        return not self.pool.any_parked() and any(s.job is None for s in self._slots)
 
     def running(self) -> list[Job]:
         return [s.job for s in self._slots if s.job is not None]
@@ -257,7 +280,7 @@ class LlamaCppEngine(Engine, Backend):
         self._decode_openings()
 
     def step(self) -> None:
-        self._compact()
+        self.pool.resume()
         self._step()
 
     def drop(self, job: Job, failed: bool = False) -> None:
@@ -288,8 +311,9 @@ class LlamaCppEngine(Engine, Backend):
             self._release(slot)
             raise
 
-    def _active(self) -> list[Slot]:
-        return [s for s in self._slots if s.job is not None]
+    def _running(self) -> list[Slot]:
+        """The slots that take part in the next step: those with a job, less the parked ones."""
+        return [s for s in self._slots if s.job is not None and not self.pool.is_parked(s)]
 
     def _start(self, slot: Slot, job: Job, found: Found | None) -> None:
         """Put the job into the slot; `found` is the saved state admission found for its prompt."""
@@ -324,22 +348,18 @@ class LlamaCppEngine(Engine, Backend):
         """A reset: drop the states only the session reached now, and its slot's claim at the next step."""
         self.reuse.forget(session_id)
 
-    def _compact(self) -> None:
-        """Move active slots into the free ones between them, so that a decode is a single ubatch (invariant 8);
-        a generation whose KV could not be moved fails."""
-        moved, lost = self.kv.compact(self._slots)
-        self.stats["moved_slots"] += moved
-        for slot in lost:
-            if slot.job is not None:
-                slot.job.fail(EngineError("generation failed: its KV cache could not be moved"))
-                self._release(slot)
-
     def _step(self) -> None:
         """One llama_decode: a token per generating slot, then prompt chunks; then sample."""
         batch = self._batch
-        batch.clear()
-        plan = [(row, batch.add(row.slot, row.tokens, row.logits)) for row in plan_step(self._active(), batch.capacity)]
-        rc = batch.decode(self._ctx)
+        plan: list[tuple[Row, int]] = []
+
+        def decode() -> int:
+            batch.clear()
+            rows = plan_step(self._running(), batch.capacity)
+            plan[:] = [(row, batch.add(row.slot, row.tokens, row.logits)) for row in rows]
+            return batch.decode(self._ctx) if plan else 0
+
+        rc = self.pool.fit(decode, self._running)  # evicts idle KV, then parks, while the pool is full
         if rc != 0:
             raise EngineError(f"llama_decode failed (code {rc})")
         self.stats["steps"] += 1
@@ -397,3 +417,4 @@ class LlamaCppEngine(Engine, Backend):
         slot.job, slot.sampler, slot.decoder, slot.next_token = None, None, None, None
         slot.pending, slot.opening = [], []
         slot.last_used = next(self._ticks)
+        self.pool.released(slot)

@@ -1,4 +1,4 @@
-"""The slots' KV sequences in one llama context: copy out, load in, trim, wipe and move (ctypes calls only).
+"""The slots' KV sequences in one llama context: copy out, load in, trim, wipe and share (ctypes calls only).
 
 Each method keeps the engine's invariant 2 for the slots it touches: `slot.cached` lists exactly the
 tokens whose KV sequence `slot.id` holds. Called only from the scheduler thread.
@@ -11,7 +11,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .batch import Batch
-from .slots import Slot, compaction_swap
+from .slots import Slot
 
 if TYPE_CHECKING:
     from .prompt_cache import State
@@ -43,7 +43,8 @@ class SequenceKV:
         """Replace the slot's sequence with a saved state of `tokens`; on failure the slot is left empty."""
         self.wipe(slot)  # a state is restored into an empty sequence
         if self._llc.llama_state_seq_set_data(self._ctx, buf, len(buf), slot.id) == 0:
-            log.warning("llama.cpp could not restore a sequence state into sequence %d; prefilling", slot.id)
+            # Expected when the shared pool is full: the caller frees cells and retries, or prefills.
+            log.info("llama.cpp could not restore a sequence state into sequence %d", slot.id)
             self.wipe(slot)  # a failed restore may leave part of the state behind
             return False
         slot.cached = tokens  # exactly the tokens whose KV was saved
@@ -63,41 +64,12 @@ class SequenceKV:
         slot.cached.clear()
         slot.opening = []
 
-    def swap(self, x: Slot, y: Slot, slots: list[Slot]) -> list[Slot] | None:
-        """Exchange two slots' sequences: each KV state is copied to the other's id, and the ids swapped
-        (`slots` is re-sorted by id). None if nothing moved; else the slots whose state could not be
-        moved back in, wiped.
-
-        Everything else a slot holds (its job, tokens, sampler, session) stays with its object, so
-        neither slot loses its cache and a generation goes on unchanged.
-        """
-        states = [self.state(s.id) if s.cached else None for s in (x, y)]
-        if any(s.cached and state is None for s, state in zip((x, y), states, strict=True)):
-            return None
-        for s in (x, y):
-            self._llc.llama_memory_seq_rm(self._mem, s.id, -1, -1)
-        x.id, y.id = y.id, x.id
-        slots.sort(key=lambda s: s.id)
-        lost = []
-        for s, state in zip((x, y), states, strict=True):
-            if state is not None and self._llc.llama_state_seq_set_data(self._ctx, state, len(state), s.id) == 0:
-                log.warning("llama.cpp could not move a sequence state into sequence %d", s.id)
-                self.wipe(s)
-                lost.append(s)
-        return lost
-
-    def compact(self, slots: list[Slot]) -> tuple[int, list[Slot]]:
-        """Move active slots into the free ones between them: with one KV stream per sequence, llama.cpp
-        splits a batch into one ubatch per run of consecutive sequence ids, and each ubatch is a pass over
-        all the weights. How many swaps were made, and the slots whose KV was lost on the way (wiped)."""
-        moved, lost = 0, []
-        while (pair := compaction_swap(slots)) is not None:
-            failed = self.swap(*pair, slots)
-            if failed is None:
-                break
-            moved += 1
-            lost += failed
-        return moved, lost
+    def share(self, src: Slot, dst: Slot, n: int) -> None:
+        """Make dst's sequence the first n tokens of src's: the pool's cells are shared by both, not copied,
+        and either may then go on (or be trimmed) on its own."""
+        self.wipe(dst)
+        self._llc.llama_memory_seq_cp(self._mem, src.id, dst.id, 0, n)
+        dst.cached = list(src.cached[:n])
 
     def decode_openings(self, batch: Batch, slots: list[Slot]) -> int:
         """Decode the free slots' waiting turn openings in one batch, without logits; the tokens decoded."""
@@ -119,6 +91,9 @@ class SequenceKV:
                 log.warning("llama_decode of turn openings failed (code %d)", rc)
         decoded = 0
         for slot in taken:
+            if rc == 1:  # no cells free in the pool: nothing was decoded, the slots keep their KV
+                slot.opening = []
+                continue
             if rc != 0:
                 self.wipe(slot)  # a failed decode leaves no partial sequence behind
                 continue

@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ModelLoadError
-from ...models.resolve import CPU_CONTEXT_CAP, ResolvedModel, check_gguf
+from ...models.resolve import CPU_CONTEXT_CAP, POOL_WINDOWS, ResolvedModel, check_gguf
 from ..base import model_fingerprint
 from .model import LlamaModel
 from .state_files import StateFiles
 
 log = logging.getLogger(__name__)
+
+SLOT_SHARE = 2048  # tokens of the pool each default slot can count on: a multi-turn chat
+MAX_DEFAULT_SLOTS = 16
 
 
 def cpu_count() -> int:
@@ -23,30 +26,56 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+def default_slots(pool: int, window: int) -> int:
+    """Slots when --parallel is not given: as many as the pool holds conversations of SLOT_SHARE tokens
+    (or of a smaller window), at most MAX_DEFAULT_SLOTS; 16 at the default pool of 4 windows of 8192.
+
+    A slot costs no memory until it holds tokens, and decoding more sequences at once gains up to 16
+    of them on a 2-core CPU (llama-batched-bench, README); the share keeps the pool from being split
+    so thin that conversations of ordinary length wait for each other's cells.
+    """
+    return max(1, min(MAX_DEFAULT_SLOTS, pool // min(window, SLOT_SHARE)))
+
+
 def open_context(
-    resolved: ResolvedModel, n_ctx: int | None, n_parallel: int, n_batch: int, n_threads: int | None, flash_attn: bool
-) -> tuple[LlamaModel, Any]:
-    """The model and a context of n_parallel sequences (slots), each owning n_ctx / n_parallel KV cells."""
+    resolved: ResolvedModel,
+    ctx_size: int | None,
+    n_parallel: int | None,
+    kv_pool: int | None,
+    n_batch: int,
+    n_threads: int | None,
+    flash_attn: bool,
+) -> tuple[LlamaModel, Any, int]:
+    """The model, a context of n_parallel sequences (slots) sharing one pool of KV cells, and the window.
+
+    The window (one conversation's context) is ctx_size, else the model's trained context capped on
+    CPU; the pool is kv_pool cells, else min(n_parallel, POOL_WINDOWS) windows; a window is never
+    larger than the pool. n_parallel defaults to `default_slots`.
+    """
     path = resolved.path
     if not resolved.is_gguf:
         raise ModelLoadError(f"model {path}: the llamacpp engine needs a .gguf file")
     check_gguf(path)
     model = LlamaModel(path)
     llc = model.llc
-    if n_ctx is None:
-        n_ctx = min(model.n_ctx_train() or 2048, CPU_CONTEXT_CAP) * n_parallel
+    window = ctx_size or min(model.n_ctx_train() or 2048, CPU_CONTEXT_CAP)
+    pool = kv_pool or window * min(n_parallel or POOL_WINDOWS, POOL_WINDOWS)
+    window = min(window, pool)
+    n_parallel = n_parallel or default_slots(pool, window)
     params = llc.llama_context_default_params()
-    params.n_ctx = n_ctx
+    params.n_ctx = pool
     params.n_seq_max = n_parallel
     params.n_batch = params.n_ubatch = n_batch
     params.n_threads = params.n_threads_batch = n_threads or cpu_count()
     params.flash_attn_type = llc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llc.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    params.kv_unified = False  # one KV stream per slot: each slot owns n_ctx / n_parallel cells
+    # One KV stream that every slot draws cells from (llama-server's default): a slot costs no memory
+    # until it holds tokens, and a batch of any slots is one ubatch, one pass over the weights.
+    params.kv_unified = True
     ctx = llc.llama_init_from_model(model.ptr, params)
     if not ctx:
         model.free()
-        raise ModelLoadError(f"model file {path}: llama.cpp cannot create a {n_ctx}-token context")
-    return model, ctx
+        raise ModelLoadError(f"model file {path}: llama.cpp cannot create a context of {pool} KV cells")
+    return model, ctx, window
 
 
 def state_files(

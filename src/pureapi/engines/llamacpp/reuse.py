@@ -45,6 +45,18 @@ class KVReuse:
         if self.cache.put(list(slot.cached), buf, slot.scope, slot.session_id):
             self.stats["saved_states"] += 1
 
+    def evict_idle(self, keep: Slot | None = None) -> bool:
+        """Free cells of the shared pool: save and wipe the least recently used idle slot that holds KV
+        (other than `keep`); False when none does."""
+        idle = [s for s in self.slots if s.job is None and s is not keep and s.cached]
+        if not idle:
+            return False
+        slot = min(idle, key=lambda s: s.last_used)
+        self.save(slot, len(slot.cached))
+        self.kv.wipe(slot)
+        self.stats["evicted_slots"] += 1
+        return True
+
     def forget(self, session_id: str) -> None:
         """A reset: drop the states only the session reached now, and its slot's claim at the next step.
 
@@ -99,19 +111,20 @@ class KVReuse:
         buf = self.cache.read(found, take=found.common >= len(found.tokens))
         if buf is None:
             return False
-        loaded = self.kv.load(slot, list(found.tokens), buf)  # a copy: the entry may stay cached
+        # A copy of the tokens: the entry may stay cached. A pool too full for it gives up idle slots' KV.
+        while not (loaded := self.kv.load(slot, list(found.tokens), buf)) and self.evict_idle(keep=slot):
+            pass
         if loaded:
             self.stats[f"restored_bytes_{self.cache.taken_from}"] += len(buf)
         return loaded
 
     def copy_prefix(self, slot: Slot, prompt: Sequence[int], scope: str, keep: int) -> bool:
-        """Copy another slot's KV into this one when it shares at least MIN_COPIED_TOKENS more of the prompt.
+        """Share another slot's KV with this one when it holds at least MIN_COPIED_TOKENS more of the prompt.
 
         The other slot keeps its cache (a conversation sharing only a system prompt evicts nobody),
-        and this one starts from the shared prefix instead of prefilling it. The copy goes through
-        the sequence-state API, which moves only the source's used cells (llama_memory_seq_cp
-        across KV streams would copy the whole stream). The source may be mid-generation: between
-        steps its `cached` matches its KV exactly (invariant 2).
+        and this one starts from the shared prefix instead of prefilling it. In the unified pool the
+        prefix's cells are shared by both sequences (llama_memory_seq_cp), not copied. The source may
+        be mid-generation: between steps its `cached` matches its KV exactly (invariant 2).
         """
         best, common = None, keep
         for other in self.slots:
@@ -121,6 +134,5 @@ class KVReuse:
                     best, common = other, c
         if best is None or common - keep < MIN_COPIED_TOKENS:
             return False
-        buf = self.kv.state(best.id)
-        # A copy of cached: the source slot's list goes on changing. _start trims this one to the prefix.
-        return buf is not None and self.kv.load(slot, list(best.cached), buf)
+        self.kv.share(best, slot, common)
+        return True

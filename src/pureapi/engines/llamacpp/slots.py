@@ -91,18 +91,3 @@ def choose_slot(
         return cheapest
     best = max(free, key=lambda s: (commons[s.id] - lost(s), -s.last_used))
     return best if commons[best.id] > lost(best) else cheapest
-
-
-def compaction_swap(slots: Sequence[Slot]) -> tuple[Slot, Slot] | None:
-    """The next swap that closes a hole between active slots, or None when they are consecutive.
-
-    An active slot at one end trades places with the hole nearest the other end: the highest with
-    the lowest hole, or the lowest with the highest hole, whichever pair holds fewer tokens to copy.
-    `slots` is ordered by id, and a slot's id is its position.
-    """
-    active = [s.id for s in slots if s.job is not None]
-    if len(active) < 2 or active[-1] - active[0] + 1 == len(active):
-        return None
-    holes = [i for i in range(active[0], active[-1]) if slots[i].job is None]
-    pairs = [(slots[active[-1]], slots[holes[0]]), (slots[active[0]], slots[holes[-1]])]
-    return min(pairs, key=lambda pair: len(pair[0].cached) + len(pair[1].cached))

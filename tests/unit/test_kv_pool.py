@@ -1,0 +1,161 @@
+"""The shared KV pool when it runs out of cells (llamacpp/pool.py): evict idle KV, park, resume. No weights:
+a scripted pool of N cells stands in for llama.cpp's unified KV cache."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from pureapi.engines.jobs import Job, JobQueue
+from pureapi.engines.llamacpp.pool import KVPool
+from pureapi.engines.llamacpp.prompt_cache import PromptCache
+from pureapi.engines.llamacpp.reuse import KVReuse
+from pureapi.engines.llamacpp.slots import Slot
+from pureapi.errors import EngineError
+from pureapi.types import GenerationRequest, SamplingParams
+
+
+class ScriptedKV:
+    """A pool of `cells` cells: a slot's sequence takes one per cached token; a state is its tokens."""
+
+    def __init__(self, cells: int, slots: list[Slot]):
+        self.cells = cells
+        self.slots = slots
+        self.copy_fails = False
+
+    def used(self) -> int:
+        return sum(len(s.cached) for s in self.slots)
+
+    def state(self, seq: int) -> tuple[int, ...] | None:
+        slot = next(s for s in self.slots if s.id == seq)
+        return None if self.copy_fails else tuple(slot.cached)
+
+    def load(self, slot: Slot, tokens: list[int], buf: tuple[int, ...]) -> bool:
+        self.wipe(slot)
+        if self.used() + len(buf) > self.cells:
+            return False
+        assert list(buf) == tokens
+        slot.cached = tokens
+        return True
+
+    def wipe(self, slot: Slot) -> None:
+        slot.cached = []
+        slot.opening = []
+
+
+def setup(cells: int, n: int) -> tuple[ScriptedKV, KVPool, list[Slot], Counter[str]]:
+    slots = [Slot(i) for i in range(n)]
+    kv = ScriptedKV(cells, slots)
+    stats: Counter[str] = Counter()
+    reuse = KVReuse(kv, PromptCache(0), slots, JobQueue(4), stats)  # type: ignore[arg-type]
+    return kv, KVPool(kv, reuse, slots, stats), slots, stats  # type: ignore[arg-type]
+
+
+def run(slot: Slot, cached: int, admitted: int) -> Slot:
+    slot.job = Job(GenerationRequest([1], SamplingParams()), admitted)
+    slot.cached, slot.admitted, slot.next_token = list(range(cached)), admitted, 7
+    return slot
+
+
+def stepper(kv: ScriptedKV, pool: KVPool, slots: list[Slot]):  # type: ignore[no-untyped-def]
+    """A decode of one token per running slot: 1 (no cells) while the pool cannot hold them."""
+
+    def running() -> list[Slot]:
+        return [s for s in slots if s.job is not None and not pool.is_parked(s)]
+
+    def decode() -> int:
+        batch = running()
+        if kv.used() + len(batch) > kv.cells:
+            return 1
+        for s in batch:
+            s.cached.append(7)
+        return 0
+
+    return decode, running
+
+
+def test_idle_kv_goes_first_least_recently_used() -> None:
+    kv, pool, slots, stats = setup(cells=100, n=4)
+    run(slots[0], 40, 1)
+    run(slots[1], 30, 2)
+    slots[2].cached, slots[2].last_used = list(range(20)), 5
+    slots[3].cached, slots[3].last_used = list(range(10)), 3
+    decode, running = stepper(kv, pool, slots)
+    assert pool.fit(decode, running) == 0
+    # 100 cells held 100 tokens; two decode tokens needed one eviction: the older idle slot's.
+    assert slots[3].cached == [] and len(slots[2].cached) == 20
+    assert stats["evicted_slots"] == 1 and stats["parked_jobs"] == 0
+    assert len(slots[0].cached) == 41 and len(slots[1].cached) == 31
+
+
+def test_the_newest_generation_is_parked_and_resumed_after_one_ends() -> None:
+    kv, pool, slots, stats = setup(cells=100, n=3)
+    old, mid, new = run(slots[0], 40, 1), run(slots[2], 30, 2), run(slots[1], 30, 3)
+    decode, running = stepper(kv, pool, slots)
+    assert pool.fit(decode, running) == 0
+    assert pool.is_parked(new) and new.cached == [] and new.next_token == 7  # its job, sampler, token stay
+    assert len(old.cached) == 41 and len(mid.cached) == 31
+    assert stats["parked_jobs"] == 1 and pool.any_parked()
+    pool.resume()  # nothing ended yet: no attempt
+    assert pool.is_parked(new)
+    old.job = None  # the oldest ends; its KV stays as cache until the pool needs it
+    pool.released(old)
+    pool.resume()
+    assert not pool.any_parked() and new.cached == list(range(30))
+    assert old.cached == [] and stats["evicted_slots"] == 1 and stats["resumed_jobs"] == 1
+
+
+def test_a_parked_generation_waits_while_the_pool_is_still_full() -> None:
+    kv, pool, slots, stats = setup(cells=100, n=3)
+    a, b, c = run(slots[0], 45, 1), run(slots[1], 45, 2), run(slots[2], 9, 3)
+    decode, running = stepper(kv, pool, slots)
+    assert pool.fit(decode, running) == 0 and pool.is_parked(c)
+    a.cached += list(range(8))  # a grew meanwhile: 54 + 46 = 100 cells, no room for c's 9
+    pool.released(Slot(9))  # some other generation ended
+    pool.resume()
+    assert pool.is_parked(c) and stats["resumed_jobs"] == 0
+    b.job, b.cached = None, []  # b ends, and its KV was taken (a reset)
+    pool.released(b)
+    pool.resume()
+    assert not pool.any_parked() and c.cached == list(range(9))
+
+
+def test_a_lone_generation_is_never_parked() -> None:
+    kv, pool, slots, _ = setup(cells=10, n=2)
+    run(slots[0], 10, 1)
+    decode, running = stepper(kv, pool, slots)
+    assert pool.fit(decode, running) == 1  # only when a conversation outgrows the pool: the engine raises
+    assert not pool.any_parked()
+
+
+def test_a_cancelled_parked_generation_leaves_nothing_behind() -> None:
+    kv, pool, slots, _ = setup(cells=60, n=2)
+    run(slots[0], 30, 1)
+    late = run(slots[1], 30, 2)
+    decode, running = stepper(kv, pool, slots)
+    assert pool.fit(decode, running) == 0 and pool.is_parked(late)
+    late.job = None
+    pool.released(late)
+    assert not pool.any_parked()
+
+
+def test_a_state_that_cannot_be_copied_out_fails_the_step() -> None:
+    kv, pool, slots, _ = setup(cells=60, n=2)
+    run(slots[0], 30, 1)
+    run(slots[1], 30, 2)
+    kv.copy_fails = True
+    decode, running = stepper(kv, pool, slots)
+    with pytest.raises(EngineError, match="KV pool is full"):
+        pool.fit(decode, running)
+
+
+def test_default_slots_follow_the_pool() -> None:
+    from pureapi.engines.llamacpp.loader import default_slots
+
+    assert default_slots(4 * 8192, 8192) == 16  # default flags: the models' window capped at 8192 on a CPU
+    assert default_slots(4 * 4096, 4096) == 8
+    assert default_slots(4 * 2048, 2048) == 4  # a model trained on 2048 tokens
+    assert default_slots(4 * 512, 512) == 4  # --ctx-size 512: four such conversations fill the pool
+    assert default_slots(1000, 8192) == 1
+    assert default_slots(1 << 20, 8192) == 16
