@@ -34,7 +34,8 @@ ENGINE_HELP = {
     "restored_tokens_disk_total": "Prompt tokens restored from KV states saved on disk.",
     "restored_bytes_ram_total": "Bytes of KV states restored from RAM.",
     "restored_bytes_disk_total": "Bytes of KV states restored from disk.",
-    "evicted_slots_total": "Idle llama.cpp slots whose KV was saved and wiped to free cells of the shared pool.",
+    "evicted_slots_total": "Idle llama.cpp slots whose KV left the shared pool for the prompt cache (or was dropped) "
+    "when another prompt was admitted or the pool was full.",
     "parked_jobs_total": "Running generations set aside (KV copied out) because the shared KV pool was full.",
     "resumed_jobs_total": "Parked generations put back into the KV pool.",
     "kv_pool_used_tokens": "Tokens of KV the llama.cpp slots hold now (a prefix two slots share counts twice).",

@@ -159,3 +159,29 @@ def test_default_slots_follow_the_pool() -> None:
     assert default_slots(4 * 512, 512) == 4  # --ctx-size 512: four such conversations fill the pool
     assert default_slots(1000, 8192) == 1
     assert default_slots(1 << 20, 8192) == 16
+
+
+def test_admission_moves_idle_kv_out_of_the_pool_into_the_prompt_cache() -> None:
+    slots = [Slot(i) for i in range(4)]
+    kv = ScriptedKV(1000, slots)
+    stats: Counter[str] = Counter()
+    cache = PromptCache(1 << 20)
+    reuse = KVReuse(kv, cache, slots, JobQueue(4), stats)  # type: ignore[arg-type]
+    admitted, running, idle, reset = slots
+    admitted.cached, idle.cached, reset.cached = list(range(40)), list(range(100, 150)), list(range(200, 230))
+    run(running, 30, 1)
+    reset.savable = False  # its session was reset: its KV is nobody's
+    reuse.clear_idle(keep=admitted)
+    assert len(admitted.cached) == 40 and len(running.cached) == 30  # the admitted and the running keep theirs
+    assert idle.cached == [] and reset.cached == []
+    found = cache.find([*range(100, 150), 7], "")
+    assert found is not None and found.common == 50  # the idle slot's KV waits in the cache
+    assert cache.find(list(range(200, 230)), "") is None  # the reset one's is kept nowhere
+    assert stats["evicted_slots"] == 2
+
+
+def test_without_a_prompt_cache_idle_kv_stays_in_its_slot() -> None:
+    _, pool, slots, stats = setup(cells=1000, n=2)
+    slots[1].cached = list(range(50))
+    pool.reuse.clear_idle(keep=slots[0])
+    assert len(slots[1].cached) == 50 and stats["evicted_slots"] == 0

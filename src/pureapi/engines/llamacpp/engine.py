@@ -98,7 +98,7 @@ STATS = (
     "restored_tokens_disk",
     "restored_bytes_ram",
     "restored_bytes_disk",
-    "evicted_slots",  # idle slots' KV saved and wiped for cells of the shared pool
+    "evicted_slots",  # idle slots' KV moved to the prompt cache (or dropped) out of the shared pool
     "parked_jobs",  # running generations set aside for want of cells
     "resumed_jobs",
 )
@@ -303,6 +303,7 @@ class LlamaCppEngine(Engine, Backend):
         slot = choose_slot(free, self._slots, prompt, job.session, scope, saved)
         try:
             self._start(slot, job, found)
+            self.reuse.clear_idle(keep=slot)
         except PureAPIError:  # the request's own fault (llama.cpp refused its grammar)
             self._release(slot)  # nothing was decoded: the slot's KV still matches `cached`
             raise
