@@ -74,9 +74,9 @@ class KVPool:
         if slot.cached and state is None:
             raise EngineError("the KV pool is full and llama.cpp could not copy a generation's state out of it")
         self.parked[id(slot)] = Parked(list(slot.cached), state)
+        log.info("KV pool full: parked slot %d (%d tokens) until a generation ends", slot.id, len(slot.cached))
         self.kv.wipe(slot)
         self.stats["parked_jobs"] += 1
-        log.info("KV pool full: parked slot %d (%d tokens) until a generation ends", slot.id, len(slot.cached))
         return True
 
     def resume(self) -> None:
