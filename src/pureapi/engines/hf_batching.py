@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -38,7 +37,7 @@ from ..types import SamplingParams
 from . import hf_attention
 from .hf_batch_sampling import Rows, RowSteps, Steps, TopK, TopP, fast
 from .jobs import Job
-from .shell import Backend, run_whole
+from .shell import Backend, arrived, run_whole
 
 log = logging.getLogger(__name__)
 
@@ -235,26 +234,18 @@ class Batcher(Backend):
             return
         if not self.manager.is_running():  # the shell fails every job of this step
             raise EngineError(f"the batch generation loop stopped: {self.manager.background_thread_status.fatal_error}")
-        outputs = self.manager.output_router.output_queue
-        try:
-            out = outputs.get(timeout=POLL_SECONDS)
-        except queue.Empty:
-            return
-        while True:
+        for out in arrived(self.manager.output_router.output_queue, POLL_SECONDS):
             running = self._running.get(out.request_id)  # None: dropped since, its late outputs go nowhere
-            if running is not None:
-                try:
-                    self._deliver(out, running)
-                except Exception as exc:  # one job's broken stream fails that job alone
-                    log.exception("delivering %s failed", out.request_id)
-                    if out.request_id in self._running:
-                        self._end(out.request_id, cancel=True)
-                    if not running.job.ended:
-                        running.job.fail(EngineError(f"generation failed: {exc}"))
+            if running is None:
+                continue
             try:
-                out = outputs.get_nowait()
-            except queue.Empty:
-                return
+                self._deliver(out, running)
+            except Exception as exc:  # one job's broken stream fails that job alone
+                log.exception("delivering %s failed", out.request_id)
+                if out.request_id in self._running:
+                    self._end(out.request_id, cancel=True)
+                if not running.job.ended:
+                    running.job.fail(EngineError(f"generation failed: {exc}"))
 
     def drop(self, job: Job, failed: bool = False) -> None:
         if job is self._alone:

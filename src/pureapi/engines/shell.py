@@ -23,15 +23,43 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from typing import Protocol, TypeVar
 
 from ..errors import Cancelled, EngineError, NotReady, PureAPIError
 from ..types import Chunk, GenerationRequest
 from .jobs import SHUTTING_DOWN, Job, JobQueue
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T", covariant=True)
+
+
+class _Outputs(Protocol[T]):
+    """A thread-safe queue a backend's model thread fills (queue.Queue or queue.SimpleQueue)."""
+
+    def get(self, block: bool = True, timeout: float | None = None) -> T: ...
+
+    def get_nowait(self) -> T: ...
+
+
+def arrived(outputs: _Outputs[T], timeout: float) -> Iterator[T]:
+    """What a model thread has put in `outputs` by now, waiting up to `timeout` for the first item: a step
+    of a backend whose model runs on a thread of its own (transformers' batch manager, vLLM's event loop)
+    routes these to their jobs, and a step that saw nothing returns to let the shell admit and cancel."""
+    try:
+        item = outputs.get(timeout=timeout)
+    except queue.Empty:
+        return
+    while True:
+        yield item
+        try:
+            item = outputs.get_nowait()
+        except queue.Empty:
+            return
 
 
 class Backend(ABC):

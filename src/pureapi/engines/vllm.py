@@ -37,7 +37,7 @@ from ..types import Chunk, GenerationRequest, SamplingParams, TokenLogprob, TopL
 from ._template import HFTokenized
 from .base import Engine, model_fingerprint
 from .jobs import Job
-from .shell import Backend, EngineShell
+from .shell import Backend, EngineShell, arrived
 
 log = logging.getLogger(__name__)
 
@@ -177,18 +177,10 @@ class Forwarded(Backend):
 
     def step(self) -> None:
         """Route every output that arrived (waiting up to POLL_SECONDS for the first)."""
-        try:
-            request_id, item = self._outputs.get(timeout=POLL_SECONDS)
-        except queue.Empty:
-            return
-        while True:
+        for request_id, item in arrived(self._outputs, POLL_SECONDS):
             request = self._running.get(request_id)  # None: finished or dropped, a late item goes nowhere
             if request is not None:
                 self._route(request, item)
-            try:
-                request_id, item = self._outputs.get_nowait()
-            except queue.Empty:
-                return
 
     def _route(self, request: _Request, item: Any) -> None:
         job = request.job
