@@ -66,16 +66,16 @@ class Plan:
 def default_shape(gguf: Path) -> tuple[int, int]:
     """pureapi's slots and KV pool at default flags: a window of the model's trained context (capped on a
     CPU), POOL_WINDOWS of them, and as many slots as the loader gives that pool."""
-    from pureapi.engines.llamacpp.loader import default_slots
+    from pureapi.engines.llamacpp.loader import default_slots, default_window
     from pureapi.engines.llamacpp.model import LlamaModel
-    from pureapi.models.resolve import CPU_CONTEXT_CAP, POOL_WINDOWS
+    from pureapi.models.resolve import pool_windows
 
     model = LlamaModel(gguf)
     try:
-        window = int(min(model.n_ctx_train() or 2048, CPU_CONTEXT_CAP))
+        window = default_window(model)
     finally:
         model.free()
-    pool = window * POOL_WINDOWS
+    pool = window * pool_windows(None)
     return default_slots(pool, window), pool
 
 

@@ -10,12 +10,12 @@ from ..errors import ModelLoadError
 from ..models import hardware
 from ..models.resolve import (
     CPU_CONTEXT_CAP,
-    POOL_WINDOWS,
     ResolvedModel,
     build_need,
     check_fit,
     choose_build,
     fetch_build,
+    pool_windows,
 )
 from ..settings import Settings, default_cache_dir
 from .base import Engine
@@ -147,15 +147,11 @@ def _cuda_in_play(device: str) -> bool:
     return bool(hardware.gpus())
 
 
-def _slots(settings: Settings) -> int:
-    return settings.concurrency("llamacpp")
-
-
 def _kv_windows(settings: Settings) -> int:
-    """The windows of KV the fit check counts: llama.cpp's slots share a pool of at most POOL_WINDOWS by default."""
+    """The windows of KV the fit check counts: llama.cpp's slots share a pool of `pool_windows` by default."""
     if settings.kv_pool:
         return -(-settings.kv_pool // (settings.ctx_size or CPU_CONTEXT_CAP))
-    return min(_slots(settings), POOL_WINDOWS)
+    return pool_windows(settings.parallel)
 
 
 def resolve(settings: Settings) -> ResolvedModel:

@@ -8,7 +8,7 @@ import sys
 from ..errors import ModelLoadError
 from . import fit, hardware
 from .catalogue import CATALOGUE, DEFAULT_QUANT
-from .resolve import POOL_WINDOWS, Build, build_need, choose_build, fetch_build
+from .resolve import Build, build_need, choose_build, fetch_build, pool_windows
 
 ENGINES = ["auto", "transformers", "llamacpp"]
 
@@ -57,7 +57,7 @@ def rows(hw: hardware.Hardware, *, engine: str, device: str, quant: str | None, 
         except ModelLoadError as exc:
             out.append([entry.name, ", ".join(entry.aliases), str(exc), "", "", ""])
             continue
-        need = build_need(build, None, min(slots, POOL_WINDOWS))  # llama.cpp's slots share a pool of windows
+        need = build_need(build, None, pool_windows(slots))  # llama.cpp's slots share a pool of windows
         free = hw.ram_free if build.gguf or build.device == "cpu" else sum(g.free for g in hw.gpus)
         fits = "" if need is None else ("yes" if need.total <= free else "no")
         shown = build.label() if build.repo else f"{build.local.name if build.local else build.name} (embedded)"

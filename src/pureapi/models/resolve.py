@@ -26,6 +26,11 @@ CPU_CONTEXT_CAP = 8192  # the engines' default per-conversation window on CPU
 POOL_WINDOWS = 4
 
 
+def pool_windows(slots: int | None) -> int:
+    """How many windows llama.cpp's KV pool holds by default for that many slots (None: the default count)."""
+    return min(slots or POOL_WINDOWS, POOL_WINDOWS)
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     """A model on local disk: a .gguf file, or a Hugging Face model folder."""

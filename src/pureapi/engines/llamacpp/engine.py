@@ -172,7 +172,7 @@ class LlamaCppEngine(Engine, Backend):
         """Load a GGUF file with n_parallel slots sharing a pool of kv_pool KV cells.
 
         ctx_size is one conversation's window (default: the model's, capped on CPU); the pool
-        defaults to min(n_parallel, POOL_WINDOWS) windows, and a window never exceeds the pool;
+        defaults to `pool_windows(n_parallel)` windows, and a window never exceeds the pool;
         n_parallel defaults to as many slots as the pool has room for (loader.default_slots).
 
         kv_cache_mb bounds the RAM that saved KV states (of slots another prompt took) may take (0:

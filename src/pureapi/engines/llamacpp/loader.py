@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ModelLoadError
-from ...models.resolve import CPU_CONTEXT_CAP, POOL_WINDOWS, ResolvedModel, check_gguf
+from ...models.resolve import CPU_CONTEXT_CAP, ResolvedModel, check_gguf, pool_windows
 from ..base import model_fingerprint
 from .model import LlamaModel
 from .state_files import StateFiles
@@ -24,6 +24,11 @@ def cpu_count() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def default_window(model: LlamaModel) -> int:
+    """One conversation's window without --ctx-size: the model's trained context, capped on a CPU."""
+    return int(min(model.n_ctx_train() or 2048, CPU_CONTEXT_CAP))
 
 
 def default_slots(pool: int, window: int) -> int:
@@ -49,7 +54,7 @@ def open_context(
     """The model, a context of n_parallel sequences (slots) sharing one pool of KV cells, and the window.
 
     The window (one conversation's context) is ctx_size, else the model's trained context capped on
-    CPU; the pool is kv_pool cells, else min(n_parallel, POOL_WINDOWS) windows; a window is never
+    CPU; the pool is kv_pool cells, else `pool_windows(n_parallel)` windows; a window is never
     larger than the pool. n_parallel defaults to `default_slots`.
     """
     path = resolved.path
@@ -58,8 +63,8 @@ def open_context(
     check_gguf(path)
     model = LlamaModel(path)
     llc = model.llc
-    window = ctx_size or min(model.n_ctx_train() or 2048, CPU_CONTEXT_CAP)
-    pool = kv_pool or window * min(n_parallel or POOL_WINDOWS, POOL_WINDOWS)
+    window = ctx_size or default_window(model)
+    pool = kv_pool or window * pool_windows(n_parallel)
     window = min(window, pool)
     n_parallel = n_parallel or default_slots(pool, window)
     params = llc.llama_context_default_params()

@@ -86,9 +86,8 @@ class KVPool:
         self._ended = False
         for slot in sorted((s for s in self.slots if id(s) in self.parked), key=lambda s: s.admitted):
             held = self.parked[id(slot)]
-            while held.state is not None and not self.kv.load(slot, list(held.tokens), held.state):
-                if not self.reuse.evict_idle():
-                    return  # the rest wait for the next generation to end
+            if held.state is not None and not self.reuse.load(slot, list(held.tokens), held.state):
+                return  # the rest wait for the next generation to end
             del self.parked[id(slot)]
             self.stats["resumed_jobs"] += 1
 

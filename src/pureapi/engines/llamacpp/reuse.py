@@ -7,11 +7,15 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..jobs import JobQueue
 from .kv import SequenceKV
 from .prompt_cache import Found, PromptCache
 from .slots import MIN_COPIED_TOKENS, Slot, common_prefix
+
+if TYPE_CHECKING:
+    from .prompt_cache import State
 
 # A slot losing fewer tokens than this is not saved: re-prefilling so few is cheap, the RAM better spent.
 MIN_SAVED_TOKENS = 16
@@ -78,6 +82,12 @@ class KVReuse:
         self.stats["evicted_slots"] += 1
         return True
 
+    def load(self, slot: Slot, tokens: list[int], buf: State) -> bool:
+        """Put a saved state into the slot, giving up other idle slots' KV while the pool is too full for it."""
+        while not (loaded := self.kv.load(slot, tokens, buf)) and self.evict_idle(keep=slot):
+            pass
+        return loaded
+
     def forget(self, session_id: str) -> None:
         """A reset: drop the states only the session reached now, and its slot's claim at the next step.
 
@@ -132,9 +142,7 @@ class KVReuse:
         buf = self.cache.read(found, take=found.common >= len(found.tokens))
         if buf is None:
             return False
-        # A copy of the tokens: the entry may stay cached. A pool too full for it gives up idle slots' KV.
-        while not (loaded := self.kv.load(slot, list(found.tokens), buf)) and self.evict_idle(keep=slot):
-            pass
+        loaded = self.load(slot, list(found.tokens), buf)  # a copy of the tokens: the entry may stay cached
         if loaded:
             self.stats[f"restored_bytes_{self.cache.taken_from}"] += len(buf)
         return loaded
