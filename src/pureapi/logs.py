@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response, g, has_request_context, request
+if TYPE_CHECKING:
+    from flask import Flask, Response
 
 REQUEST_ID_HEADER = "X-Request-Id"
 # A client's id is echoed back only if it is short and plain: no spaces, quotes or control
@@ -20,8 +22,12 @@ access_log = logging.getLogger("pureapi.access")
 
 
 def request_id() -> str | None:
-    """The current request's id, or None outside a request."""
-    return g.get("request_id") if has_request_context() else None
+    """The current request's id, or None outside a request.
+
+    Flask is not imported here: logging is configured before the app exists (the model starts loading
+    in between), and until Flask is imported there is no request to name."""
+    flask = sys.modules.get("flask")
+    return flask.g.get("request_id") if flask is not None and flask.has_request_context() else None
 
 
 class RequestIdFilter(logging.Filter):
@@ -71,6 +77,7 @@ def configure(level: str, fmt: str = "text") -> None:
 
 def install(app: Flask) -> None:
     """Give each request an id (the client's if sane, else a new one), echo it, and log the access line."""
+    from flask import g, request
 
     @app.before_request
     def _assign() -> None:

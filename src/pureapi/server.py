@@ -8,9 +8,10 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from .app import AppState, create_app
 from .chat.expiry import SessionExpirer
 from .chat.store import SQLiteStore, StoreError
 from .engines.registry import choose_engine, load_engine, resolve
@@ -20,12 +21,19 @@ from .settings import Settings
 from .tenants import KeyFileError
 from .types import GenerationRequest, Message, SamplingParams
 
+if TYPE_CHECKING:
+    from .app import AppState
+
 log = logging.getLogger("pureapi")
 
 
-def _load(state: AppState, model: ResolvedModel, failed: list[str]) -> None:
-    """Load the engine, answer one token to prove it works, then attach it (health turns 200)."""
-    settings = state.settings
+def _load(settings: Settings, model: ResolvedModel, app: Future[AppState], failed: list[str]) -> None:
+    """Load the engine, answer one token to prove it works, then attach it to the app (health turns 200)
+    once serve() has built it and entered its loop.
+
+    It starts before the app is built, so the load (mostly llama.cpp clearing its KV pool, in C without
+    the GIL) runs beside the imports and set-up of the HTTP side on another core.
+    """
     started = time.monotonic()
     try:
         engine = load_engine(settings, model)
@@ -38,7 +46,9 @@ def _load(state: AppState, model: ResolvedModel, failed: list[str]) -> None:
         log.debug("model load failed", exc_info=True)
         failed.append(f"model {settings.model}: failed to load ({type(exc).__name__}: {exc})".splitlines()[0])
     else:
-        state.load_seconds = time.monotonic() - started
+        seconds = time.monotonic() - started
+        state = app.result()
+        state.load_seconds = seconds
         state.engine = engine
         log.info(
             "ready: %s on %s (%s engine, context %d) in %.1fs",
@@ -49,6 +59,7 @@ def _load(state: AppState, model: ResolvedModel, failed: list[str]) -> None:
             state.load_seconds,
         )
         return
+    app.result()  # serve() is in its loop, where the interrupt is caught
     _thread.interrupt_main()  # wake the server loop in the main thread so the process exits
 
 
@@ -74,6 +85,11 @@ def serve(settings: Settings) -> int:
     except (ModelLoadError, StoreError) as exc:
         print(f"pureapi: {exc}", file=sys.stderr)
         return 1
+    failed: list[str] = []
+    app_ready: Future[AppState] = Future()
+    threading.Thread(target=_load, args=(settings, model, app_ready, failed), name="model-loader", daemon=True).start()
+    from .app import create_app  # after the load has started: importing the APIs takes a while
+
     try:
         app = create_app(settings, store=store)
     except KeyFileError as exc:
@@ -118,11 +134,10 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGINT, stop)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, reload_keys)
-    failed: list[str] = []
     expirer = SessionExpirer(state.directory, settings.session_ttl).start() if settings.session_ttl > 0 else None
-    threading.Thread(target=_load, args=(state, model, failed), name="model-loader", daemon=True).start()
     log.info("listening on http://%s:%d (model %s loading)", settings.host, settings.port, settings.model)
     try:
+        app_ready.set_result(state)
         server.run()
     except KeyboardInterrupt:
         pass

@@ -6,6 +6,7 @@ before the engine maps its tensors.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from dataclasses import dataclass
@@ -65,6 +66,15 @@ def _string(fh: IO[bytes]) -> str:
     return fh.read(n).decode("utf-8", "replace")
 
 
+def _skip_strings(fh: IO[bytes], count: int) -> None:
+    """Step over an array of strings (the tokenizer's vocabulary and merges: ~200k of them) unread."""
+    for _ in range(count):
+        n = int.from_bytes(fh.read(8), "little")
+        if n > 1 << 24:
+            raise ValueError("damaged GGUF string")
+        fh.seek(n, 1)
+
+
 def _value(fh: IO[bytes], vtype: int) -> Any:
     if vtype in _SCALARS:
         return _read(fh, _SCALARS[vtype])
@@ -74,6 +84,8 @@ def _value(fh: IO[bytes], vtype: int) -> Any:
         item_type, count = _read(fh, "I"), _read(fh, "Q")
         if item_type in _SCALARS:  # skip numeric arrays (the tokenizer's scores) without decoding
             fh.seek(struct.calcsize("<" + _SCALARS[item_type]) * count, 1)
+        elif item_type == _STRING:
+            _skip_strings(fh, count)
         else:
             for _ in range(count):
                 _value(fh, item_type)
@@ -95,7 +107,14 @@ def metadata(path: Path) -> dict[str, Any]:
 
 
 def shape(path: Path) -> GgufShape:
-    """Architecture, attention shape and total size of a GGUF file or split set."""
+    """Architecture, attention shape and total size of a GGUF file or split set (read once per file
+    version: the fit check asks before and after a download)."""
+    stat = first_part(path).stat()
+    return _shape(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _shape(path: Path, _size: int, _mtime_ns: int) -> GgufShape:
     meta = metadata(first_part(path))
     arch = str(meta.get("general.architecture", "llama"))
     heads = int(meta.get(f"{arch}.attention.head_count", 1) or 1)
