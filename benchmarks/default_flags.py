@@ -15,9 +15,13 @@ Servers, each started as a new user would, with only a port, a scratch database 
 All get the same threads (default: the cores this process may use). Clients stream
 /v1/chat/completions at temperature 0, two requests each back to back, replies of up to 64 tokens
 ("short") and up to 256 ("long"). The ceiling is `llama-batched-bench` on the same GGUF and
-threads: 1, 2, 4, 8 and 16 sequences, 64-token prompts, 64 tokens generated each; its decode rate
-(S_TG) at N sequences is what N clients could get at most if prompts cost nothing, and
-N x 64 / (prompt + decode time) what they could get with each sequence's prompt computed once.
+threads: 1, 2, 4, 8 and 16 sequences, 64-token prompts, as many tokens generated each as the
+replies allow (64 or 256, so the attention is as deep as the servers'); its decode rate (S_TG) at N
+sequences is what N clients could get at most if prompts cost nothing, and N x generated / (prompt +
+decode time) what they could get with each sequence's prompt computed once. It runs twice: with a
+KV stream per sequence (batched-bench's default, each sequence attends to its own cells only) and
+with one unified pool (`-kvu`, the layout of pureapi's slots and of llama-server at its defaults,
+where every sequence's attention spans the pool's used cells and masks the others').
 Each round runs batched-bench and then every server, the servers in a rotated order each round
 (the machine's speed drifts); figures are medians over rounds, ratios the medians of each
 round's ratios. Results: benchmarks/results/default_flags.json and default_flags.png.
@@ -60,7 +64,7 @@ class Plan:
         self.per_client = 1 if quick else 2
         self.bench_pl = [1, 2, 4] if quick else [1, 2, 4, 8, 16]
         self.bench_pp = 64
-        self.bench_tg = 16 if quick else 64
+        self.layouts = {"streams": [], "pool": ["-kvu"]}  # batched-bench's KV layouts: its default, pureapi's
 
 
 def default_shape(gguf: Path) -> tuple[int, int]:
@@ -127,13 +131,14 @@ def measure(name: str, command: list[str], port: int, plan: Plan) -> dict[str, A
         stop_server(proc)
 
 
-def batched_bench(binary: str, gguf: Path, threads: int, plan: Plan) -> dict[str, Any]:
-    """llama.cpp's aggregate prompt and decode rates at each sequence count (prompts not shared)."""
-    pp, tg = plan.bench_pp, plan.bench_tg
+def batched_bench(binary: str, gguf: Path, threads: int, plan: Plan, tg: int, layout: list[str]) -> dict[str, Any]:
+    """llama.cpp's aggregate prompt and decode rates at each sequence count (prompts not shared),
+    generating tg tokens a sequence, with the KV layout's flags."""
+    pp = plan.bench_pp
     cmd = [
         binary, "-m", str(gguf), "-t", str(threads), "-tb", str(threads),
         "-c", str(max(plan.bench_pl) * (pp + tg)), "-npp", str(pp), "-ntg", str(tg),
-        "-npl", ",".join(map(str, plan.bench_pl)), "--output-format", "jsonl",
+        "-npl", ",".join(map(str, plan.bench_pl)), "--output-format", "jsonl", *layout,
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
@@ -168,10 +173,13 @@ def ratios(rounds: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
                     theirs = r["servers"].get(peer, {}).get(key, {}).get("aggregate_tps")
                     if theirs:
                         per.setdefault(f"over {peer}", []).append(ours / theirs)
-                ceiling = (r.get("batched_bench") or {}).get(str(n))
+                ceilings = (r.get("ceilings") or {}).get(label, {})
+                ceiling, pooled = ceilings.get("streams", {}).get(str(n)), ceilings.get("pool", {}).get(str(n))
                 if ceiling:
                     per.setdefault("over ceiling decode", []).append(ours / ceiling["decode_tps"])
                     per.setdefault("over ceiling end-to-end", []).append(ours / ceiling["end_to_end_tps"])
+                if pooled:
+                    per.setdefault("over pooled ceiling decode", []).append(ours / pooled["decode_tps"])
             out[key] = {k: round(statistics.median(v), 3) for k, v in per.items()}
     return out
 
@@ -183,8 +191,12 @@ def run_model(model: str, args: argparse.Namespace, plan: Plan) -> dict[str, Any
     for r in range(plan.rounds):
         entry: dict[str, Any] = {"servers": {}}
         if args.batched_bench:
-            print(f"{model} round {r + 1}: llama-batched-bench", flush=True)
-            entry["batched_bench"] = batched_bench(args.batched_bench, gguf, args.threads, plan)
+            entry["ceilings"] = {}
+            for label, tg in plan.lengths.items():
+                for layout, flags in plan.layouts.items():
+                    print(f"{model} round {r + 1}: llama-batched-bench, {tg} generated, {layout}", flush=True)
+                    bench = batched_bench(args.batched_bench, gguf, args.threads, plan, tg, flags)
+                    entry["ceilings"].setdefault(label, {})[layout] = bench
         with tempfile.TemporaryDirectory() as tmp:
             table = commands(model, gguf, args.threads, args.default_threads, args.llama_server, Path(tmp))
             names = [n for n in table if n in args.only]
@@ -197,7 +209,7 @@ def run_model(model: str, args: argparse.Namespace, plan: Plan) -> dict[str, Any
     servers = {name: median_of([x["servers"][name] for x in rounds]) for name in rounds[0]["servers"]}
     result: dict[str, Any] = {"gguf": gguf.name, "servers": servers, "ratios": ratios(rounds, plan), "rounds": rounds}
     if args.batched_bench:
-        result["batched_bench"] = median_of([x["batched_bench"] for x in rounds])
+        result["ceilings"] = median_of([x["ceilings"] for x in rounds])
     return result
 
 
@@ -206,11 +218,13 @@ def summary(report: dict[str, Any]) -> None:
     for model, res in report["models"].items():
         for key, rat in res["ratios"].items():
             tps = {name: s.get(key, {}).get("aggregate_tps") for name, s in res["servers"].items()}
-            n = key.split()[1]
-            ceiling = (res.get("batched_bench") or {}).get(n, {})
+            label, n = key.split()
+            ceilings = (res.get("ceilings") or {}).get(label, {})
             line = ", ".join(f"{name} {v}" for name, v in tps.items())
-            if ceiling:
+            if ceiling := ceilings.get("streams", {}).get(n):
                 line += f", ceiling {ceiling['decode_tps']} decode / {ceiling['end_to_end_tps']} end-to-end"
+            if pooled := ceilings.get("pool", {}).get(n):
+                line += f", pooled ceiling {pooled['decode_tps']} decode"
             rats = ", ".join(f"{k} {v}x" for k, v in rat.items())
             print(f"{model} {key} clients: {line}\n    pureapi {rats}")
 
@@ -226,8 +240,9 @@ def chart(report: dict[str, Any], path: Path) -> None:
     lengths = report["reply_tokens"]
     fig, axes = plt.subplots(len(models), len(lengths), figsize=(6 * len(lengths), 4 * len(models)), squeeze=False)
     for row, res in zip(axes, models.values(), strict=True):
-        bench = res.get("batched_bench") or {}
         for ax, (label, max_tokens) in zip(row, lengths.items(), strict=True):
+            ceilings = (res.get("ceilings") or {}).get(label, {})
+            bench, pooled = ceilings.get("streams", {}), ceilings.get("pool", {})
             clients = report["clients"]
             for name, s in res["servers"].items():
                 tps = [s.get(f"{label} {n}", {}).get("aggregate_tps") for n in clients]
@@ -236,6 +251,9 @@ def chart(report: dict[str, Any], path: Path) -> None:
             if pl:
                 ax.plot(pl, [bench[str(n)]["decode_tps"] for n in pl], "k--", label="batched-bench decode (ceiling)")
                 ax.plot(pl, [bench[str(n)]["end_to_end_tps"] for n in pl], "k:", label="batched-bench with prompts")
+            pl = [n for n in clients if str(n) in pooled]
+            if pl:
+                ax.plot(pl, [pooled[str(n)]["decode_tps"] for n in pl], "k-.", label="batched-bench decode, one pool")
             ax.set_title(f"{res['gguf']}: replies up to {max_tokens} tokens")
             ax.set_xlabel("concurrent streaming clients")
             ax.set_ylabel("aggregate tokens/s")
@@ -278,7 +296,7 @@ def main() -> int:
         "clients": plan.clients,
         "requests_per_client": plan.per_client,
         "reply_tokens": plan.lengths,
-        "batched_bench": {"npp": plan.bench_pp, "ntg": plan.bench_tg, "npl": plan.bench_pl},
+        "batched_bench": {"npp": plan.bench_pp, "ntg": plan.lengths, "npl": plan.bench_pl, "layouts": plan.layouts},
         "models": {},
     }
     started = time.perf_counter()
