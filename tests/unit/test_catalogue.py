@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,32 @@ def test_the_catalogue_shape_of_smollm2_matches_its_gguf(smollm2_gguf: Path) -> 
     entry = next(m for m in CATALOGUE if "smollm2" in m.aliases)
     assert (shape.layers, shape.kv_heads, shape.head_dim) == (entry.layers, entry.kv_heads, entry.head_dim)
     assert shape.size == smollm2_gguf.stat().st_size
+
+
+def _gguf_string(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack("<Q", len(data)) + data
+
+
+def test_the_header_reader_steps_over_string_arrays_to_the_keys_after_them(tmp_path: Path) -> None:
+    vocabulary = ["<|im_start|>", "a", "", "héllo"]
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 4)
+    header += _gguf_string("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, len(vocabulary))
+    header += b"".join(_gguf_string(t) for t in vocabulary)
+    header += _gguf_string("tokenizer.ggml.scores") + struct.pack("<IIQ", 9, 6, 2) + struct.pack("<2f", 0.5, 1.0)
+    header += _gguf_string("llama.block_count") + struct.pack("<II", 4, 30)
+    header += _gguf_string("general.name") + struct.pack("<I", 8) + _gguf_string("tiny")
+    path = tmp_path / "tiny.gguf"
+    path.write_bytes(header)
+    assert gguf.metadata(path) == {
+        "tokenizer.ggml.tokens": None,
+        "tokenizer.ggml.scores": None,
+        "llama.block_count": 30,
+        "general.name": "tiny",
+    }
+    assert gguf.shape(path).layers == 30
+    path.write_bytes(header.replace(struct.pack("<II", 4, 30), struct.pack("<II", 4, 24)) + b"\0")
+    assert gguf.shape(path).layers == 24  # a changed file is read again
 
 
 def test_a_local_gguf_is_sized_from_its_header(smollm2_gguf: Path) -> None:
