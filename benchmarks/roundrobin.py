@@ -12,11 +12,14 @@ slot is always taken by two others before its next turn. Scenarios:
 - `restart`: the `openai` load for turns 1-4, the server stopped (SIGTERM) and started again on the
   same files, then turns 5-8.
 pureapi runs the llama.cpp engine with `--parallel 4`; llama-server `-np 4`, the same GGUF, threads
-and context per slot. Per turn: TTFT (median over the 12 conversations) and prompt tokens the server
-computed rather than took from its KV cache (median); overall: completion tokens per second of
-wall time, and the server's peak RSS. Servers take turns within each round; figures are medians
-over rounds. It prints, and records under "targets", issue 25's two ratios: pureapi's aggregate over
-llama-server's on the OpenAI API, and each server's last turn TTFT over its first.
+and context per slot (an explicit -np gives each slot its own KV cells); with --kvu also
+`llama-server-kvu`, the same with `-kvu`: one pool all slots share, as pureapi's do. Per turn: TTFT
+(median over the 12 conversations) and prompt tokens the server computed rather than took from its
+KV cache (median); overall: completion tokens per second of wall time, and the server's peak RSS.
+Servers take turns within each round; figures are medians over rounds. It prints, and records under
+"targets", issue 25's two ratios: pureapi's aggregate over llama-server's on the OpenAI API, and
+each server's last turn TTFT over its first; and the last turn's over the second's, since turn 1
+computes only the opening (~13 tokens) and every later turn ~25.
 Results: benchmarks/results/roundrobin.json, chart: benchmarks/results/roundrobin.png.
 """
 
@@ -160,6 +163,8 @@ class Load:
         return {
             "ttft_per_turn": ttft,
             "ttft_last_over_first": round(ttft[-1] / ttft[0], 3) if ttft and ttft[0] else None,
+            # Turn 1 computes only the opening (~13 tokens), every later turn ~25: the growth at equal work.
+            "ttft_last_over_second": round(ttft[-1] / ttft[1], 3) if len(ttft) > 1 and ttft[1] else None,
             "prompt_tokens_per_turn": [statistics.median(self.prompt[t]) for t in turns],
             "prompt_computed_per_turn": computed,
             "aggregate_tps": round(self.tokens / self.seconds, 2) if self.seconds else 0.0,
@@ -167,7 +172,9 @@ class Load:
         }
 
 
-def commands(gguf: Path, threads: int, llama_server: str | None) -> dict[str, Callable[[int, Path], list[str]]]:
+def commands(
+    gguf: Path, threads: int, llama_server: str | None, kvu: bool = False
+) -> dict[str, Callable[[int, Path], list[str]]]:
     table: dict[str, Callable[[int, Path], list[str]]] = {
         "pureapi": lambda port, tmp: [
             sys.executable, str(ROOT / "pure_model_api.py"), "--model", str(gguf), "--engine", "llamacpp",
@@ -180,6 +187,8 @@ def commands(gguf: Path, threads: int, llama_server: str | None) -> dict[str, Ca
             llama_server, "-m", str(gguf), "-t", str(threads), "-c", str(SLOT_CTX * SLOTS), "-np", str(SLOTS),
             "--port", str(port), "--log-disable",
         ]  # fmt: skip
+        if kvu:
+            table["llama-server-kvu"] = lambda port, tmp: [*table["llama-server"](port, tmp), "-kvu"]
     return table
 
 
@@ -235,6 +244,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"))
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--kvu", action="store_true", help="also llama-server with one unified KV pool (-kvu)")
     parser.add_argument("--quick", action="store_true", help="a smoke test: 4 turns of up to 8 tokens")
     parser.add_argument("--out", type=Path, help="results JSON (--quick: a temporary one)")
     args = parser.parse_args()
@@ -261,7 +271,7 @@ def main() -> int:
         gguf = model_path(model)
         runs: dict[str, list[dict[str, Any]]] = {}
         for round_ in range(args.rounds):
-            for server, cmd in commands(gguf, args.threads, args.llama_server).items():
+            for server, cmd in commands(gguf, args.threads, args.llama_server, args.kvu).items():
                 for surface, restart in plan:
                     if surface == "sessions" and server != "pureapi":
                         continue  # llama-server keeps no conversations
@@ -290,10 +300,11 @@ def targets(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         out["pureapi aggregate over llama-server"] = round(statistics.median(ratio), 3) if ratio else None
     for key, results in runs.items():
         if key.endswith(" openai"):
-            last_over_first = [r["ttft_last_over_first"] for r in results if r["ttft_last_over_first"]]
-            out[f"{key.split()[0]} last turn TTFT over first"] = (
-                round(statistics.median(last_over_first), 3) if last_over_first else None
-            )
+            for which, name in (("first", "ttft_last_over_first"), ("second", "ttft_last_over_second")):
+                values = [r[name] for r in results if r.get(name)]
+                out[f"{key.split()[0]} last turn TTFT over {which}"] = (
+                    round(statistics.median(values), 3) if values else None
+                )
     return out
 
 
