@@ -18,7 +18,7 @@ from .engines.registry import choose_engine, load_engine, resolve
 from .errors import ModelLoadError
 from .models.resolve import ResolvedModel
 from .settings import Settings
-from .tenants import KeyFileError
+from .tenants import KeyFileError, Keyring
 from .types import GenerationRequest, Message, SamplingParams
 
 if TYPE_CHECKING:
@@ -85,6 +85,15 @@ def serve(settings: Settings) -> int:
     except (ModelLoadError, StoreError) as exc:
         print(f"pureapi: {exc}", file=sys.stderr)
         return 1
+    try:  # the key file is checked before the model starts loading (the app reads it again)
+        keys = Keyring(settings.api_key, settings.admin_key, settings.api_key_file)
+    except KeyFileError as exc:
+        print(f"pureapi: {exc}", file=sys.stderr)
+        return 1
+    shared = shared_kv_refusal(settings, len(keys.principals()), choose_engine(settings, model))
+    if shared:
+        print(f"pureapi: {shared}", file=sys.stderr)
+        return 1
     failed: list[str] = []
     app_ready: Future[AppState] = Future()
     threading.Thread(target=_load, args=(settings, model, app_ready, failed), name="model-loader", daemon=True).start()
@@ -92,14 +101,10 @@ def serve(settings: Settings) -> int:
 
     try:
         app = create_app(settings, store=store)
-    except KeyFileError as exc:
+    except KeyFileError as exc:  # the file changed since
         print(f"pureapi: {exc}", file=sys.stderr)
         return 1
     state: AppState = app.extensions["pureapi"]
-    shared = shared_kv_refusal(settings, len(state.keys.principals()), choose_engine(settings, model))
-    if shared:
-        print(f"pureapi: {shared}", file=sys.stderr)
-        return 1
     try:
         server = create_server(
             app,

@@ -258,6 +258,36 @@ def test_a_damaged_model_file_exits_with_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip() == f"pureapi: model file {bad}: not a GGUF file (it does not start with 'GGUF')"
 
 
+@pytest.mark.parametrize(
+    ("args", "refusal"),
+    [
+        (["--api-key-file", "{empty}"], "holds no keys; refusing to serve without any"),
+        (
+            ["--engine", "transformers", "--api-key", "k1", "--api-key", "k2", "--kv-cache-scope", "key"],
+            "start with --kv-cache-scope global to accept that, or --parallel 1",
+        ),
+    ],
+)
+def test_a_refused_start_exits_with_one_line_before_the_model_loads(
+    tmp_path: Path, args: list[str], refusal: str
+) -> None:
+    """The key file and the tenants check come before the model starts loading in the background, so a
+    refused start neither leaves a half-made conversion in the cache nor prints a loader's error."""
+    empty = tmp_path / "keys.txt"
+    empty.write_text("# no keys yet\n")
+    cache = tmp_path / "cache"
+    argv = [a.replace("{empty}", str(empty)) for a in args] + ["--cache-dir", str(cache)]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "pure_model_api.py"), *argv, "--db", str(tmp_path / "s.db")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and refusal in result.stderr, result.stderr
+    assert not cache.exists() or not any(cache.iterdir())
+
+
 def test_qwen_serves_the_seed_api_and_the_openai_client(qwen: Server) -> None:
     r = requests.post(
         qwen.url + "/chat",
