@@ -2,7 +2,7 @@
 
     python -m benchmarks.profile_admission [--model smollm2] [--clients 8 16] [--conversations 12] [--out PATH]
 
-Starts pureapi at default flags (4 slots) in a child process whose scheduler methods are wrapped in
+Starts pureapi at default flags (16 slots over one KV pool) in a child process whose scheduler methods are wrapped in
 timers (nothing in the engine changes), then runs, one after another:
 - `N clients`: N streaming clients, two 64-token replies each, the prompts of the default-flags
   benchmark (8 different prompts: whenever a prompt takes a slot, the slot's last reply is saved);
