@@ -25,9 +25,14 @@ def request_id() -> str | None:
     """The current request's id, or None outside a request.
 
     Flask is not imported here: logging is configured before the app exists (the model starts loading
-    in between), and until Flask is imported there is no request to name."""
-    flask = sys.modules.get("flask")
-    return flask.g.get("request_id") if flask is not None and flask.has_request_context() else None
+    in between), and until Flask is imported there is no request to name. The loader thread can log
+    while the main thread is still half-way through importing Flask, so a module without
+    has_request_context yet counts as no request."""
+    has_context = getattr(sys.modules.get("flask"), "has_request_context", None)
+    if has_context is None or not has_context():
+        return None
+    rid: str | None = sys.modules["flask"].g.get("request_id")
+    return rid
 
 
 class RequestIdFilter(logging.Filter):

@@ -76,3 +76,17 @@ def test_json_lines_carry_the_fields() -> None:
     line = json.loads(logs.JsonFormatter().format(record))
     assert line["message"] == "GET /x" and line["request_id"] == "r1" and line["status"] == 200
     assert line["level"] == "info" and line["logger"] == "pureapi.access"
+
+
+def test_a_line_logged_while_flask_is_half_imported_names_no_request(
+    monkeypatch: pytest.MonkeyPatch, captured: list[logging.LogRecord]
+) -> None:
+    """The model loader logs from its thread while the main thread may be importing Flask: a module in
+    sys.modules without its names yet is no request, not an AttributeError that fails the load."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "flask", types.ModuleType("flask"))
+    logging.getLogger("pureapi.test").info("loading")
+    assert logs.request_id() is None
+    assert captured[-1].request_id == "-"
