@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 from flask import Flask, Response, g, has_request_context, jsonify, request
@@ -40,19 +40,14 @@ class AppState:
     metrics: Metrics = field(init=False)
     responses: ResponseService = field(init=False)
     keys: Keyring = field(init=False)
+    given_keys: InitVar[Keyring | None] = None  # else read from the settings' flags and key file
     limits: TenantLimits = field(init=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, given_keys: Keyring | None) -> None:
         from . import security
 
         settings = self.settings
-        self.keys = Keyring(
-            settings.api_key,
-            settings.admin_key,
-            settings.api_key_file,
-            settings.tenant_max_concurrent,
-            settings.tenant_tokens_per_minute,
-        )
+        self.keys = Keyring.of(settings) if given_keys is None else given_keys
         self.limits = TenantLimits()
         self.metrics = Metrics(self)
 
@@ -71,14 +66,18 @@ class AppState:
 
 
 def create_app(
-    settings: Settings | None = None, engine: Engine | None = None, store: SessionStore | None = None
+    settings: Settings | None = None,
+    engine: Engine | None = None,
+    store: SessionStore | None = None,
+    keys: Keyring | None = None,
 ) -> Flask:
-    """Build the Flask app; the engine may be attached later (state.engine) once it has loaded."""
+    """Build the Flask app; the engine may be attached later (state.engine) once it has loaded. Without
+    `keys`, the keys are read from the settings (raises KeyFileError)."""
     settings = settings or Settings()
     app = Flask("pureapi")
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the documented key order
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    state = AppState(settings=settings, store=store or SQLiteStore(settings.db_path()), engine=engine)
+    state = AppState(settings=settings, store=store or SQLiteStore(settings.db_path()), engine=engine, given_keys=keys)
     app.extensions["pureapi"] = state
 
     from . import logs, metrics, security

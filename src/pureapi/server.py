@@ -85,8 +85,8 @@ def serve(settings: Settings) -> int:
     except (ModelLoadError, StoreError) as exc:
         print(f"pureapi: {exc}", file=sys.stderr)
         return 1
-    try:  # the key file is checked before the model starts loading (the app reads it again)
-        keys = Keyring(settings.api_key, settings.admin_key, settings.api_key_file)
+    try:  # the key file is checked before the model starts loading
+        keys = Keyring.of(settings)
     except KeyFileError as exc:
         print(f"pureapi: {exc}", file=sys.stderr)
         return 1
@@ -99,11 +99,7 @@ def serve(settings: Settings) -> int:
     threading.Thread(target=_load, args=(settings, model, app_ready, failed), name="model-loader", daemon=True).start()
     from .app import create_app  # after the load has started: importing the APIs takes a while
 
-    try:
-        app = create_app(settings, store=store)
-    except KeyFileError as exc:  # the file changed since
-        print(f"pureapi: {exc}", file=sys.stderr)
-        return 1
+    app = create_app(settings, store=store, keys=keys)
     state: AppState = app.extensions["pureapi"]
     try:
         server = create_server(

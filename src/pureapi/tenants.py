@@ -17,8 +17,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import RateLimited
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +127,17 @@ class Keyring:
         # Swapped whole on reload (one assignment), so a request sees the old table or the new one.
         self._table: dict[bytes, Principal] = {}
         self.reload()
+
+    @classmethod
+    def of(cls, settings: Settings) -> Keyring:
+        """The keys a server started with these settings answers to (raises KeyFileError)."""
+        return cls(
+            settings.api_key,
+            settings.admin_key,
+            settings.api_key_file,
+            settings.tenant_max_concurrent,
+            settings.tenant_tokens_per_minute,
+        )
 
     def reload(self) -> None:
         """Read the key file again (SIGHUP); a file with a mistake keeps the keys in force and raises."""

@@ -116,6 +116,18 @@ def test_the_server_loads_while_the_child_decodes(tmp_path: Path, monkeypatch: p
     assert check.stages == [preflight.LOADED, preflight.DECODED] and len(list(verdicts.iterdir())) == 1
 
 
+def test_the_child_stops_when_the_server_is_gone(tmp_path: Path) -> None:
+    """A server that exits while its check runs (a port in use) closes the child's stdin: the child stops
+    there (exit 5), instead of loading and decoding for nobody (it would end 3 on this file)."""
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    check = preflight.start_check(model, flash_attn=True, threads=None, verdicts=[tmp_path / "verdicts"])
+    assert check.proc is not None and check.proc.stdin is not None
+    check.proc.stdin.close()  # what the kernel does to the pipe when the server's process ends
+    assert check.proc.wait(timeout=60) == preflight.EXIT_ORPHANED
+    assert not (tmp_path / "verdicts").exists()
+
+
 def _shim(tmp_path: Path, source: str, name: str) -> Path:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:

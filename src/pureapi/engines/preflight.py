@@ -37,6 +37,7 @@ from ..errors import ModelLoadError
 # Stages the child reports on stdout, one line each, so the parent knows where a crash happened.
 LOADED = "preflight: loaded"
 DECODED = "preflight: decoded"
+EXIT_ORPHANED = 5  # the child stopped because the server that started it is gone
 CHILD_TIMEOUT_S = 600  # a 70B GGUF can take minutes to map; a hang beyond this is reported, not waited out
 
 # /proc/cpuinfo flag -> ggml's CMake option: the build for exactly what this CPU lists, AMX left out.
@@ -154,7 +155,16 @@ def start_check(model: Path, *, flash_attn: bool, threads: int | None, verdicts:
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     cmd = child_command(model, flash_attn, threads)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    # The child's stdin is a pipe the server never writes to: it closes when the server exits, and
+    # the child (--exit-with-parent) then stops too instead of decoding for nobody.
+    proc = subprocess.Popen(
+        [*cmd, "--exit-with-parent"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     return Check(model, stamps, proc)
 
 
@@ -304,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fix-command", action="store_true", help="print the command that rebuilds for this CPU")
     parser.add_argument("--flash-attn", choices=["on", "off"], default="on")
     parser.add_argument("--threads", type=int, default=None, help="decoding threads (default 1)")
+    parser.add_argument("--exit-with-parent", action="store_true", help="as the child: stop when stdin closes")
     ns = parser.parse_args(argv)
     if ns.fix_command:
         print(fix_command())
@@ -327,7 +338,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not ns.model:
         parser.error("a model file is needed")
+    if ns.exit_with_parent:
+        threading.Thread(target=_exit_at_eof, name="parent-watch", daemon=True).start()
     return _child(ns.model, ns.flash_attn == "on", ns.threads)
+
+
+def _exit_at_eof() -> None:
+    """End this process once stdin closes: the server that started the check is gone."""
+    sys.stdin.read()
+    os._exit(EXIT_ORPHANED)
 
 
 if __name__ == "__main__":
