@@ -47,6 +47,7 @@ def stream_chat(
     max_tokens: int,
     extra: dict[str, Any] | None = None,
     timeout: float = 600,
+    headers: dict[str, str] | None = None,
 ) -> Result:
     """One streaming chat completion, timed."""
     body = {
@@ -65,7 +66,9 @@ def stream_chat(
     usage: dict[str, Any] = {}
     computed: int | None = None
     try:
-        with requests.post(base + "/v1/chat/completions", json=body, stream=True, timeout=timeout) as r:
+        with requests.post(
+            base + "/v1/chat/completions", json=body, stream=True, timeout=timeout, headers=headers
+        ) as r:
             if r.status_code != 200:
                 return Result(False, r.status_code, error=r.text[:200])
             for line in r.iter_lines():

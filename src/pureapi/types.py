@@ -81,6 +81,7 @@ class GenerationRequest:
     session_id: str | None = None
     # Who may share KV cached from this prompt: requests of the same scope (an API key's, or "" for all).
     cache_scope: str = ""
+    tenant: str = ""  # whose turn in the engine's queue this is (the principal's name)
 
     @property
     def prompt_ids(self) -> list[int]:

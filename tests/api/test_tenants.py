@@ -6,6 +6,8 @@ existed gets, and nothing it does changes the owner's state. An admin acts for a
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -323,3 +325,29 @@ def test_the_transformers_batch_refuses_several_tenants_with_per_key_kv() -> Non
     assert shared_kv_refusal(Settings(max_batch_size=1), 2, "transformers") is None
     assert shared_kv_refusal(Settings(), 1, "transformers") is None
     assert shared_kv_refusal(Settings(), 2, "llamacpp") is None
+
+
+def test_one_tenants_backlog_does_not_hold_another_tenants_request_behind_it(make_fake_app: MakeFakeApp) -> None:
+    """One slot: A has a reply running and two waiting when B asks; B's reply is the next to start."""
+    app = make_fake_app(settings=TWO_KEYS, token_delay=0.05)
+    app.engine.enqueue(" ".join(["long"] * 30), "second", "third", "fourth")
+    answers: dict[str, str] = {}
+
+    def ask(name: str, who: dict[str, str]) -> None:
+        body = {"model": "m", "messages": [{"role": "user", "content": name}], "max_tokens": 64}
+        answers[name] = app.client.post("/v1/chat/completions", json=body, headers=who).get_json()["choices"][0][
+            "message"
+        ]["content"]
+
+    threads = []
+    for queued, (name, who) in enumerate([("a1", A), ("a2", A), ("a3", A), ("b", B)]):
+        threads.append(threading.Thread(target=ask, args=(name, who)))
+        threads[-1].start()
+        deadline = time.monotonic() + 10
+        while app.engine.queued() < queued and time.monotonic() < deadline:  # a1 runs, the others wait
+            time.sleep(0.005)
+    assert app.engine.queued() == 3 and "a1" not in answers  # all queued while a1 still runs
+    for t in threads:
+        t.join(30)
+    assert answers["b"] == "second"  # first come, first served would make it "fourth"
+    assert [answers["a2"], answers["a3"]] == ["third", "fourth"]

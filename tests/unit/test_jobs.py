@@ -28,6 +28,19 @@ def test_jobs_are_numbered_and_taken_in_order() -> None:
     assert jobs.take(timeout=0.01) is None
 
 
+def test_one_tenants_backlog_never_holds_another_tenants_request_behind_it() -> None:
+    """Taken tenant by tenant, each tenant's own jobs oldest first; a tenant that comes later is next."""
+    jobs = JobQueue(max_queue=8)
+    bulk = [jobs.submit(GenerationRequest([1], SamplingParams(), tenant="bulk")) for _ in range(4)]
+    chat = jobs.submit(GenerationRequest([1], SamplingParams(), tenant="chat"))
+    assert jobs.take(timeout=0) is bulk[0]
+    assert jobs.take(timeout=0) is chat  # not behind bulk's three older ones
+    assert jobs.take(timeout=0) is bulk[1]
+    late = jobs.submit(GenerationRequest([1], SamplingParams(), tenant="late"))
+    assert jobs.take(timeout=0) is late  # never served: before bulk, served last
+    assert [jobs.take(timeout=0), jobs.take(timeout=0), jobs.take(timeout=0)] == [bulk[2], bulk[3], None]
+
+
 def test_a_full_queue_refuses_at_once_and_a_closed_one_always() -> None:
     jobs = JobQueue(max_queue=1)
     jobs.submit(request())

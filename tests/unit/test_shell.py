@@ -173,14 +173,32 @@ def test_close_ends_every_stream_and_refuses_new_ones() -> None:
 
 
 def test_a_full_queue_is_refused_at_once() -> None:
+    """max_queue jobs wait beyond the slots; one more is refused without waiting."""
     backend = Scripted(room=1, step_delay=0.05)
-    shell = EngineShell(backend, max_queue=1).start()
+    shell = EngineShell(backend, max_queue=1, slots=1).start()
     try:
         first = shell.submit(request(100))
         next(first)  # admitted: the queue is empty again
         shell.submit(request(1))
+        shell.submit(request(1))
         with pytest.raises(Overloaded):
             shell.submit(request(1))
+    finally:
+        shell.close()
+
+
+def test_requests_bound_for_slots_that_free_at_once_are_not_refused() -> None:
+    """A whole batch ends in one step and its clients ask again at once: while the worker is still in
+    that step, the new requests wait for the freed slots, and only max_queue more are taken beyond them."""
+    backend = Scripted(room=4, step_delay=0.3)
+    shell = EngineShell(backend, max_queue=2, slots=4).start()
+    try:
+        batch = [shell.submit(request(1)) for _ in range(4)]
+        time.sleep(0.1)  # admitted, all four in the step that ends them
+        again = [shell.submit(request(1)) for _ in range(4 + 2)]
+        with pytest.raises(Overloaded):
+            shell.submit(request(1))
+        assert [text(s) for s in batch + again] == ["x"] * 10
     finally:
         shell.close()
 

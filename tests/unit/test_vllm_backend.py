@@ -51,7 +51,7 @@ def shell_on(llm: ScriptedLLM, slots: int = 2, max_queue: int = 8) -> EngineShel
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    return EngineShell(Forwarded(llm, loop, thread, slots, params=lambda p: p), max_queue, "vllm").start()
+    return EngineShell(Forwarded(llm, loop, thread, slots, params=lambda p: p), max_queue, "vllm", slots).start()
 
 
 def request(first: int = 1) -> GenerationRequest:
@@ -95,14 +95,16 @@ def test_at_most_slots_requests_are_in_vllm_and_a_cancel_before_admission_never_
     try:
         running = shell.submit(request())
         next(running)
-        waiting_request = request()
-        waiting = shell.submit(waiting_request)
+        waiting_requests = [request(), request()]
+        waiting = [shell.submit(r) for r in waiting_requests]
         with pytest.raises(Overloaded):
-            shell.submit(request())  # one in vLLM, one waiting: the shell's bound holds
-        waiting_request.cancel.set()
+            shell.submit(request())  # one in vLLM, max_queue + slots waiting: the shell's bound holds
+        for r in waiting_requests:
+            r.cancel.set()
         running.close()  # type: ignore[attr-defined]
-        with pytest.raises(Cancelled, match="before it started"):
-            text(waiting)
+        for stream in waiting:
+            with pytest.raises(Cancelled, match="before it started"):
+                text(stream)
         deadline = time.monotonic() + 5
         while not llm.aborted and time.monotonic() < deadline:
             time.sleep(0.01)

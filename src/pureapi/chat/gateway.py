@@ -126,6 +126,7 @@ class Gateway:
                 hold.close()
                 return iter(prepared)
             prepared.cache_scope = caller.cache_scope
+            prepared.tenant = caller.principal.name
             hold.enter_context(self._tracked(prepared))
             stream = with_stops(engine.generate(prepared), prepared.params.stop)
         except BaseException:

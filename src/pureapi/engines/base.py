@@ -115,7 +115,7 @@ class QueuedEngine(Engine):
 
     def start(self, backend: Backend | None = None) -> None:
         """Start the shell's worker over `backend` (default: `_run`, one job at a time), once the model is loaded."""
-        self._shell = EngineShell(backend or OneAtATime(self._run), self._max_queue, self.name).start()
+        self._shell = EngineShell(backend or OneAtATime(self._run), self._max_queue, self.name, self.slots).start()
 
     def ready(self) -> bool:
         return self._shell is not None and self._shell.ready()
@@ -124,6 +124,10 @@ class QueuedEngine(Engine):
         if self._shell is None or not self.ready():  # an engine's own readiness too (the batch's manager alive)
             raise NotReady("the model is not loaded")
         return self._shell.submit(request)
+
+    def queued(self) -> int:
+        """Jobs waiting for the worker to take them."""
+        return len(self._shell.jobs) if self._shell is not None else 0
 
     @abstractmethod
     def _run(self, job: Job) -> None:

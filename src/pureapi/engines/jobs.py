@@ -4,8 +4,10 @@ Invariants:
 1. A job is numbered and queued under the queue's lock, which `close` also takes: a job is either
    refused at once (`NotReady`, `Overloaded`) or queued before the close, and then it is failed by
    the close or taken by a worker. No job waits on a closed queue.
-2. A job gets exactly one terminal `finish` or `fail`; its reader's `stream()` ends there.
-3. Closing a stream early (client gone, stop string hit) sets the request's `cancel`, which the
+2. Jobs leave the queue tenant by tenant: the oldest job of the tenant taken from least recently, so
+   one tenant's backlog never holds another tenant's request behind it; with one tenant, oldest first.
+3. A job gets exactly one terminal `finish` or `fail`; its reader's `stream()` ends there.
+4. Closing a stream early (client gone, stop string hit) sets the request's `cancel`, which the
    worker sees at its next token.
 """
 
@@ -74,9 +76,15 @@ class JobQueue:
         self._max = max_queue
         self._waiting: collections.deque[Job] = collections.deque()
         self._submitted = 0
+        self._taken = 0
+        self._last_taken: dict[str, int] = {}  # per tenant, the number of the take that last served it
         self._closed = False
         # Guards the waiting jobs, the numbering and `closed` (invariant 1); wakes a waiting `take`.
         self._cond = threading.Condition()
+
+    def __len__(self) -> int:
+        """How many jobs wait to be taken."""
+        return len(self._waiting)
 
     @property
     def closed(self) -> bool:
@@ -97,11 +105,16 @@ class JobQueue:
         return job
 
     def take(self, timeout: float | None = None) -> Job | None:
-        """The oldest waiting job; None once closed, or after `timeout` seconds with none (0: no wait)."""
+        """The next waiting job (invariant 2); None once closed, or after `timeout` seconds with none (0: no wait)."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._waiting or self._closed, timeout) or self._closed:
                 return None
-            return self._waiting.popleft()
+            # min keeps the first of equals: the oldest job of the tenant served longest ago (or never).
+            job = min(self._waiting, key=lambda j: self._last_taken.get(j.request.tenant, 0))
+            self._waiting.remove(job)
+            self._taken += 1
+            self._last_taken[job.request.tenant] = self._taken
+            return job
 
     def unclaim(self, session_id: str) -> int:
         """Waiting jobs of the session stop being its, and their KV is kept nowhere (a reset).

@@ -153,9 +153,13 @@ class OneAtATime(Backend):
 class EngineShell:
     """A bounded queue and a worker thread driving one backend (invariants above)."""
 
-    def __init__(self, backend: Backend, max_queue: int = 64, name: str = "engine"):
+    def __init__(self, backend: Backend, max_queue: int = 64, name: str = "engine", slots: int = 1):
         self.backend = backend
-        self.jobs = JobQueue(max_queue)
+        # max_queue jobs may wait beyond the `slots` the backend runs: when a whole batch of generations
+        # ends at once and their clients ask again, those requests are bound for the freed slots, and
+        # must not be refused in the moment before the worker moves them in (the server's admission
+        # cap, max_queue + slots in flight, is the limit clients meet).
+        self.jobs = JobQueue(max_queue + slots)
         # The jobs admitted and not yet ended, for `close` to cancel from its own thread (invariant 1).
         self._held: set[Job] = set()
         self._held_lock = threading.Lock()  # guards _held: the worker adds and prunes, close reads

@@ -240,7 +240,7 @@ class VLLMEngine(HFTokenized, Engine):
         self._tok_lock = threading.Lock()  # HFTokenized's: one tokenizer call at a time
         self._thread = thread
         self._backend = Forwarded(llm, loop, thread, self.slots)
-        self._shell = EngineShell(self._backend, info.get("max_queue", 64), "vllm").start()
+        self._shell = EngineShell(self._backend, info.get("max_queue", 64), "vllm", self.slots).start()
 
     @classmethod
     def load(

@@ -149,7 +149,7 @@ class LlamaCppEngine(Engine, Backend):
         self.prompt_cache = PromptCache(kv_cache_mb * 1024 * 1024, disk)
         # The scheduler: the shell's worker is the only thread that touches the context, the batch and
         # the samplers (invariant 1).
-        self._shell = EngineShell(self, max_queue, "llamacpp-scheduler")
+        self._shell = EngineShell(self, max_queue, "llamacpp-scheduler", self.slots)
         self.reuse = KVReuse(self.kv, self.prompt_cache, self._slots, self._shell.jobs, self.stats)
         self.pool = KVPool(self.kv, self.reuse, self._slots, self.stats)
         self._shell.start()
