@@ -278,8 +278,8 @@ def test_overload_is_refused_at_once(smollm2_gguf: Path) -> None:
             except Overloaded:
                 refused += 1
             time.sleep(0.05)
-        # Two in the batch, one held by the admitting thread, two waiting.
-        assert len(accepted) <= 5 and refused >= 7
+        # Two in the batch, one held by the admitting thread, max_queue + slots (4) waiting.
+        assert len(accepted) <= 7 and refused >= 5
         for stream in accepted:
             assert collect(stream)[1].finish_reason == "length"
     finally:

@@ -609,7 +609,7 @@ def test_overload_is_refused_at_once(gguf: Path) -> None:
                 accepted.append(tiny.generate(GenerationRequest(ids, greedy_params(16))))
             except Overloaded:
                 refused += 1
-        assert len(accepted) <= 3 and refused >= 7  # one running, two waiting
+        assert len(accepted) <= 4 and refused >= 6  # one running, max_queue + slots (3) waiting
         for stream in accepted:
             assert collect(stream)[1].finish_reason == "length"
     finally:

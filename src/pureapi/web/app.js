@@ -83,6 +83,8 @@ async function openSession(id) {
   const ticket = ++opening;
   const session = await (await api(`/v1/sessions/${encodeURIComponent(id)}`)).json();
   if (ticket !== opening) return;
+  // A reply streaming into this session's view is newer than what was just read: keep the view.
+  if (busy && id === current) return;
   current = id;
   localStorage.setItem(SESSION_STORE, id);
   $("session-title").textContent = session.title || session.id;
