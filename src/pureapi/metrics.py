@@ -38,6 +38,8 @@ ENGINE_HELP = {
     "when another prompt was admitted or the pool was full.",
     "parked_jobs_total": "Running generations set aside (KV copied out) because the shared KV pool was full.",
     "resumed_jobs_total": "Parked generations put back into the KV pool.",
+    "preempted_jobs_total": "Running generations set aside (KV copied out, back in the queue) so that a tenant "
+    "below its fair share of the slots could start.",
     "kv_pool_used_tokens": "Tokens of KV the llama.cpp slots hold now (a prefix two slots share counts twice).",
     "kv_pool_tokens": "Cells of the llama.cpp KV pool all slots share.",
     "slots_parked": "llama.cpp generations parked now, waiting for cells of the KV pool.",

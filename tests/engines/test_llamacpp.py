@@ -269,6 +269,43 @@ def test_a_full_kv_pool_parks_the_newest_generations_without_changing_replies(
         assert_same_greedy(model_name, fresh, reference, ids[i], got, reply(fresh, ids[i], 80))
 
 
+def test_a_tenant_below_its_share_preempts_another_without_changing_its_reply(
+    model_name: str, gguf: Path, fresh: LlamaCppEngine, reference: TransformersEngine
+) -> None:
+    """Two slots, both running bulk's long replies: chat's request takes the slot of bulk's newest one,
+    whose KV and sampler wait aside (copied out of the pool) and go into the slot chat leaves. Chat's reply
+    ends first, and every reply is still the model's greedy one."""
+    prompts = ["Write a story about a dragon.", "Explain how rain forms."]
+    engine = load(gguf, n_parallel=2)
+    try:
+        ids = [engine.encode_chat([Message("user", p)]) for p in prompts]
+        chat_ids = engine.encode_chat([Message("user", "Name a planet.")])
+        ended: list[str] = []
+        results: dict[str, str] = {}
+
+        def read(name: str, stream: Iterator[Chunk]) -> None:
+            results[name] = collect(stream)[0]
+            ended.append(name)
+
+        streams = [engine.generate(GenerationRequest(i, greedy_params(120), tenant="bulk")) for i in ids]
+        firsts = [next(s) for s in streams]  # both run
+        threads = [threading.Thread(target=read, args=(f"bulk{i}", stream)) for i, stream in enumerate(streams)]
+        for t in threads:
+            t.start()
+        read("chat", engine.generate(GenerationRequest(chat_ids, greedy_params(8), tenant="chat")))
+        for t in threads:
+            t.join(timeout=300)
+        stats = Counter(engine.stats)
+    finally:
+        engine.close()
+    assert ended[0] == "chat", ended  # it did not wait for a bulk reply to end
+    assert stats["preempted_jobs"] == 1 and stats["parked_jobs"] == 0
+    for i, first in enumerate(firsts):
+        got = first.text + results[f"bulk{i}"]
+        assert_same_greedy(model_name, fresh, reference, ids[i], got, reply(fresh, ids[i], 120))
+    assert_same_greedy(model_name, fresh, reference, chat_ids, results["chat"], reply(fresh, chat_ids, 8))
+
+
 def test_second_turn_prefills_only_the_new_tokens(
     model_name: str, gguf: Path, fresh: LlamaCppEngine, reference: TransformersEngine
 ) -> None:

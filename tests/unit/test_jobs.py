@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from pureapi.engines.fake import FakeEngine
-from pureapi.engines.jobs import JobQueue
+from pureapi.engines.jobs import Job, JobQueue
 from pureapi.errors import Cancelled, NotReady, Overloaded
 from pureapi.types import GenerationRequest, SamplingParams
 
@@ -39,6 +39,56 @@ def test_one_tenants_backlog_never_holds_another_tenants_request_behind_it() -> 
     late = jobs.submit(GenerationRequest([1], SamplingParams(), tenant="late"))
     assert jobs.take(timeout=0) is late  # never served: before bulk, served last
     assert [jobs.take(timeout=0), jobs.take(timeout=0), jobs.take(timeout=0)] == [bulk[2], bulk[3], None]
+
+
+def tenant_job(jobs: JobQueue, tenant: str) -> Job:
+    return jobs.submit(GenerationRequest([1], SamplingParams(), tenant=tenant))
+
+
+def test_a_tenant_below_its_share_claims_the_newest_job_of_the_tenant_running_the_most() -> None:
+    jobs = JobQueue(max_queue=16)
+    running = [tenant_job(jobs, "bulk") for _ in range(4)]
+    for _ in running:
+        jobs.take(timeout=0)
+    waiting_bulk = tenant_job(jobs, "bulk")
+    chat = tenant_job(jobs, "chat")
+    assert jobs.claim(running, slots=4) == (chat, running[-1])  # bulk runs 4, its share is 2
+    assert jobs.claim(running, slots=1) is None  # a share of 0: nothing to claim
+    assert jobs.take_claimed(chat) and not jobs.take_claimed(chat)
+    # Bulk back at 3 with chat at 1: still above its share, and chat still below with another request.
+    again = tenant_job(jobs, "chat")
+    assert jobs.claim([*running[:3], chat], slots=4) == (again, running[2])
+    # At its share (2 and 2), nobody claims: a claim never takes a tenant below its share.
+    assert jobs.claim([*running[:2], chat, again], slots=4) is None
+    # With only bulk waiting, bulk alone is owed every slot: no claims, first come first served.
+    assert jobs.take_claimed(again)
+    assert jobs.claim(running, slots=4) is None and jobs.take(timeout=0) is waiting_bulk
+
+
+def test_a_cancelled_job_claims_nothing_and_is_never_preempted() -> None:
+    jobs = JobQueue(max_queue=16)
+    running = [tenant_job(jobs, "bulk") for _ in range(2)]
+    for _ in running:
+        jobs.take(timeout=0)
+    chat = tenant_job(jobs, "chat")
+    chat.request.cancel.set()
+    assert jobs.claim(running, slots=2) is None
+    late = tenant_job(jobs, "chat")
+    running[1].request.cancel.set()  # on its way out: bulk runs one live job, its share
+    assert jobs.claim(running, slots=2) is None
+    running[1].request.cancel.clear()
+    assert jobs.claim(running, slots=2) == (late, running[1])
+
+
+def test_a_preempted_job_goes_back_as_its_tenants_oldest() -> None:
+    jobs = JobQueue(max_queue=1)
+    first = tenant_job(jobs, "bulk")
+    assert jobs.take(timeout=0) is first
+    second = tenant_job(jobs, "bulk")
+    assert jobs.requeue(first)  # beyond the bound: it was admitted once
+    assert jobs.take(timeout=0) is first and jobs.take(timeout=0) is second
+    jobs.close()
+    assert not jobs.requeue(first)
 
 
 def test_a_full_queue_refuses_at_once_and_a_closed_one_always() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -63,8 +63,50 @@ class Scripted(Backend):
         self.shut = True
 
 
-def request(tokens: int = 3) -> GenerationRequest:
-    return GenerationRequest([1, 2, 3], SamplingParams(max_tokens=tokens, temperature=0))
+class Preempting(Scripted):
+    """A Scripted backend that can set a job aside: its progress (`done`) is kept, and it goes on from there."""
+
+    def __init__(self, room: int = 2, step_delay: float = 0.0):
+        super().__init__(room, step_delay)
+        self.preempted: list[int] = []
+        self.kept: set[int] = set()  # what preempt keeps until the job is admitted again or discarded
+        self.discarded: list[int] = []
+
+    def can_preempt(self) -> bool:
+        return True
+
+    def preempt(self, job: Job) -> bool:
+        self.jobs.remove(job)
+        self.preempted.append(job.number)
+        self.kept.add(job.number)
+        return True
+
+    def admit(self, job: Job) -> None:
+        self.kept.discard(job.number)
+        super().admit(job)
+
+    def discard(self, job: Job) -> None:
+        if job.number in self.kept:
+            self.kept.discard(job.number)
+            self.discarded.append(job.number)
+
+
+def request(tokens: int = 3, tenant: str = "") -> GenerationRequest:
+    return GenerationRequest([1, 2, 3], SamplingParams(max_tokens=tokens, temperature=0), tenant=tenant)
+
+
+def first_chunk_then_read(stream: Iterator[Chunk]) -> list[str]:
+    """Read a stream on a thread; the list gets its text when it ends."""
+    out: list[str] = []
+    threading.Thread(target=lambda: out.append(text(stream)), daemon=True).start()
+    return out
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert predicate()
 
 
 def text(stream: Iterator[Chunk]) -> str:
@@ -313,3 +355,66 @@ def test_close_stops_a_whole_job_at_its_next_token_and_ends_every_stream() -> No
         with pytest.raises(Cancelled, match="server shutting down"):
             text(stream)
     assert run.ran == [1] and run.returned == [1]
+
+
+def test_a_tenant_below_its_share_preempts_the_newest_job_of_a_tenant_holding_every_slot() -> None:
+    """Bulk holds both slots and has a third request waiting; chat's request takes the slot of bulk's newest
+    running job, which goes back to the queue as bulk's oldest and later ends with all its tokens."""
+    backend = Preempting(room=2, step_delay=0.005)
+    shell = EngineShell(backend, max_queue=8, slots=2).start()
+    try:
+        bulk = [first_chunk_then_read(shell.submit(request(200, "bulk"))) for _ in range(3)]
+        wait_for(lambda: backend.done.get(2, 0) >= 5)
+        chat = text(shell.submit(request(3, "chat")))
+        assert chat == "xxx" and backend.preempted == [2]
+        assert not any(bulk)  # chat ended before any of bulk's
+        wait_for(lambda: all(bulk))
+        assert [b[0] for b in bulk] == ["x" * 200] * 3  # the preempted one went on where it stopped
+        assert backend.admitted == [1, 2, 4, 2, 3]  # job 2 back before bulk's waiting job 3
+        assert backend.kept == set() and backend.discarded == [] and backend.dropped == []
+    finally:
+        shell.close()
+
+
+@pytest.mark.parametrize(
+    ("preempting", "slots", "chat_tenant"),
+    [
+        (True, 2, "bulk"),  # one tenant: first come, first served
+        (True, 1, "chat"),  # a share of 0 slots
+        (False, 2, "chat"),  # a backend that cannot preempt
+    ],
+)
+def test_no_preemption_for_one_tenant_one_slot_or_a_backend_that_cannot(
+    preempting: bool, slots: int, chat_tenant: str
+) -> None:
+    backend = (Preempting if preempting else Scripted)(room=slots, step_delay=0.005)
+    shell = EngineShell(backend, max_queue=8, slots=slots).start()
+    try:
+        bulk = [first_chunk_then_read(shell.submit(request(40, "bulk"))) for _ in range(slots)]
+        wait_for(lambda: backend.steps >= 3)
+        assert text(shell.submit(request(3, chat_tenant))) == "xxx"
+        wait_for(lambda: all(bulk))
+        assert getattr(backend, "preempted", []) == [] and backend.dropped == []
+        assert bulk == [["x" * 40]] * slots  # every job ran whole, none set aside
+    finally:
+        shell.close()
+
+
+def test_a_preempted_job_cancelled_while_it_waits_is_discarded() -> None:
+    backend = Preempting(room=2, step_delay=0.005)
+    shell = EngineShell(backend, max_queue=8, slots=2).start()
+    try:
+        first, second = request(1000, "bulk"), request(1000, "bulk")
+        bulk = [shell.submit(first), shell.submit(second)]
+        wait_for(lambda: backend.done.get(2, 0) >= 2)
+        chat = shell.submit(request(1000, "chat"))
+        next(chat)
+        assert backend.preempted == [2] and backend.kept == {2}
+        second.cancel.set()  # its reader left while it waited
+        first.cancel.set()  # a slot frees: the waiting job 2 is taken, found cancelled, and discarded
+        wait_for(lambda: backend.discarded == [2])
+        with pytest.raises(Cancelled):
+            text(bulk[1])
+        assert backend.admitted == [1, 2, 3] and backend.kept == set()
+    finally:
+        shell.close()

@@ -9,6 +9,12 @@ Invariants:
 3. A job gets exactly one terminal `finish` or `fail`; its reader's `stream()` ends there.
 4. Closing a stream early (client gone, stop string hit) sets the request's `cancel`, which the
    worker sees at its next token.
+5. Tenants share the slots fairly: each tenant with work (running or waiting) is owed
+   `slots // tenants` of them. When none is free, a waiting job of a tenant running fewer than its
+   share may claim the newest generation of the tenant running the most, if that is more than its
+   share (`claim`); the preempted job goes back to the queue (`requeue`) as its tenant's oldest, and
+   comes back when that tenant's turn does. A claim never takes a tenant below its share, so two
+   tenants never take a slot back and forth.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from ..errors import Cancelled, NotReady, Overloaded
 from ..types import Chunk, GenerationRequest, TokenLogprob
@@ -115,6 +121,52 @@ class JobQueue:
             self._taken += 1
             self._last_taken[job.request.tenant] = self._taken
             return job
+
+    def claim(self, running: Sequence[Job], slots: int) -> tuple[Job, Job] | None:
+        """A waiting job owed a slot that `running` holds, and the running job to preempt for it (invariant 5).
+
+        The claimant is a job of the tenant furthest below its share (served least recently among
+        equals, its oldest job); the victim the newest job of the tenant running the most. None when
+        every tenant with waiting work runs its share, or nobody runs more than theirs.
+        """
+        with self._cond:
+            waiting = [j for j in self._waiting if not j.request.cancel.is_set()]
+            if self._closed or not waiting:
+                return None
+            live = [j for j in running if not j.request.cancel.is_set()]
+            counts = collections.Counter(j.request.tenant for j in live)
+            share = slots // len(set(counts) | {j.request.tenant for j in waiting})
+            owed = [j for j in waiting if counts[j.request.tenant] < share]
+            if not owed or not counts:
+                return None
+            heavy, most = counts.most_common(1)[0]
+            if most <= share:
+                return None
+            # min keeps the first of equals: the oldest job of that tenant.
+            job = min(owed, key=lambda j: (counts[j.request.tenant], self._last_taken.get(j.request.tenant, 0)))
+            victim = max((j for j in live if j.request.tenant == heavy), key=lambda j: j.number)
+            return job, victim
+
+    def take_claimed(self, job: Job) -> bool:
+        """Take a job `claim` chose (a preemption made room for it); False if it no longer waits (closed)."""
+        with self._cond:
+            if self._closed or job not in self._waiting:
+                return False
+            self._waiting.remove(job)
+            self._taken += 1
+            self._last_taken[job.request.tenant] = self._taken
+            return True
+
+    def requeue(self, job: Job) -> bool:
+        """Put a preempted job back, as its tenant's oldest waiting job (beyond the bound: it was admitted
+        once); False once closed, when the caller must end it."""
+        with self._cond:
+            if self._closed:
+                return False
+            at = next((i for i, j in enumerate(self._waiting) if j.number > job.number), len(self._waiting))
+            self._waiting.insert(at, job)
+            self._cond.notify()
+            return True
 
     def unclaim(self, session_id: str) -> int:
         """Waiting jobs of the session stop being its, and their KV is kept nowhere (a reset).

@@ -13,11 +13,17 @@ Invariants:
    only submit jobs and set cancel events (`close` sets those of the admitted jobs, so a step that
    runs a whole generation returns at its next token).
 2. A job cancelled before admission is failed by the shell and never reaches the backend.
-3. A job is in exactly one place: the queue, the backend (its `running()`), or done. It leaves the
+3. A job is in exactly one place: the queue, the backend (its `running()`), or done (a preempted job
+   is back in the queue, invariant 5). It leaves the
    backend through its own end in the backend's step (`finish`, or `fail` for a failure of that job
    alone), or through `drop` (cancelled, crashed, shut down), and gets exactly one terminal `finish`
    or `fail`.
 4. A step that raises fails the jobs that were running in it, each dropped first; the worker goes on.
+5. With every slot busy, a waiting job of a tenant below its fair share of the slots may take one
+   (jobs invariant 5) from a backend that can preempt: the backend sets the newest job of the tenant
+   running the most aside (`preempt`, keeping its KV and progress), the shell puts that job back in
+   the queue, and a later `admit` of it goes on where it stopped. A preempted job that never comes
+   back (cancelled, shut down) is `discard`ed.
 """
 
 from __future__ import annotations
@@ -98,6 +104,18 @@ class Backend(ABC):
     def shutdown(self) -> None:
         """The worker stopped and every job is failed: release what the backend holds."""
 
+    def can_preempt(self) -> bool:
+        """Whether `preempt` may be called now (invariant 5); backends that cannot set a job aside say no."""
+        return False
+
+    def preempt(self, job: Job) -> bool:
+        """Set a running job aside to free its slot, keeping what it built so that a later `admit` of the
+        same job goes on where it stopped; False (nothing changed) when it cannot."""
+        return False
+
+    def discard(self, job: Job) -> None:
+        """A job that may have been preempted will not be admitted again: release what `preempt` kept."""
+
 
 def failure(exc: Exception) -> PureAPIError:
     """The error a job's reader gets for an exception raised while it ran (ours pass through)."""
@@ -155,6 +173,7 @@ class EngineShell:
 
     def __init__(self, backend: Backend, max_queue: int = 64, name: str = "engine", slots: int = 1):
         self.backend = backend
+        self.slots = slots  # what the tenants share fairly (invariant 5)
         # max_queue jobs may wait beyond the `slots` the backend runs: when a whole batch of generations
         # ends at once and their clients ask again, those requests are bound for the freed slots, and
         # must not be refused in the moment before the worker moves them in (the server's admission
@@ -228,8 +247,12 @@ class EngineShell:
     def _admit(self) -> bool:
         """Move waiting jobs into the backend; block only when nothing runs. False: the queue closed."""
         backend = self.backend
-        while backend.has_room():
-            if backend.running():
+        while True:
+            if not backend.has_room():
+                job = self._claim()
+                if job is None:
+                    return True
+            elif backend.running():
                 job = self.jobs.take(timeout=0)
             elif backend.wants_idle():
                 job = self.jobs.take(timeout=backend.idle_seconds)
@@ -245,6 +268,7 @@ class EngineShell:
                         log.exception("engine idle work failed")
                 return True
             if job.request.cancel.is_set():
+                self._forget(job)
                 job.fail(Cancelled("cancelled before it started"))  # invariant 2
                 continue
             with self._held_lock:
@@ -258,6 +282,35 @@ class EngineShell:
                     log.exception("engine admission failed")
                 self._end(job, failure(exc))
         return True
+
+    def _claim(self) -> Job | None:
+        """Every slot is busy: preempt for a waiting job of a tenant below its fair share (invariant 5);
+        the job to admit in the freed slot, or None."""
+        backend = self.backend
+        if self.slots < 2 or not backend.can_preempt():
+            return None
+        claim = self.jobs.claim(backend.running(), self.slots)
+        if claim is None:
+            return None
+        job, victim = claim
+        try:
+            if not backend.preempt(victim):
+                return None
+        except Exception as exc:  # a failed preemption leaves the victim to end as a failed step's job
+            log.exception("engine preemption failed")
+            self._end(victim, failure(exc), failed=True)
+            self.backend.discard(victim)
+            return None
+        if not self.jobs.requeue(victim):  # closed meanwhile: it ends with the others
+            self._forget(victim)
+            victim.fail(Cancelled(SHUTTING_DOWN))
+        return job if self.jobs.take_claimed(job) else None
+
+    def _forget(self, job: Job) -> None:
+        """A job out of the backend that will not come back: release what a preemption kept of it."""
+        self.backend.discard(job)
+        with self._held_lock:
+            self._held.discard(job)
 
     def _end(self, job: Job, exc: BaseException, failed: bool = False) -> None:
         if job in self.backend.running():

@@ -40,6 +40,9 @@ Scheduler invariants:
    A slot admitted for a prompt of another scope keeps none of its KV (prompt_cache invariant 3).
 8. A parked slot (pool.KVPool) has a job but no KV: it is left out of every step until it is
    resumed, with its `cached` tokens restored exactly; no job is admitted while one is parked.
+   A preempted job (shell invariant 5) holds no slot: its KV and progress wait in `_preempted`
+   until it is admitted again, into any free slot, exactly as they were (parked if the pool has
+   no room for them then); nothing is preempted while a generation is parked.
 9. `slot.opening` is non-empty only on a free slot whose last reply ended (at end of turn or at
    max_tokens; then the reply's last token, emitted but not decoded, comes first). It is
    decoded (at positions `len(cached)` on) only after the scheduler has waited AHEAD_IDLE_SECONDS
@@ -66,7 +69,7 @@ from .batch import Batch, Row, plan_step
 from .kv import SequenceKV
 from .loader import open_context, state_files
 from .model import LlamaModel
-from .pool import KVPool
+from .pool import KVPool, Parked, Preempted
 from .prompt_cache import Found, PromptCache
 from .reuse import KVReuse
 from .sampling import grammar_of, log_softmax, make_sampler, token_logprob
@@ -101,6 +104,7 @@ STATS = (
     "evicted_slots",  # idle slots' KV moved to the prompt cache (or dropped) out of the shared pool
     "parked_jobs",  # running generations set aside for want of cells
     "resumed_jobs",
+    "preempted_jobs",  # generations set aside for another tenant's request (shell invariant 5)
 )
 COUNTED = STATS[STATS.index("generated_tokens") :]
 
@@ -152,6 +156,7 @@ class LlamaCppEngine(Engine, Backend):
         self._shell = EngineShell(self, max_queue, "llamacpp-scheduler", self.slots)
         self.reuse = KVReuse(self.kv, self.prompt_cache, self._slots, self._shell.jobs, self.stats)
         self.pool = KVPool(self.kv, self.reuse, self._slots, self.stats)
+        self._preempted: dict[Job, Preempted] = {}  # set aside for another tenant, back in the queue
         self._shell.start()
 
     @classmethod
@@ -257,6 +262,9 @@ class LlamaCppEngine(Engine, Backend):
         """Every job has ended: write the KV states to disk and free the context and the model."""
         for slot in self._slots:
             self._release(slot)
+        for held in self._preempted.values():
+            held.free()
+        self._preempted.clear()
         try:
             self.reuse.persist()
         except Exception:  # a full disk must not stop the shutdown
@@ -290,12 +298,46 @@ class LlamaCppEngine(Engine, Backend):
                     self.kv.wipe(slot)  # invariant 2: a failed decode leaves no partial sequence behind
                 self._release(slot)
 
+    def can_preempt(self) -> bool:
+        return not self.pool.any_parked()  # a parked generation waits for cells: none to spare
+
+    def preempt(self, job: Job) -> bool:
+        """Copy the job's KV out of the pool and free its slot; `admit` puts it back (invariant 8)."""
+        slot = next(s for s in self._slots if s.job is job)
+        state = self.kv.state(slot.id) if slot.cached else None
+        if slot.cached and state is None:
+            return False
+        self._preempted[job] = Preempted(
+            Parked(list(slot.cached), state),
+            slot.admitted,
+            slot.pending,
+            slot.next_token,
+            slot.generated,
+            slot.sampler,
+            slot.decoder,
+        )
+        log.info("slot %d (%d tokens) preempted for another tenant's request", slot.id, len(slot.cached))
+        slot.sampler = None  # the job's own now, not freed with the slot
+        self.kv.wipe(slot)
+        slot.session_id = None  # its conversation left with the job
+        self._release(slot)
+        self.stats["preempted_jobs"] += 1
+        return True
+
+    def discard(self, job: Job) -> None:
+        held = self._preempted.pop(job, None)
+        if held is not None:
+            held.free()
+
     def admit(self, job: Job) -> None:
-        """Put a job into the free slot that keeps the most useful KV."""
+        """Put a job into the free slot that keeps the most useful KV (a preempted one: into any)."""
         forgotten = self.reuse.apply_forgets()  # before a slot is picked by its session
         if job.session in forgotten and job.number <= forgotten[job.session]:
             # Submitted before its session's reset: its KV (the forgotten conversation) is nobody's.
             job.session, job.savable = None, False
+        held = self._preempted.pop(job, None)
+        if held is not None:
+            return self._resume(job, held)
         prompt, scope = job.request.prompt_ids, job.request.cache_scope
         found = self.prompt_cache.find(prompt, scope) if self.prompt_cache.enabled else None
         saved = min(found.common, len(prompt) - 1) if found is not None else 0
@@ -311,6 +353,21 @@ class LlamaCppEngine(Engine, Backend):
             self.kv.wipe(slot)
             self._release(slot)
             raise
+
+    def _resume(self, job: Job, held: Preempted) -> None:
+        """Admit a preempted job again: its KV and progress go into the free slot cheapest to lose."""
+        free = [s for s in self._slots if s.job is None]
+        slot = min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
+        self.reuse.save(slot, len(slot.cached))  # what the slot held stays findable, as at any admission
+        self.kv.wipe(slot)
+        slot.job, slot.session_id, slot.scope, slot.savable = job, job.session, job.request.cache_scope, job.savable
+        slot.admitted, slot.last_used = held.admitted, next(self._ticks)
+        slot.pending, slot.next_token, slot.generated = held.pending, held.next_token, held.generated
+        slot.sampler, slot.decoder = held.sampler, held.decoder
+        state = held.parked.state
+        if state is not None and not self.reuse.load(slot, list(held.parked.tokens), state):
+            self.pool.hold(slot, held.parked)  # the pool is full of running generations: wait as a parked one
+        self.reuse.clear_idle(keep=slot)
 
     def _running(self) -> list[Slot]:
         """The slots that take part in the next step: those with a job, less the parked ones."""

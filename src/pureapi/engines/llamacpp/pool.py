@@ -20,7 +20,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ...errors import EngineError
 from .kv import SequenceKV
@@ -39,6 +39,26 @@ class Parked:
 
     tokens: list[int]  # what slot.cached was
     state: State | None  # None when it held no KV yet (still prefilling its first chunk)
+
+
+@dataclass
+class Preempted:
+    """A generation set aside to free its slot for another tenant (shell invariant 5): its KV, copied out
+    of the pool, and what its slot held of its progress, put back into whichever slot it gets next."""
+
+    parked: Parked
+    admitted: int  # its first admission's order (the pool parks the newest first)
+    pending: list[int]  # prompt tokens not yet prefilled
+    next_token: int | None  # sampled and emitted, not yet decoded
+    generated: int
+    sampler: Any  # its chain, with its state (seeded RNG, penalties, grammar) as it was
+    decoder: Any  # holds back an incomplete UTF-8 character
+
+    def free(self) -> None:
+        """It will not come back: free its sampler (llama.cpp memory)."""
+        if self.sampler is not None:
+            self.sampler.free()
+            self.sampler = None
 
 
 class KVPool:
@@ -78,6 +98,11 @@ class KVPool:
         self.kv.wipe(slot)
         self.stats["parked_jobs"] += 1
         return True
+
+    def hold(self, slot: Slot, parked: Parked) -> None:
+        """A generation admitted again (after a preemption) whose KV finds no room: it waits as a parked one."""
+        self.parked[id(slot)] = parked
+        self.stats["parked_jobs"] += 1
 
     def resume(self) -> None:
         """Put parked generations back, oldest first, while the pool has room (evicting idle slots for it)."""
