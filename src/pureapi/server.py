@@ -8,7 +8,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -27,9 +29,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("pureapi")
 
 
-def _load(settings: Settings, model: ResolvedModel, app: Future[AppState], failed: list[str]) -> None:
+def wsgi_threads(settings: Settings, slots: int) -> int:
+    """WSGI threads for an engine running `slots` generations at once: each generation the gateway admits
+    (up to max_queue + slots, running or waiting) holds a thread while it streams, and 16 more answer
+    /health, /status and the 503s of an overload."""
+    return max(settings.threads, settings.max_queue + slots + 16)
+
+
+@dataclass
+class _Serving:
+    """What serve() hands the loader once it is about to enter its loop."""
+
+    state: AppState
+    threads: Callable[[int], None]  # sets the WSGI server's thread count
+
+
+def _load(settings: Settings, model: ResolvedModel, app: Future[_Serving], failed: list[str]) -> None:
     """Load the engine, answer one token to prove it works, then attach it to the app (health turns 200)
-    once serve() has built it and entered its loop.
+    once serve() has built it and entered its loop, with threads for the generations its slots admit.
 
     It starts before the app is built, so the load (mostly llama.cpp clearing its KV pool, in C without
     the GIL) runs beside the imports and set-up of the HTTP side on another core.
@@ -47,7 +64,9 @@ def _load(settings: Settings, model: ResolvedModel, app: Future[AppState], faile
         failed.append(f"model {settings.model}: failed to load ({type(exc).__name__}: {exc})".splitlines()[0])
     else:
         seconds = time.monotonic() - started
-        state = app.result()
+        serving = app.result()
+        serving.threads(wsgi_threads(settings, engine.slots))  # before health turns 200
+        state = serving.state
         state.load_seconds = seconds
         state.engine = engine
         log.info(
@@ -95,7 +114,7 @@ def serve(settings: Settings) -> int:
         print(f"pureapi: {shared}", file=sys.stderr)
         return 1
     failed: list[str] = []
-    app_ready: Future[AppState] = Future()
+    app_ready: Future[_Serving] = Future()
     threading.Thread(target=_load, args=(settings, model, app_ready, failed), name="model-loader", daemon=True).start()
     from .app import create_app  # after the load has started: importing the APIs takes a while
 
@@ -106,8 +125,9 @@ def serve(settings: Settings) -> int:
             app,
             host=settings.host,
             port=settings.port,
-            # Enough threads that admitted generations never starve /health or the 503 answers.
-            threads=max(settings.threads, settings.max_queue + 16),
+            # Enough threads that admitted generations never starve /health or the 503 answers; raised
+            # once the engine's slots are known (nothing is admitted before).
+            threads=wsgi_threads(settings, settings.parallel or 0),
             ident="pureapi",
             # Lets waitress notice a client that hung up while its non-streaming reply is being
             # generated (environ["waitress.client_disconnected"]), so the generation is cancelled.
@@ -138,7 +158,7 @@ def serve(settings: Settings) -> int:
     expirer = SessionExpirer(state.directory, settings.session_ttl).start() if settings.session_ttl > 0 else None
     log.info("listening on http://%s:%d (model %s loading)", settings.host, settings.port, settings.model)
     try:
-        app_ready.set_result(state)
+        app_ready.set_result(_Serving(state, server.task_dispatcher.set_thread_count))
         server.run()
     except KeyboardInterrupt:
         pass

@@ -431,6 +431,49 @@ def test_overload_gets_503_with_retry_after_and_health_stays_fast(smol: Started)
     assert r.status_code == 200
 
 
+def test_with_every_place_taken_health_and_the_503_still_answer(tmp_path: Path) -> None:
+    """--threads 1, 16 slots, --max-queue 2: the server admits 18 generations, each holding a WSGI thread
+    while it streams; it raises its threads above that once the slots are known, so /health and the
+    19th request's 503 answer at once instead of waiting minutes for a thread."""
+    slots, queue = 16, 2
+    args = ["--parallel", str(slots), "--max-queue", str(queue), "--threads", "1"]
+    server = start_server(args, tmp_path / "sessions.db", tmp_path / "server.log")
+    body = {"messages": [{"role": "user", "content": LONG}], "max_tokens": LONG_TOKENS, "temperature": 0}
+    opened: list[requests.Response] = []
+    lock = threading.Lock()
+
+    def stream() -> None:
+        r = requests.post(server.url + "/v1/chat/completions", json={**body, "stream": True}, stream=True, timeout=300)
+        with lock:
+            opened.append(r)
+
+    threads = [threading.Thread(target=stream, daemon=True) for _ in range(slots + queue)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 120
+        while len(opened) < slots and time.monotonic() < deadline:  # every slot streams
+            time.sleep(0.05)
+        assert len(opened) == slots and all(r.status_code == 200 for r in opened)
+        time.sleep(1)  # the last two are admitted and wait in the queue, each on a thread
+        started = time.monotonic()
+        assert requests.get(server.url + "/health", timeout=30).status_code == 200
+        r = requests.post(server.url + "/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=30)
+        assert r.status_code == 503 and r.headers["Retry-After"], r.text
+        assert time.monotonic() - started < 10  # a hang check: without threads to spare, minutes
+    finally:
+        deadline = time.monotonic() + 120
+        while any(t.is_alive() for t in threads) or opened:  # closing running streams frees slots for the rest
+            with lock:
+                for r in opened:
+                    r.close()
+                opened.clear()
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert server.stop() == 0
+
+
 # --- disconnects, concurrency, reset ------------------------------------------------------
 
 
