@@ -8,9 +8,11 @@ the queue, and slots free one at a time, as with real clients), and `chat` sends
 at a time (64 tokens), pausing 0.5 s between them.
 The server runs at default flags otherwise (the embedded SmolLM2, llama.cpp engine). Per round and
 source: `chat` alone first (its TTFT with the server idle), then `chat` while `bulk` runs. Figures:
-chat's TTFT (median and worst), its whole reply time, and bulk's aggregate tokens/s over the same
-window. Sources (this checkout unless --source names others) take turns within each round;
-figures are medians over the rounds. Results: benchmarks/results/tenants.json, chart tenants.png.
+chat's TTFT (median and worst), its whole reply time, and bulk's aggregate tokens/s while chat's
+requests ran (the engine's generated tokens from /metrics over that window, less chat's own), with
+the generations preempted for chat in it. Sources (this checkout unless --source names others) take
+turns within each round; figures are medians over the rounds. Results:
+benchmarks/results/tenants.json, chart tenants.png.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import requests
 
 from . import loadgen
 from .run import ROOT, free_port, save_chart, stop_server, wait_ready
@@ -78,6 +82,20 @@ def bulk_load(url: str, stop: threading.Event, results: list[loadgen.Result]) ->
     return threads
 
 
+def engine_counters(url: str) -> dict[str, float]:
+    """The engine's counters from /metrics (`pureapi_engine_<name>_total` -> value), as the bulk tenant sees them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"{url}/metrics", headers=headers("bulk"), timeout=30).text
+    prefix = "pureapi_engine_"
+    return {
+        sample.name[len(prefix) :]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith(prefix) and sample.name.endswith("_total")
+    }
+
+
 def summarize(chat: list[loadgen.Result]) -> dict[str, Any]:
     good = [r for r in chat if r.ok]
     return {
@@ -109,18 +127,24 @@ def measure(source: Path) -> dict[str, Any]:
             started = time.perf_counter()
             threads = bulk_load(url, stop, bulk)
             time.sleep(BULK_HEAD_START_S)
+            before, chat_started = engine_counters(url), time.perf_counter()
             during = chat_turns(url, CHAT_REQUESTS)
+            after, chat_window = engine_counters(url), time.perf_counter() - chat_started
             stop.set()
             window = time.perf_counter() - started
             for t in threads:
                 t.join()
-            bulk_tokens = sum(r.completion_tokens for r in bulk if r.ok)
+            # Bulk's aggregate while chat ran: every token the engine generated then, less chat's own.
+            generated = after["generated_tokens_total"] - before["generated_tokens_total"]
+            bulk_during = generated - sum(r.completion_tokens for r in during if r.ok)
             return {
                 "chat_alone": summarize(alone),
                 "chat_beside_bulk": summarize(during),
-                "bulk_tps": round(bulk_tokens / (time.perf_counter() - started), 2),
+                "bulk_tps": round(bulk_during / chat_window, 2),
                 "bulk_failures": sum(not r.ok for r in bulk),
                 "bulk_statuses": sorted({r.status for r in bulk if not r.ok}),
+                "preempted": after.get("preempted_jobs_total", 0) - before.get("preempted_jobs_total", 0),
+                "chat_window_s": round(chat_window, 1),
                 "window_s": round(window, 1),
             }
         finally:
@@ -138,6 +162,7 @@ def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "chat_beside_bulk_ttft_max": med(lambda r: r["chat_beside_bulk"]["ttft_max"]),
         "chat_beside_bulk_total_p50": med(lambda r: r["chat_beside_bulk"]["total_p50"]),
         "bulk_tps": med(lambda r: r["bulk_tps"]),
+        "preempted": med(lambda r: r.get("preempted")),
     }
 
 
@@ -155,8 +180,10 @@ def chart(report: dict[str, Any], path: Path) -> None:
         m = report["sources"][name]["median"]
         xs = [x + i * width for x in range(3)]
         values = [m["chat_alone_ttft_p50"], m["chat_beside_bulk_ttft_p50"], m["chat_beside_bulk_ttft_max"]]
-        ttft.bar(xs, [v or 0 for v in values], width, label=name)
-        tps.bar([i], [m["bulk_tps"] or 0], 0.6, label=name)
+        bars = ttft.bar(xs, [v or 0 for v in values], width, label=name)
+        ttft.bar_label(bars, labels=[f"{v:.2g} s" if v is not None else "" for v in values], fontsize=7)
+        bars = tps.bar([i], [m["bulk_tps"] or 0], 0.6, label=name)
+        tps.bar_label(bars, fmt="%.0f", fontsize=7)
     ttft.set_xticks([x + width * (len(names) - 1) / 2 for x in range(3)])
     ttft.set_xticklabels(["alone, median", "beside bulk, median", "beside bulk, worst"])
     ttft.set_ylabel("chat tenant's time to first token (s)")
@@ -164,7 +191,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
     tps.set_xticks(range(len(names)))
     tps.set_xticklabels(names)
     tps.set_ylabel("bulk tenant's tokens/s")
-    tps.set_title("bulk tenant's aggregate")
+    tps.set_title("bulk tenant's aggregate while chat asks")
     save_chart(fig, axes, path)
 
 
