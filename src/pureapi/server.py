@@ -31,9 +31,9 @@ log = logging.getLogger("pureapi")
 
 def wsgi_threads(settings: Settings, slots: int) -> int:
     """WSGI threads for an engine running `slots` generations at once: each generation the gateway admits
-    (up to max_queue + slots, running or waiting) holds a thread while it streams, and 16 more answer
-    /health, /status and the 503s of an overload."""
-    return max(settings.threads, settings.max_queue + slots + 16)
+    (running or waiting: max_queue + slots, and up to `slots` more for tenants below their share) holds
+    a thread while it streams, and 16 more answer /health, /status and the 503s of an overload."""
+    return max(settings.threads, settings.max_queue + 2 * slots + 16)
 
 
 @dataclass

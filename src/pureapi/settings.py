@@ -120,8 +120,8 @@ class Settings(BaseModel):
         32,
         ge=1,
         le=1024,
-        description="WSGI worker threads (one process; the model lives once); raised to max_queue + the engine's "
-        "slots + 16 if lower, so that generations in flight never hold every thread.",
+        description="WSGI worker threads (one process; the model lives once); raised to max_queue + twice the "
+        "engine's slots + 16 if lower, so that generations in flight never hold every thread.",
     )
     max_rounds: int = Field(20, ge=1, le=10_000, description="Rounds (user message + reply) kept per session.")
     ctx_size: int | None = Field(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -351,3 +352,37 @@ def test_one_tenants_backlog_does_not_hold_another_tenants_request_behind_it(mak
         t.join(30)
     assert answers["b"] == "second"  # first come, first served would make it "fourth"
     assert [answers["a2"], answers["a3"]] == ["third", "fourth"]
+
+
+def test_a_tenant_that_fills_the_server_cannot_lock_another_out(make_fake_app: MakeFakeApp) -> None:
+    """One slot and --max-queue 1: the cap is 2 in flight. A holds both (one running, one waiting) and its
+    third request gets a 503; B, holding nothing, still gets in (its share of the cap is 1, and the
+    server has one spare place per slot), and B's second request is the one refused."""
+    app = make_fake_app(settings={**TWO_KEYS, "max_queue": 1}, token_delay=0.05)
+    app.engine.enqueue(" ".join(["long"] * 30), "second", "third")
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64}
+    answers: dict[str, Any] = {}
+
+    def ask(name: str, who: dict[str, str]) -> None:
+        answers[name] = app.client.post("/v1/chat/completions", json=body, headers=who)
+
+    def started(name: str, who: dict[str, str], until: Callable[[], bool]) -> threading.Thread:
+        thread = threading.Thread(target=ask, args=(name, who))
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not until() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert until()
+        return thread
+
+    gateway = app.app.extensions["pureapi"].gateway
+    threads = [started("a1", A, lambda: gateway.running() == 1)]  # a1 produces tokens
+    threads.append(started("a2", A, lambda: app.engine.queued() == 1))
+    refused = app.client.post("/v1/chat/completions", json=body, headers=A)
+    assert refused.status_code == 503 and refused.headers["Retry-After"]
+    threads.append(started("b1", B, lambda: app.engine.queued() == 2))  # past the cap: B is below its share
+    assert app.client.post("/v1/chat/completions", json=body, headers=B).status_code == 503  # not twice
+    for t in threads:
+        t.join(30)
+    assert {name: r.status_code for name, r in answers.items()} == {"a1": 200, "a2": 200, "b1": 200}
+    assert answers["b1"].get_json()["choices"][0]["message"]["content"] == "second"  # B's turn came next

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -39,33 +40,46 @@ class Caller:
 
 
 class _Admission:
-    """Caps the generation requests in flight (running or waiting), so overload is a quick 503.
+    """Caps the generation requests in flight (running or waiting), so overload is a quick 503, without
+    letting one tenant lock the others out.
 
-    Without it, waiting requests would pile up on WSGI threads (behind a session lock or the
-    engine's queue) until none is left for /health or for the 503 answers themselves.
+    Without a cap, waiting requests would pile up on WSGI threads (behind a session lock or the
+    engine's queue) until none is left for /health or for the 503 answers themselves. The first
+    `limit` are admitted whoever sends them; past that, a tenant holding fewer than its share of the
+    limit (limit // tenants in flight, itself counted) still gets one of `spare` more places, so
+    another tenant that filled the server cannot keep it out with 503s. With one tenant (or no keys)
+    the cap is `limit`; never more than `ceiling` are in flight.
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, spare: int):
         self.limit = limit
-        # Guards the counter; held only for the check-and-increment.
+        self.ceiling = limit + spare
+        # Guards the counters; held only for the check-and-increment.
         self._lock = threading.Lock()
         self._in_flight = 0
+        self._held: Counter[str] = Counter()  # per tenant in flight (none at 0)
 
     def in_flight(self) -> int:
         """Generations admitted and not yet closed."""
         return self._in_flight
 
     @contextmanager
-    def slot(self) -> Iterator[None]:
+    def slot(self, tenant: str) -> Iterator[None]:
         with self._lock:
-            if self._in_flight >= self.limit:
+            share = self.limit // len(self._held.keys() | {tenant})
+            fair = self._in_flight < self.ceiling and self._held[tenant] < share
+            if self._in_flight >= self.limit and not fair:
                 raise Overloaded(f"server busy: {self._in_flight} generations in flight, retry later")
             self._in_flight += 1
+            self._held[tenant] += 1
         try:
             yield
         finally:
             with self._lock:
                 self._in_flight -= 1
+                self._held[tenant] -= 1
+                if not self._held[tenant]:
+                    del self._held[tenant]
 
 
 class Gateway:
@@ -198,8 +212,8 @@ class Gateway:
     def _admit(self, engine: Engine, caller: Caller) -> Iterator[None]:
         """Hold a place among the server's generations in flight and among the caller's tenant's."""
         if self._admission is None:
-            self._admission = _Admission(self.max_queue + engine.slots)
-        with self.limits.admit(caller.principal), self._admission.slot():
+            self._admission = _Admission(self.max_queue + engine.slots, spare=engine.slots)
+        with self.limits.admit(caller.principal), self._admission.slot(caller.principal.name):
             yield
 
     @contextmanager
