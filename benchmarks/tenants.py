@@ -1,8 +1,8 @@
 """Several tenants on one server: a tenant's chat while another tenant's batch job fills every slot.
 
-    python -m benchmarks.tenants [--rounds 2] [--source NAME=PATH ...]
+    python -m benchmarks.tenants [--rounds 2] [--bulk-clients 24] [--source NAME=PATH ...] [--out FILE]
 
-Two API keys (a key file): `bulk` runs 24 clients that stream replies of 128 to 383 tokens back to
+Two API keys (a key file): `bulk` runs 24 clients (--bulk-clients) that stream replies of 128 to 383 tokens back to
 back, starting 0.4 s apart (more clients than the 16 default slots, so about 8 of them always wait in
 the queue, and slots free one at a time, as with real clients), and `chat` sends one short request
 at a time (64 tokens), pausing 0.5 s between them.
@@ -60,8 +60,9 @@ def chat_turns(url: str, n: int) -> list[loadgen.Result]:
     return out
 
 
-def bulk_load(url: str, stop: threading.Event, results: list[loadgen.Result]) -> list[threading.Thread]:
-    """BULK_CLIENTS threads streaming long replies for the bulk tenant until `stop` is set."""
+def bulk_load(url: str, stop: threading.Event, results: list[loadgen.Result], clients: int) -> list[threading.Thread]:
+    """`clients` threads streaming long replies for the bulk tenant until `stop` is set; a refused request
+    (503, 429) is asked again after the server's Retry-After of 1 s, as a well-behaved client does."""
     lock = threading.Lock()
 
     def client(i: int) -> None:
@@ -75,8 +76,10 @@ def bulk_load(url: str, stop: threading.Event, results: list[loadgen.Result]) ->
             with lock:
                 results.append(r)
             j += 1
+            if not r.ok:
+                stop.wait(1.0)
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(BULK_CLIENTS)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
     return threads
@@ -108,7 +111,7 @@ def summarize(chat: list[loadgen.Result]) -> dict[str, Any]:
     }
 
 
-def measure(source: Path) -> dict[str, Any]:
+def measure(source: Path, clients: int) -> dict[str, Any]:
     """Start the source's server with two tenants, measure chat alone, then beside bulk, and stop it."""
     with tempfile.TemporaryDirectory(prefix="tenants-") as tmp:
         key_file = Path(tmp, "keys")
@@ -125,7 +128,7 @@ def measure(source: Path) -> dict[str, Any]:
             alone = chat_turns(url, CHAT_REQUESTS)
             stop, bulk = threading.Event(), []
             started = time.perf_counter()
-            threads = bulk_load(url, stop, bulk)
+            threads = bulk_load(url, stop, bulk, clients)
             time.sleep(BULK_HEAD_START_S)
             before, chat_started = engine_counters(url), time.perf_counter()
             during = chat_turns(url, CHAT_REQUESTS)
@@ -163,6 +166,8 @@ def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "chat_beside_bulk_total_p50": med(lambda r: r["chat_beside_bulk"]["total_p50"]),
         "bulk_tps": med(lambda r: r["bulk_tps"]),
         "preempted": med(lambda r: r.get("preempted")),
+        "chat_beside_bulk_failures": sum(r["chat_beside_bulk"]["failures"] for r in runs),
+        "chat_beside_bulk_requests": sum(r["chat_beside_bulk"]["requests"] for r in runs),
     }
 
 
@@ -181,13 +186,15 @@ def chart(report: dict[str, Any], path: Path) -> None:
         xs = [x + i * width for x in range(3)]
         values = [m["chat_alone_ttft_p50"], m["chat_beside_bulk_ttft_p50"], m["chat_beside_bulk_ttft_max"]]
         bars = ttft.bar(xs, [v or 0 for v in values], width, label=name)
-        ttft.bar_label(bars, labels=[f"{v:.2g} s" if v is not None else "" for v in values], fontsize=7)
+        refused = f"{m.get('chat_beside_bulk_failures', 0)}/{m.get('chat_beside_bulk_requests', 0)} refused"
+        labels = [f"{v:.2g} s" if v is not None else refused if k else "" for k, v in enumerate(values)]
+        ttft.bar_label(bars, labels=labels, fontsize=7)
         bars = tps.bar([i], [m["bulk_tps"] or 0], 0.6, label=name)
         tps.bar_label(bars, fmt="%.0f", fontsize=7)
     ttft.set_xticks([x + width * (len(names) - 1) / 2 for x in range(3)])
     ttft.set_xticklabels(["alone, median", "beside bulk, median", "beside bulk, worst"])
     ttft.set_ylabel("chat tenant's time to first token (s)")
-    ttft.set_title(f"chat while bulk streams {BULK_CLIENTS} clients on 16 slots")
+    ttft.set_title(f"chat while bulk streams {report['bulk']['clients']} clients on 16 slots")
     tps.set_xticks(range(len(names)))
     tps.set_xticklabels(names)
     tps.set_ylabel("bulk tenant's tokens/s")
@@ -199,6 +206,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--source", action="append", default=[], help="NAME=PATH of a checkout to run")
+    parser.add_argument(
+        "--bulk-clients",
+        type=int,
+        default=BULK_CLIENTS,
+        help="bulk's concurrent clients (more than --max-queue + slots, 32 at default flags, fill the server)",
+    )
     parser.add_argument("--out", type=Path, default=OUT / "tenants.json")
     args = parser.parse_args()
     sources = {name: Path(path) for name, path in (s.split("=", 1) for s in args.source)} or {"pureapi": ROOT}
@@ -206,13 +219,13 @@ def main() -> int:
     started = time.time()
     for r in range(args.rounds):
         for name, path in sources.items():
-            result = measure(path)
+            result = measure(path, args.bulk_clients)
             runs[name].append(result)
             print(f"round {r + 1} {name}: {json.dumps(result)}", flush=True)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "bulk": {"clients": BULK_CLIENTS, "max_tokens": BULK_TOKENS},
+        "bulk": {"clients": args.bulk_clients, "max_tokens": BULK_TOKENS},
         "chat": {"requests": CHAT_REQUESTS, "max_tokens": CHAT_TOKENS, "pause_s": CHAT_PAUSE_S},
         "minutes": round((time.time() - started) / 60, 1),
         "sources": {name: {"median": median_figures(rs), "rounds": rs} for name, rs in runs.items()},
