@@ -340,12 +340,14 @@ def test_one_tenants_backlog_does_not_hold_another_tenants_request_behind_it(mak
             "message"
         ]["content"]
 
+    gateway = app.app.extensions["pureapi"].gateway
     threads = []
     for queued, (name, who) in enumerate([("a1", A), ("a2", A), ("a3", A), ("b", B)]):
         threads.append(threading.Thread(target=ask, args=(name, who)))
         threads[-1].start()
         deadline = time.monotonic() + 10
-        while app.engine.queued() < queued and time.monotonic() < deadline:  # a1 runs, the others wait
+        # a1 runs (its first token is out), the others wait, each queued before the next is sent.
+        while (gateway.running() < 1 or app.engine.queued() < queued) and time.monotonic() < deadline:
             time.sleep(0.005)
     assert app.engine.queued() == 3 and "a1" not in answers  # all queued while a1 still runs
     for t in threads:
