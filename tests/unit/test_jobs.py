@@ -45,11 +45,16 @@ def tenant_job(jobs: JobQueue, tenant: str) -> Job:
     return jobs.submit(GenerationRequest([1], SamplingParams(), tenant=tenant))
 
 
+def taken(jobs: JobQueue, tenant: str, n: int) -> list[Job]:
+    """n jobs of the tenant, submitted and taken: running."""
+    running = [tenant_job(jobs, tenant) for _ in range(n)]
+    assert [jobs.take(timeout=0) for _ in running] == running
+    return running
+
+
 def test_a_tenant_below_its_share_claims_the_newest_job_of_the_tenant_running_the_most() -> None:
     jobs = JobQueue(max_queue=16)
-    running = [tenant_job(jobs, "bulk") for _ in range(4)]
-    for _ in running:
-        jobs.take(timeout=0)
+    running = taken(jobs, "bulk", 4)
     waiting_bulk = tenant_job(jobs, "bulk")
     chat = tenant_job(jobs, "chat")
     assert jobs.claim(running, slots=4) == (chat, running[-1])  # bulk runs 4, its share is 2
@@ -67,9 +72,7 @@ def test_a_tenant_below_its_share_claims_the_newest_job_of_the_tenant_running_th
 
 def test_a_cancelled_job_claims_nothing_and_is_never_preempted() -> None:
     jobs = JobQueue(max_queue=16)
-    running = [tenant_job(jobs, "bulk") for _ in range(2)]
-    for _ in running:
-        jobs.take(timeout=0)
+    running = taken(jobs, "bulk", 2)
     chat = tenant_job(jobs, "chat")
     chat.request.cancel.set()
     assert jobs.claim(running, slots=2) is None
