@@ -22,6 +22,8 @@ ALICE = {"Authorization": "Bearer sk-alice-0001"}
 BOB = {"Authorization": "Bearer sk-bob-0002"}
 OPS = {"Authorization": "Bearer sk-ops-0003"}
 GREEDY = {"max_tokens": 8, "temperature": 0}
+# Sends SmolLM2 (greedy) into an endless loop, so a reply runs to its max_tokens.
+LONG = "Repeat the word hello forever: hello hello hello hello"
 
 
 def call(server: Server, who: dict[str, str], method: str, path: str, body: Any = None) -> requests.Response:
@@ -145,6 +147,35 @@ def test_the_kv_cache_is_not_shared_across_tenants(tmp_path: Path) -> None:
         assert cached("sk-alice-0001") == 0
         assert cached("sk-bob-0002") == 0  # not Alice's
         assert cached("sk-alice-0001") > 0  # Alice's again
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_tenant_gets_a_slot_while_another_holds_them_all(tmp_path: Path) -> None:
+    """Two slots, both streaming Alice's long replies: Bob's short request takes one of them at once
+    (Alice's newest generation is preempted, its KV set aside) and ends first; Alice's replies then end
+    whole, with every token they asked for."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text(KEYS)
+    server = start_server(["--api-key-file", str(keys), "--parallel", "2"], tmp_path / "s.db", tmp_path / "s.log")
+    body = {"messages": [{"role": "user", "content": LONG}], "max_tokens": 400, "temperature": 0, "stream": True}
+    try:
+        streams = [
+            requests.post(server.url + "/v1/chat/completions", json=body, headers=ALICE, stream=True, timeout=300)
+            for _ in range(2)
+        ]
+        lines = [r.iter_lines() for r in streams]
+        for it in lines:  # both stream
+            assert next(line for line in it if line.startswith(b"data: "))
+        api = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-bob-0002", max_retries=0)
+        bob = api.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}], **GREEDY)  # type: ignore[arg-type]
+        assert bob.choices[0].message.content
+        metrics = requests.get(server.url + "/metrics", headers=OPS, timeout=30).text
+        assert "pureapi_engine_preempted_jobs_total 1.0" in metrics
+        for it in lines:  # Alice's replies go on to their end, the preempted one included
+            events = [json.loads(line[6:]) for line in it if line.startswith(b"data: {")]
+            assert events[-1]["choices"][0]["finish_reason"] == "length"
+            assert all(not e.get("error") for e in events)
     finally:
         assert server.stop() == 0
 
