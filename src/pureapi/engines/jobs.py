@@ -117,10 +117,14 @@ class JobQueue:
                 return None
             # min keeps the first of equals: the oldest job of the tenant served longest ago (or never).
             job = min(self._waiting, key=lambda j: self._last_taken.get(j.request.tenant, 0))
-            self._waiting.remove(job)
-            self._taken += 1
-            self._last_taken[job.request.tenant] = self._taken
+            self._served(job)
             return job
+
+    def _served(self, job: Job) -> None:
+        """Take a waiting job off the queue and count the turn for its tenant (under the lock)."""
+        self._waiting.remove(job)
+        self._taken += 1
+        self._last_taken[job.request.tenant] = self._taken
 
     def claim(self, running: Sequence[Job], slots: int) -> tuple[Job, Job] | None:
         """A waiting job owed a slot that `running` holds, and the running job to preempt for it (invariant 5).
@@ -152,9 +156,7 @@ class JobQueue:
         with self._cond:
             if self._closed or job not in self._waiting:
                 return False
-            self._waiting.remove(job)
-            self._taken += 1
-            self._last_taken[job.request.tenant] = self._taken
+            self._served(job)
             return True
 
     def requeue(self, job: Job) -> bool:
