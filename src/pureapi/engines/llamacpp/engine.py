@@ -69,11 +69,11 @@ from .batch import Batch, Row, plan_step
 from .kv import SequenceKV
 from .loader import open_context, state_files
 from .model import LlamaModel
-from .pool import KVPool, Parked, Preempted
+from .pool import KVPool, Preempted
 from .prompt_cache import Found, PromptCache
 from .reuse import KVReuse
 from .sampling import grammar_of, log_softmax, make_sampler, token_logprob
-from .slots import Slot, choose_slot, common_prefix
+from .slots import Slot, cheapest, choose_slot, common_prefix
 from .state_files import StateFiles
 
 log = logging.getLogger(__name__)
@@ -304,21 +304,14 @@ class LlamaCppEngine(Engine, Backend):
     def preempt(self, job: Job) -> bool:
         """Copy the job's KV out of the pool and free its slot; `admit` puts it back (invariant 8)."""
         slot = next(s for s in self._slots if s.job is job)
-        state = self.kv.state(slot.id) if slot.cached else None
-        if slot.cached and state is None:
+        kv = self.pool.copy_out(slot)
+        if kv is None:
             return False
+        log.info("slot %d (%d tokens) preempted for another tenant's request", slot.id, len(kv.tokens))
         self._preempted[job] = Preempted(
-            Parked(list(slot.cached), state),
-            slot.admitted,
-            slot.pending,
-            slot.next_token,
-            slot.generated,
-            slot.sampler,
-            slot.decoder,
+            kv, slot.admitted, slot.pending, slot.next_token, slot.generated, slot.sampler, slot.decoder
         )
-        log.info("slot %d (%d tokens) preempted for another tenant's request", slot.id, len(slot.cached))
         slot.sampler = None  # the job's own now, not freed with the slot
-        self.kv.wipe(slot)
         slot.session_id = None  # its conversation left with the job
         self._release(slot)
         self.stats["preempted_jobs"] += 1
@@ -356,8 +349,7 @@ class LlamaCppEngine(Engine, Backend):
 
     def _resume(self, job: Job, held: Preempted) -> None:
         """Admit a preempted job again: its KV and progress go into the free slot cheapest to lose."""
-        free = [s for s in self._slots if s.job is None]
-        slot = min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
+        slot = cheapest(s for s in self._slots if s.job is None)
         self.reuse.save(slot, len(slot.cached))  # what the slot held stays findable, as at any admission
         self.kv.wipe(slot)
         slot.job, slot.session_id, slot.scope, slot.savable = job, job.session, job.request.cache_scope, job.savable

@@ -90,14 +90,23 @@ class KVPool:
         if len(running) < 2:
             return False
         slot = max(running, key=lambda s: s.admitted)
-        state = self.kv.state(slot.id) if slot.cached else None
-        if slot.cached and state is None:
+        held = self.copy_out(slot)
+        if held is None:
             raise EngineError("the KV pool is full and llama.cpp could not copy a generation's state out of it")
-        self.parked[id(slot)] = Parked(list(slot.cached), state)
-        log.info("KV pool full: parked slot %d (%d tokens) until a generation ends", slot.id, len(slot.cached))
-        self.kv.wipe(slot)
+        log.info("KV pool full: parked slot %d (%d tokens) until a generation ends", slot.id, len(held.tokens))
+        self.parked[id(slot)] = held
         self.stats["parked_jobs"] += 1
         return True
+
+    def copy_out(self, slot: Slot) -> Parked | None:
+        """Copy the slot's KV out of the pool and free its cells; None (nothing changed) if llama.cpp
+        cannot give its state."""
+        state = self.kv.state(slot.id) if slot.cached else None
+        if slot.cached and state is None:
+            return None
+        held = Parked(list(slot.cached), state)
+        self.kv.wipe(slot)
+        return held
 
     def hold(self, slot: Slot, parked: Parked) -> None:
         """A generation admitted again (after a preemption) whose KV finds no room: it waits as a parked one."""

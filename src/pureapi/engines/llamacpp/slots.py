@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,11 @@ class Slot:
     decoder: Any = None  # incremental UTF-8 decoder: holds back an incomplete character
 
 
+def cheapest(free: Iterable[Slot]) -> Slot:
+    """The free slot whose KV is cheapest to lose: an empty one, else the least recently used."""
+    return min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
+
+
 def choose_slot(
     free: Sequence[Slot],
     slots: Sequence[Slot],
@@ -68,14 +73,14 @@ def choose_slot(
     keeps its history). Else the slot that saves more prefill than it throws away, else an empty
     slot, else the least recently used one. Only slots of the prompt's scope count as sharing.
     """
-    cheapest = min(free, key=lambda s: (len(s.cached) > 0, s.last_used))
+    cheapest_slot = cheapest(free)
     if session is not None:
         for slot in free:
             if slot.session_id == session and slot.scope == scope:
                 return slot
     commons = {s.id: common_prefix(s.cached, prompt) if s.scope == scope else 0 for s in slots}
     if saved > 0 and all(commons[s.id] < saved for s in free):
-        return cheapest
+        return cheapest_slot
 
     def lost(slot: Slot) -> int:
         if commons[slot.id] >= len(prompt) - 1:
@@ -87,7 +92,7 @@ def choose_slot(
     keeping = [s for s in free if commons[s.id] > 0 and lost(s) == 0]
     if keeping:
         return max(keeping, key=lambda s: (commons[s.id], -s.last_used))
-    if max(commons.values()) - commons[cheapest.id] >= MIN_COPIED_TOKENS:
-        return cheapest
+    if max(commons.values()) - commons[cheapest_slot.id] >= MIN_COPIED_TOKENS:
+        return cheapest_slot
     best = max(free, key=lambda s: (commons[s.id] - lost(s), -s.last_used))
-    return best if commons[best.id] > lost(best) else cheapest
+    return best if commons[best.id] > lost(best) else cheapest_slot
