@@ -95,7 +95,7 @@ def request(tokens: int = 3, tenant: str = "") -> GenerationRequest:
     return GenerationRequest([1, 2, 3], SamplingParams(max_tokens=tokens, temperature=0), tenant=tenant)
 
 
-def first_chunk_then_read(stream: Iterator[Chunk]) -> list[str]:
+def read_on_thread(stream: Iterator[Chunk]) -> list[str]:
     """Read a stream on a thread; the list gets its text when it ends."""
     out: list[str] = []
     threading.Thread(target=lambda: out.append(text(stream)), daemon=True).start()
@@ -363,7 +363,7 @@ def test_a_tenant_below_its_share_preempts_the_newest_job_of_a_tenant_holding_ev
     backend = Preempting(room=2, step_delay=0.005)
     shell = EngineShell(backend, max_queue=8, slots=2).start()
     try:
-        bulk = [first_chunk_then_read(shell.submit(request(200, "bulk"))) for _ in range(3)]
+        bulk = [read_on_thread(shell.submit(request(200, "bulk"))) for _ in range(3)]
         wait_for(lambda: backend.done.get(2, 0) >= 5)
         chat = text(shell.submit(request(3, "chat")))
         assert chat == "xxx" and backend.preempted == [2]
@@ -390,7 +390,7 @@ def test_no_preemption_for_one_tenant_one_slot_or_a_backend_that_cannot(
     backend = (Preempting if preempting else Scripted)(room=slots, step_delay=0.005)
     shell = EngineShell(backend, max_queue=8, slots=slots).start()
     try:
-        bulk = [first_chunk_then_read(shell.submit(request(40, "bulk"))) for _ in range(slots)]
+        bulk = [read_on_thread(shell.submit(request(40, "bulk"))) for _ in range(slots)]
         wait_for(lambda: backend.steps >= 3)
         assert text(shell.submit(request(3, chat_tenant))) == "xxx"
         wait_for(lambda: all(bulk))
