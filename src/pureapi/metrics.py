@@ -40,6 +40,9 @@ ENGINE_HELP = {
     "resumed_jobs_total": "Parked generations put back into the KV pool.",
     "preempted_jobs_total": "Running generations set aside (KV copied out, back in the queue) so that a tenant "
     "below its fair share of the slots could start.",
+    "compactions_total": "Times the llama.cpp slots' KV, scattered cell by cell by generating side by side, was "
+    "laid out again in one run of cells per slot.",
+    "compacted_tokens_total": "Tokens of KV those compactions moved.",
     "kv_pool_used_tokens": "Tokens of KV the llama.cpp slots hold now (a prefix two slots share counts twice).",
     "kv_pool_tokens": "Cells of the llama.cpp KV pool all slots share.",
     "slots_parked": "llama.cpp generations parked now, waiting for cells of the KV pool.",

@@ -236,6 +236,36 @@ def test_concurrent_requests_match_solo_runs(
     assert fresh.stats["steps"] - steps < (fresh.stats["generated_tokens"] - generated) / 2
 
 
+def test_compacting_the_pool_between_steps_keeps_every_reply(
+    model_name: str, gguf: Path, fresh: LlamaCppEngine, reference: TransformersEngine
+) -> None:
+    """Four long greedy replies side by side scatter their KV cell by cell: the pool is laid out again
+    mid-generation (each sequence copied out and back, pool.KVPool.compact), and every reply is still
+    the model's greedy one."""
+    prompts = ["Write a story about a dragon.", "Explain how rain forms.", "List five fruits.", "Describe Rome."]
+    engine = load(gguf, n_parallel=4)
+    try:
+        ids = [engine.encode_chat([Message("user", p)]) for p in prompts]
+        streams = [engine.generate(GenerationRequest(i, greedy_params(120))) for i in ids]
+        results: list[str] = [""] * len(streams)
+
+        def read(i: int) -> None:
+            results[i] = collect(streams[i])[0]
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(len(streams))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        stats = Counter(engine.stats)
+    finally:
+        engine.close()
+    assert stats["compactions"] >= 1 and stats["compacted_tokens"] > 0, stats
+    assert stats["parked_jobs"] == 0
+    for i, got in zip(ids, results, strict=True):
+        assert_same_greedy(model_name, fresh, reference, i, got, reply(fresh, i, 120))
+
+
 def test_a_full_kv_pool_parks_the_newest_generations_without_changing_replies(
     model_name: str, gguf: Path, fresh: LlamaCppEngine, reference: TransformersEngine
 ) -> None:

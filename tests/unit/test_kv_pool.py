@@ -1,5 +1,5 @@
-"""The shared KV pool when it runs out of cells (llamacpp/pool.py): evict idle KV, park, resume. No weights:
-a scripted pool of N cells stands in for llama.cpp's unified KV cache."""
+"""The shared KV pool (llamacpp/pool.py): when it runs out of cells, evict idle KV, park, resume; compaction.
+No weights: a scripted pool of N cells stands in for llama.cpp's unified KV cache."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ class ScriptedKV:
         self.cells = cells
         self.slots = slots
         self.copy_fails = False
+        self.loads: list[int] = []  # sequence ids, in the order their states were loaded
+        self.reshared: list[tuple[int, int, int]] = []  # (src, dst, n)
 
     def used(self) -> int:
         return sum(len(s.cached) for s in self.slots)
@@ -37,6 +39,12 @@ class ScriptedKV:
             return False
         assert list(buf) == tokens
         slot.cached = tokens
+        self.loads.append(slot.id)
+        return True
+
+    def reshare(self, src: Slot, dst: Slot, n: int) -> bool:
+        assert src.cached[:n] == dst.cached[:n]
+        self.reshared.append((src.id, dst.id, n))
         return True
 
     def wipe(self, slot: Slot) -> None:
@@ -185,3 +193,55 @@ def test_without_a_prompt_cache_idle_kv_stays_in_its_slot() -> None:
     slots[1].cached = list(range(50))
     pool.reuse.clear_idle(keep=slots[0])
     assert len(slots[1].cached) == 50 and stats["evicted_slots"] == 0
+
+
+def scattered(n: int) -> tuple[ScriptedKV, KVPool, list[Slot], Counter[str]]:
+    """Three generations of 40 tokens each and an idle slot of 20 (its turn opening waiting), in 200 cells."""
+    kv, pool, slots, stats = setup(cells=200, n=4)
+    for i in range(3):
+        run(slots[i], 40, i + 1)
+        slots[i].cached = [100 * i + t for t in range(40)]
+    slots[3].cached, slots[3].opening = list(range(300, 320)), [5, 6]
+    pool.decoded_side_by_side(n)
+    return kv, pool, slots, stats
+
+
+def test_the_pool_is_compacted_once_enough_tokens_were_decoded_side_by_side() -> None:
+    kv, pool, slots, stats = scattered(100)
+    before = [list(s.cached) for s in slots]
+    assert not pool.compact()  # fewer than COMPACT_MIN_TOKENS
+    assert kv.loads == [] and stats["compactions"] == 0
+    pool.decoded_side_by_side(40)  # 140 of the 140 tokens held: more than half, and at least 128
+    assert pool.compact()
+    assert kv.loads == [0, 1, 2, 3]  # every sequence copied out, then loaded back one after another
+    assert [s.cached for s in slots] == before and slots[3].opening == [5, 6]
+    assert all(s.job is not None and s.next_token == 7 for s in slots[:3]) and not pool.any_parked()
+    assert stats["compactions"] == 1 and stats["compacted_tokens"] == 140
+    assert not pool.compact()  # counted afresh from here
+
+
+def test_a_prefix_two_slots_of_one_scope_hold_is_shared_again() -> None:
+    kv, pool, slots, _ = scattered(200)
+    system = list(range(1000, 1030))
+    for slot, scope in zip(slots, ["a", "a", "b", "a"], strict=True):
+        slot.cached, slot.scope = system + slot.cached[:10], scope
+    slots[3].cached = system[:12] + [9] * 20  # shares fewer than MIN_COPIED_TOKENS
+    assert pool.compact()
+    assert kv.reshared == [(0, 1, 30)]  # not with slot 2 (another scope), nor slot 3 (too short)
+
+
+def test_compaction_changes_nothing_when_a_state_cannot_be_copied_out() -> None:
+    kv, pool, slots, stats = scattered(500)
+    before = [list(s.cached) for s in slots]
+    kv.copy_fails = True
+    assert not pool.compact()
+    assert [s.cached for s in slots] == before and kv.loads == [] and stats["compactions"] == 0
+
+
+def test_no_compaction_while_a_generation_is_parked_or_when_the_slots_would_not_fit() -> None:
+    kv, pool, slots, _ = scattered(500)
+    pool.hold(slots[2], pool.copy_out(slots[2]))  # type: ignore[arg-type]
+    assert not pool.compact() and kv.loads == []
+    kv, pool, slots, _ = scattered(500)
+    kv.cells = 139  # a prefix the slots share counts once in the pool but once per slot here
+    assert not pool.compact() and kv.loads == []

@@ -3,7 +3,8 @@
 One llama context holds `n_parallel` KV sequences ("slots") drawing cells from one shared pool
 (llama.cpp's unified KV cache), so a slot costs no memory until it holds tokens, and one
 conversation may grow to the window (`context_length`, never more than the pool). When the pool
-runs out, `pool.KVPool` evicts idle slots' KV and parks running generations until one ends. One
+runs out, `pool.KVPool` evicts idle slots' KV and parks running generations until one ends, and
+once slots generating side by side have scattered their cells, it lays each slot's KV out again. One
 scheduler thread owns the context, the batch and the samplers. Each step it admits waiting jobs
 into free slots (`slots.choose_slot`), builds one batch (`batch.plan_step`: a decode token per
 generating slot, then prompt chunks), calls `llama_decode` once, and samples every slot that has
@@ -105,6 +106,8 @@ STATS = (
     "parked_jobs",  # running generations set aside for want of cells
     "resumed_jobs",
     "preempted_jobs",  # generations set aside for another tenant's request (shell invariant 5)
+    "compactions",  # times every slot's KV was laid out in one run of cells again (pool.KVPool.compact)
+    "compacted_tokens",
 )
 COUNTED = STATS[STATS.index("generated_tokens") :]
 
@@ -289,6 +292,7 @@ class LlamaCppEngine(Engine, Backend):
 
     def step(self) -> None:
         self.pool.resume()
+        self.pool.compact()
         self._step()
 
     def drop(self, job: Job, failed: bool = False) -> None:
@@ -413,6 +417,8 @@ class LlamaCppEngine(Engine, Backend):
         if rc != 0:
             raise EngineError(f"llama_decode failed (code {rc})")
         self.stats["steps"] += 1
+        if len(plan) > 1:
+            self.pool.decoded_side_by_side(sum(1 for row, _ in plan if not row.prefill))
         for row, out in plan:
             slot = row.slot
             slot.cached.extend(row.tokens)

@@ -26,6 +26,7 @@ class SequenceKV:
         self._llc = llc
         self._ctx = ctx
         self._mem = llc.llama_get_memory(ctx)
+        self.cells = int(llc.llama_n_ctx(ctx))  # of the pool all sequences share
 
     def state(self, seq: int) -> State | None:
         """A copy of one sequence's KV state (its used cells only), or None if llama.cpp cannot give it."""
@@ -70,6 +71,14 @@ class SequenceKV:
         self.wipe(dst)
         self._llc.llama_memory_seq_cp(self._mem, src.id, dst.id, 0, n)
         dst.cached = list(src.cached[:n])
+
+    def reshare(self, src: Slot, dst: Slot, n: int) -> bool:
+        """dst holds the first n tokens of src in cells of its own: share src's cells instead, freeing dst's.
+        False (nothing changed) when llama.cpp cannot cut a sequence's prefix."""
+        if not self._llc.llama_memory_seq_rm(self._mem, dst.id, 0, n):
+            return False
+        self._llc.llama_memory_seq_cp(self._mem, src.id, dst.id, 0, n)
+        return True
 
     def decode_openings(self, batch: Batch, slots: list[Slot]) -> int:
         """Decode the free slots' waiting turn openings in one batch, without logits; the tokens decoded."""

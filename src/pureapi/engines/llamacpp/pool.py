@@ -1,4 +1,5 @@
-"""The slots' shared KV pool when it runs out of cells: evict idle slots' KV, park running ones, resume them.
+"""The slots' shared KV pool: when it runs out of cells, evict idle slots' KV, park running ones, resume
+them; when generating side by side has scattered the slots' cells, lay each slot's KV out in one run again.
 
 All slots draw KV cells from one pool (llama.cpp's unified KV cache), so more slots cost no memory
 until their conversations together outgrow it. Then, in this order:
@@ -11,7 +12,12 @@ until their conversations together outgrow it. Then, in this order:
 
 llama-server instead fails every running request with "Context size has been exceeded" when its
 unified pool is full; a parked generation here only waits. One conversation always fits alone: its
-window is never larger than the pool. Called only from the scheduler thread (engine invariant 1).
+window is never larger than the pool.
+
+llama.cpp gives a step's tokens the next free cells in batch order, so slots that generate together
+interleave their KV cell by cell, and each token's attention then finds its own conversation's keys
+one cell in N. `KVPool.compact` copies every slot's KV out and back into the emptied pool, which puts
+each in one run of cells. Called only from the scheduler thread (engine invariant 1).
 """
 
 from __future__ import annotations
@@ -25,12 +31,17 @@ from typing import TYPE_CHECKING, Any
 from ...errors import EngineError
 from .kv import SequenceKV
 from .reuse import KVReuse
-from .slots import Slot
+from .slots import MIN_COPIED_TOKENS, Slot, common_prefix
 
 if TYPE_CHECKING:
     from .prompt_cache import State
 
 log = logging.getLogger(__name__)
+
+# The pool is compacted once the tokens decoded side by side since the last compaction reach this share
+# of the tokens the slots hold, and at least COMPACT_MIN_TOKENS (docs/design.md has the measurements).
+COMPACT_SHARE = 0.5
+COMPACT_MIN_TOKENS = 128
 
 
 @dataclass
@@ -71,6 +82,7 @@ class KVPool:
         self.stats = stats
         self.parked: dict[int, Parked] = {}  # id(slot) -> its KV (a slot's sequence id may be reused)
         self._ended = False  # a generation ended since the last resume attempt: cells may be free
+        self._scattered = 0  # tokens decoded side by side since the last compaction
 
     def any_parked(self) -> bool:
         """Whether a running generation waits for cells (then nothing new is admitted)."""
@@ -124,6 +136,59 @@ class KVPool:
                 return  # the rest wait for the next generation to end
             del self.parked[id(slot)]
             self.stats["resumed_jobs"] += 1
+
+    def decoded_side_by_side(self, tokens: int) -> None:
+        """A step decoded `tokens` generating slots' tokens beside other rows: each went into a cell next
+        to another slot's, away from the rest of its own KV."""
+        self._scattered += tokens
+
+    def compact(self) -> bool:
+        """Lay every slot's KV out in one run of cells, once enough of it is scattered; True if it did.
+
+        Each sequence's state is copied out, then all are loaded back into the emptied pool, one after
+        another: the same KV at the same positions, `cached` unchanged (invariant 2), turn openings
+        kept. A prefix two slots of one scope hold is shared again, as `KVReuse.copy_prefix` shares it.
+        Not while a generation is parked, nor when the slots' tokens, a shared prefix counted for each,
+        could not all fit the pool; if a state cannot be copied out, nothing changes.
+        """
+        held = [s for s in self.slots if s.cached]
+        total = sum(len(s.cached) for s in held)
+        if self.parked or self._scattered < max(COMPACT_MIN_TOKENS, COMPACT_SHARE * total):
+            return False
+        self._scattered = 0
+        if total > self.kv.cells:
+            return False
+        states = []
+        for slot in held:
+            state = self.kv.state(slot.id)
+            if state is None:
+                return False
+            states.append((slot, list(slot.cached), slot.opening, state))
+        for slot in held:
+            self.kv.wipe(slot)
+        loaded: list[Slot] = []
+        for slot, tokens, opening, state in states:
+            if not self.kv.load(slot, tokens, state):  # not expected: the pool has room for them all
+                log.warning("compacting the KV pool: slot %d's state did not load back", slot.id)
+                if slot.job is not None:
+                    self.hold(slot, Parked(tokens, state))  # it waits for cells, as a parked generation
+                    self._ended = True
+                continue
+            slot.opening = opening
+            self._reshare(slot, loaded)
+            loaded.append(slot)
+        self.stats["compactions"] += 1
+        self.stats["compacted_tokens"] += total
+        return True
+
+    def _reshare(self, slot: Slot, loaded: list[Slot]) -> None:
+        """Share the longest prefix (of MIN_COPIED_TOKENS or more) the slot has with a loaded slot of its scope."""
+        best, common = None, 0
+        for other in loaded:
+            if other.scope == slot.scope and (c := common_prefix(other.cached, slot.cached)) > common:
+                best, common = other, c
+        if best is not None and common >= MIN_COPIED_TOKENS:
+            self.kv.reshare(best, slot, common)
 
     def fit(self, decode: Callable[[], int], running: Callable[[], list[Slot]]) -> int:
         """Call `decode` (which plans from `running()`) until the pool has cells for it: evict idle KV,
