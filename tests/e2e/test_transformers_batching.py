@@ -7,12 +7,10 @@ checked against the same weights run one generation at a time with `generate`.
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,6 +21,7 @@ from pureapi.models.resolve import ResolvedModel
 from pureapi.settings import Settings
 from pureapi.types import Chunk, GenerationRequest, Message, SamplingParams
 from tests.races import race_generate_with_close
+from tests.streams import read_together
 
 pytestmark = pytest.mark.real
 
@@ -110,18 +109,7 @@ def inside_the_batch(engine: TransformersEngine) -> Iterator[None]:
 
 def run_together(engine: TransformersEngine, requests: list[GenerationRequest]) -> list[tuple[str, Chunk]]:
     """Queue every request before reading any, then read them all at once."""
-    streams = [engine.generate(r) for r in requests]
-    results: list[Any] = [None] * len(streams)
-
-    def read(i: int) -> None:
-        results[i] = collect(streams[i])
-
-    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(streams))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    return results
+    return [collect(iter(chunks)) for chunks in read_together([engine.generate(r) for r in requests])]
 
 
 def test_which_requests_the_batch_samples(batched: TransformersEngine) -> None:

@@ -27,6 +27,7 @@ from pureapi.settings import Settings
 from pureapi.types import Chunk, GenerationRequest, Message, SamplingParams, ToolCall
 
 from ..races import race_generate_with_close
+from ..streams import read_together
 
 pytestmark = pytest.mark.real
 
@@ -105,6 +106,11 @@ def greedy_params(max_tokens: int) -> SamplingParams:
 def collect(chunks: Iterator[Chunk]) -> tuple[str, Chunk]:
     parts = list(chunks)
     return "".join(c.text for c in parts), parts[-1]
+
+
+def texts_together(streams: list[Iterator[Chunk]]) -> list[str]:
+    """The replies' texts, the streams read side by side."""
+    return ["".join(c.text for c in chunks) for chunks in read_together(streams)]
 
 
 def reply(engine: LlamaCppEngine | TransformersEngine, ids: list[int], max_tokens: int = 40, **kw: str) -> str:
@@ -219,17 +225,7 @@ def test_concurrent_requests_match_solo_runs(
     solo = [reply(engine, ids, 48) for ids in prompt_ids]
     steps, generated = fresh.stats["steps"], fresh.stats["generated_tokens"]
     # All four are queued before any is read, on an engine with cold caches: prefill and decode mix.
-    streams = [fresh.generate(GenerationRequest(ids, greedy_params(48))) for ids in prompt_ids]
-    results: list[str] = [""] * len(streams)
-
-    def read(i: int) -> None:
-        results[i] = collect(streams[i])[0]
-
-    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(streams))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    results = texts_together([fresh.generate(GenerationRequest(ids, greedy_params(48))) for ids in prompt_ids])
     for ids, got, want in zip(prompt_ids, results, solo, strict=True):
         assert_same_greedy(model_name, engine, reference, ids, got, want)
     # Batched: far fewer decode steps than tokens generated.
@@ -246,17 +242,7 @@ def test_compacting_the_pool_between_steps_keeps_every_reply(
     engine = load(gguf, n_parallel=4)
     try:
         ids = [engine.encode_chat([Message("user", p)]) for p in prompts]
-        streams = [engine.generate(GenerationRequest(i, greedy_params(120))) for i in ids]
-        results: list[str] = [""] * len(streams)
-
-        def read(i: int) -> None:
-            results[i] = collect(streams[i])[0]
-
-        threads = [threading.Thread(target=read, args=(i,)) for i in range(len(streams))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
+        results = texts_together([engine.generate(GenerationRequest(i, greedy_params(120))) for i in ids])
         stats = Counter(engine.stats)
     finally:
         engine.close()
