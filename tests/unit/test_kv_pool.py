@@ -23,6 +23,7 @@ class ScriptedKV:
         self.cells = cells
         self.slots = slots
         self.copy_fails = False
+        self.load_fails: set[int] = set()  # sequence ids whose states do not load back
         self.loads: list[int] = []  # sequence ids, in the order their states were loaded
         self.reshared: list[tuple[int, int, int]] = []  # (src, dst, n)
 
@@ -35,7 +36,7 @@ class ScriptedKV:
 
     def load(self, slot: Slot, tokens: list[int], buf: tuple[int, ...]) -> bool:
         self.wipe(slot)
-        if self.used() + len(buf) > self.cells:
+        if self.used() + len(buf) > self.cells or slot.id in self.load_fails:
             return False
         assert list(buf) == tokens
         slot.cached = tokens
@@ -52,11 +53,11 @@ class ScriptedKV:
         slot.opening = []
 
 
-def setup(cells: int, n: int) -> tuple[ScriptedKV, KVPool, list[Slot], Counter[str]]:
+def setup(cells: int, n: int, cache_bytes: int = 0) -> tuple[ScriptedKV, KVPool, list[Slot], Counter[str]]:
     slots = [Slot(i) for i in range(n)]
     kv = ScriptedKV(cells, slots)
     stats: Counter[str] = Counter()
-    reuse = KVReuse(kv, PromptCache(0), slots, JobQueue(4), stats)  # type: ignore[arg-type]
+    reuse = KVReuse(kv, PromptCache(cache_bytes), slots, JobQueue(4), stats)  # type: ignore[arg-type]
     return kv, KVPool(kv, reuse, slots, stats), slots, stats  # type: ignore[arg-type]
 
 
@@ -195,9 +196,9 @@ def test_without_a_prompt_cache_idle_kv_stays_in_its_slot() -> None:
     assert len(slots[1].cached) == 50 and stats["evicted_slots"] == 0
 
 
-def scattered(n: int) -> tuple[ScriptedKV, KVPool, list[Slot], Counter[str]]:
+def scattered(n: int, cache_bytes: int = 0) -> tuple[ScriptedKV, KVPool, list[Slot], Counter[str]]:
     """Three generations of 40 tokens each and an idle slot of 20 (its turn opening waiting), in 200 cells."""
-    kv, pool, slots, stats = setup(cells=200, n=4)
+    kv, pool, slots, stats = setup(cells=200, n=4, cache_bytes=cache_bytes)
     for i in range(3):
         run(slots[i], 40, i + 1)
         slots[i].cached = [100 * i + t for t in range(40)]
@@ -236,6 +237,20 @@ def test_compaction_changes_nothing_when_a_state_cannot_be_copied_out() -> None:
     kv.copy_fails = True
     assert not pool.compact()
     assert [s.cached for s in slots] == before and kv.loads == [] and stats["compactions"] == 0
+
+
+def test_a_state_that_does_not_load_back_waits_parked_or_in_the_prompt_cache() -> None:
+    kv, pool, slots, stats = scattered(500, cache_bytes=10_000)
+    kept, idle = list(slots[1].cached), list(slots[3].cached)
+    kv.load_fails = {1, 3}
+    assert pool.compact()
+    assert kv.loads == [0, 2] and slots[1].cached == slots[3].cached == []
+    assert pool.is_parked(slots[1]) and slots[1].job is not None  # the generation waits for cells
+    assert pool.reuse.cache.find([*idle, 1], slots[3].scope) is not None  # the idle conversation's KV is kept
+    assert stats["saved_states"] == 1
+    kv.load_fails.clear()
+    pool.resume()
+    assert not pool.any_parked() and slots[1].cached == kept
 
 
 def test_no_compaction_while_a_generation_is_parked_or_when_the_slots_would_not_fit() -> None:

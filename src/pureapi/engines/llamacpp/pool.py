@@ -149,7 +149,8 @@ class KVPool:
         another: the same KV at the same positions, `cached` unchanged (invariant 2), turn openings
         kept. A prefix two slots of one scope hold is shared again, as `KVReuse.copy_prefix` shares it.
         Not while a generation is parked, nor when the slots' tokens, a shared prefix counted for each,
-        could not all fit the pool; if a state cannot be copied out, nothing changes.
+        could not all fit the pool; if a state cannot be copied out, nothing changes. A state that does
+        not load back (not expected) waits as a parked generation, or in the prompt cache for an idle slot.
         """
         held = [s for s in self.slots if s.cached]
         total = sum(len(s.cached) for s in held)
@@ -173,6 +174,8 @@ class KVPool:
                 if slot.job is not None:
                     self.hold(slot, Parked(tokens, state))  # it waits for cells, as a parked generation
                     self._ended = True
+                else:
+                    self.reuse.keep(slot, tokens, state)  # its conversation's next turn restores it from there
                 continue
             slot.opening = opening
             self._reshare(slot, loaded)

@@ -51,6 +51,13 @@ class KVReuse:
             self.stats["saved_states"] += 1
         return True
 
+    def keep(self, slot: Slot, tokens: list[int], buf: State) -> None:
+        """Keep a state copied out of the idle slot (whose cells are already wiped) in the prompt cache."""
+        if len(tokens) < MIN_SAVED_TOKENS or not slot.savable or not self.cache.enabled:
+            return
+        if self.cache.put(tokens, buf, slot.scope, slot.session_id):
+            self.stats["saved_states"] += 1
+
     def clear_idle(self, keep: Slot) -> None:
         """Admission: move the other idle slots' KV out of the shared pool, into the prompt cache.
 
