@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from pureapi.engines.jobs import Job, JobQueue
-from pureapi.engines.llamacpp.pool import KVPool
+from pureapi.engines.llamacpp.pool import COMPACT_MIN_TOKENS, COMPACT_SHARE, KVPool
 from pureapi.engines.llamacpp.prompt_cache import PromptCache
 from pureapi.engines.llamacpp.reuse import KVReuse
 from pureapi.engines.llamacpp.slots import Slot
@@ -212,13 +212,25 @@ def test_the_pool_is_compacted_once_enough_tokens_were_decoded_side_by_side() ->
     before = [list(s.cached) for s in slots]
     assert not pool.compact()  # fewer than COMPACT_MIN_TOKENS
     assert kv.loads == [] and stats["compactions"] == 0
-    pool.decoded_side_by_side(40)  # 140 of the 140 tokens held: more than half, and at least 128
+    pool.decoded_side_by_side(40)  # 140: at least COMPACT_MIN_TOKENS, and more than the share of 140 held
     assert pool.compact()
     assert kv.loads == [0, 1, 2, 3]  # every sequence copied out, then loaded back one after another
     assert [s.cached for s in slots] == before and slots[3].opening == [5, 6]
     assert all(s.job is not None and s.next_token == 7 for s in slots[:3]) and not pool.any_parked()
     assert stats["compactions"] == 1 and stats["compacted_tokens"] == 140
     assert not pool.compact()  # counted afresh from here
+
+
+def test_in_a_fuller_pool_the_share_of_the_tokens_held_sets_when_it_is_compacted() -> None:
+    _, pool, slots, stats = setup(cells=4000, n=4)
+    for i, slot in enumerate(slots):
+        run(slot, 1000, i + 1)
+    threshold = int(COMPACT_SHARE * 4000)
+    assert threshold > COMPACT_MIN_TOKENS
+    pool.decoded_side_by_side(threshold - 1)
+    assert not pool.compact() and stats["compactions"] == 0
+    pool.decoded_side_by_side(1)
+    assert pool.compact() and stats["compacted_tokens"] == 4000
 
 
 def test_a_prefix_two_slots_of_one_scope_hold_is_shared_again() -> None:
