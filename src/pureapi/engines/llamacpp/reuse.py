@@ -47,12 +47,12 @@ class KVReuse:
         if buf is None:
             return False
         # A copy of cached: the slot's list changes with the next trim and decode.
-        if self.cache.put(list(slot.cached), buf, slot.scope, slot.session_id):
-            self.stats["saved_states"] += 1
+        self.keep(slot, list(slot.cached), buf)
         return True
 
     def keep(self, slot: Slot, tokens: list[int], buf: State) -> None:
-        """Keep a state copied out of the idle slot (whose cells are already wiped) in the prompt cache."""
+        """Keep a state copied out of the slot in the prompt cache, under the slot's scope and session (its
+        cells may be wiped already, as after a compaction whose reload failed)."""
         if len(tokens) < MIN_SAVED_TOKENS or not slot.savable or not self.cache.enabled:
             return
         if self.cache.put(tokens, buf, slot.scope, slot.session_id):
