@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pureapi.engines.llamacpp.batch import Batch
+from pureapi.engines.llamacpp.slots import Slot
+
 from .run import ROOT, model_path
 
 OUT = ROOT / "benchmarks" / "results" / "pool_layout.json"
@@ -53,30 +56,29 @@ def child(gguf: str, sequences: int, tokens: int, layout: str, steps: int, threa
     ctx = llc.llama_init_from_model(model, params)
     n_vocab = llc.llama_vocab_n_tokens(llc.llama_model_get_vocab(model))
     rng = random.Random(0)
-    batch = llc.llama_batch_init(512, 0, sequences)
+    slots = [
+        Slot(i) for i in range(sequences)
+    ]  # pureapi's batch filler places each slot's tokens after its cached ones
+    batch = Batch(llc, 512)
 
-    def put(i: int, pos: int, seq: int, logits: bool) -> None:
-        batch.token[i] = rng.randrange(100, n_vocab - 100)
-        batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = pos, 1, seq, logits
-
-    def decode(n: int) -> None:
-        batch.n_tokens = n
-        if llc.llama_decode(ctx, batch) != 0:
+    def decode() -> None:
+        if batch.decode(ctx) != 0:
             raise RuntimeError("llama_decode failed")
+        batch.clear()
 
-    for seq in range(sequences):
-        for start in range(0, tokens, 512):
-            n = min(512, tokens - start)
-            for i in range(n):
-                put(i, start + i, seq, i == n - 1)
-            decode(n)
+    for slot in slots:
+        while len(slot.cached) < tokens:
+            chunk = [rng.randrange(100, n_vocab - 100) for _ in range(min(512, tokens - len(slot.cached)))]
+            batch.add(slot, chunk, logits_last=len(slot.cached) + len(chunk) == tokens)
+            decode()
+            slot.cached += chunk
     memory = llc.llama_get_memory(ctx)
     started = time.perf_counter()
     for _ in range(steps):
-        for seq in range(sequences):
-            llc.llama_memory_seq_rm(memory, seq, tokens, -1)
-            put(seq, tokens, seq, True)
-        decode(sequences)
+        for slot in slots:  # the token the step before added goes, so each step sees the same cells
+            llc.llama_memory_seq_rm(memory, slot.id, tokens, -1)
+            batch.add(slot, [rng.randrange(100, n_vocab - 100)], logits_last=True)
+        decode()
     seconds = time.perf_counter() - started
     logits = llc.llama_get_logits_ith(ctx, 0)
     checksum = sum(float(logits[i]) for i in range(0, n_vocab, 97))
